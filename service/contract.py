@@ -1,0 +1,212 @@
+"""The shared contract between training and the service (pydantic, no torch).
+
+Training writes it into every bundle (``manifest.json``); the service and the feature loader
+read it back. Two objects:
+
+* :class:`FeatureSchema` - every model input field, which entity owns it (user, item or the
+  request context), its kind (sparse id, dense number, sequence of ids) and what the model needs
+  to know about it (vocabulary size, normalisation stats, max length, defaults).
+* :class:`BundleManifest` - one exported model version: name, version, architecture, tasks,
+  ONNX input/output names, the schema, test metrics, the sha256 of ``model.onnx``, when it was
+  made and with which library versions.
+
+Index 0 of every sparse/sequence vocabulary is reserved for "missing or out of vocabulary",
+which is also the padding value of sequences. Dense fields are stored and sent *raw*; the model
+normalises them itself with the stats below, so the default of a missing dense value is its mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Entity = Literal["user", "item", "context"]
+ENTITIES: tuple[Entity, ...] = ("user", "item", "context")
+OOV_INDEX = 0
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+VOCAB_FILE = "vocab.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparseField(_Strict):
+    """A categorical id. ``vocab_size`` counts index 0 (missing / OOV)."""
+
+    kind: Literal["sparse"] = "sparse"
+    name: str
+    entity: Entity
+    vocab_size: int = Field(ge=2)
+    embedding_dim: int = Field(default=16, ge=1)
+
+
+class DenseField(_Strict):
+    """A real number, normalised inside the model as ``(x - mean) / std``."""
+
+    kind: Literal["dense"] = "dense"
+    name: str
+    entity: Entity
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0)
+
+    @property
+    def default(self) -> float:
+        return self.mean
+
+
+class SequenceField(_Strict):
+    """A list of ids (most recent first), padded with 0 up to ``max_len``.
+
+    ``vocab_of`` names the sparse field whose vocabulary and embedding table it shares (for
+    example the user's last clicked items share ``item_id``'s embeddings).
+    """
+
+    kind: Literal["sequence"] = "sequence"
+    name: str
+    entity: Entity
+    max_len: int = Field(ge=1)
+    vocab_of: str
+
+
+AnyField = SparseField | DenseField | SequenceField
+
+
+class FeatureSchema(_Strict):
+    sparse: list[SparseField]
+    dense: list[DenseField] = []
+    sequence: list[SequenceField] = []
+    # sha256 of the vocabularies the indices were made with: two schemas with the same fields
+    # but different vocabularies are different schemas (and so use different Redis namespaces).
+    vocab_sha256: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "FeatureSchema":
+        names = [f.name for f in self.all_fields()]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate field names: {sorted(dup)}")
+        sparse = {f.name: f for f in self.sparse}
+        for s in self.sequence:
+            if s.vocab_of not in sparse:
+                raise ValueError(f"sequence field {s.name!r}: vocab_of {s.vocab_of!r} is not a sparse field")
+            if s.entity == "context":
+                raise ValueError(f"sequence field {s.name!r}: context sequences are not supported")
+        return self
+
+    def all_fields(self) -> list[AnyField]:
+        return [*self.sparse, *self.dense, *self.sequence]
+
+    def sparse_of(self, entity: Entity) -> list[SparseField]:
+        return [f for f in self.sparse if f.entity == entity]
+
+    def dense_of(self, entity: Entity) -> list[DenseField]:
+        return [f for f in self.dense if f.entity == entity]
+
+    def sequence_of(self, entity: Entity) -> list[SequenceField]:
+        return [f for f in self.sequence if f.entity == entity]
+
+    def field(self, name: str) -> AnyField:
+        for f in self.all_fields():
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def fingerprint(self) -> str:
+        """Identity of the schema: sha256 over its canonical JSON (fields, stats, vocabularies)."""
+        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+
+class TaskSpec(_Strict):
+    """One prediction task.
+
+    ``kind`` binary -> a probability in [0, 1]; regression -> a non-negative value.
+    ``condition`` names the binary task whose positive rows define this task's sample space
+    (cvr and watch_time happen only after a click). For a binary task with a condition the
+    model is trained ESMM-style over all exposures: p(condition) * p(task) is supervised by
+    ``condition_label & label``. A regression task with a condition is fitted on the rows where
+    the condition holds, on ``log1p(label)``; the model outputs ``expm1`` of it (>= 0).
+    """
+
+    name: str
+    kind: Literal["binary", "regression"]
+    label: str
+    condition: str | None = None
+
+
+class ModelInput(_Strict):
+    """A named ONNX input: one entity and kind, the fields in column order."""
+
+    name: str
+    entity: Entity
+    kind: Literal["sparse", "dense", "sequence"]
+    dtype: Literal["int64", "float32"]
+    fields: list[str]
+    width: int
+
+
+class BundleManifest(BaseModel):
+    format_version: int = 1
+    name: str
+    version: int = Field(ge=1)
+    architecture: str
+    tasks: list[TaskSpec]
+    inputs: list[ModelInput]
+    outputs: list[str]
+    feature_schema: FeatureSchema
+    metrics: dict[str, float] = {}
+    train_config: dict = {}
+    sha256: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    library_versions: dict[str, str] = {}
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> "BundleManifest":
+        task_names = [t.name for t in self.tasks]
+        if sorted(task_names) != sorted(self.outputs):
+            raise ValueError(f"outputs {self.outputs} must be one per task {task_names}")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "BundleManifest":
+        return cls.model_validate_json(text)
+
+
+def model_inputs(schema: FeatureSchema) -> list[ModelInput]:
+    """The ONNX inputs a schema gives, in a fixed order; entities/kinds without fields are left out.
+
+    Names are ``<entity>_<kind>`` (``user_sparse``, ``user_seq``, ``item_dense``, ``context_sparse``...).
+    A sequence input concatenates its fields' padded ids, so its width is the sum of max_len.
+    """
+    out: list[ModelInput] = []
+    for entity in ENTITIES:
+        sp, de, sq = schema.sparse_of(entity), schema.dense_of(entity), schema.sequence_of(entity)
+        if sp:
+            out.append(ModelInput(name=f"{entity}_sparse", entity=entity, kind="sparse", dtype="int64",
+                                  fields=[f.name for f in sp], width=len(sp)))
+        if de:
+            out.append(ModelInput(name=f"{entity}_dense", entity=entity, kind="dense", dtype="float32",
+                                  fields=[f.name for f in de], width=len(de)))
+        if sq:
+            out.append(ModelInput(name=f"{entity}_seq", entity=entity, kind="sequence", dtype="int64",
+                                  fields=[f.name for f in sq], width=sum(f.max_len for f in sq)))
+    return out
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
