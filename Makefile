@@ -1,0 +1,25 @@
+# The two commands of the README. Both create ./.venv and install into it.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install-dev clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# install with the training extra, then: synthesise, train, export, load features, serve, rank
+demo: $(BIN)/python
+	$(BIN)/pip install --quiet '.[train]'
+	$(BIN)/mtrank demo $(DEMO_ARGS)
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[train,dev]'
+
+# the whole test suite (needs redis-server on PATH; tests start their own on a free port)
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) data build *.egg-info

@@ -1,0 +1,189 @@
+"""`mtrank`: the command line. It wires the modules together and does nothing else.
+
+Training commands import torch lazily, so a plain `pip install .` (no torch) still has
+`mtrank serve` and `mtrank features load`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task ranking: train, export, load features, serve.")
+features_app = typer.Typer(no_args_is_help=True, help="Feature store (Redis) commands.")
+app.add_typer(features_app, name="features")
+
+REDIS_URL = typer.Option("redis://127.0.0.1:6379/0", "--redis-url", envvar="MTRANK_REDIS_URL", show_default=True,
+                         help="Redis URL (may carry a password; never printed).")
+PREFIX = typer.Option("mtrank", "--prefix", envvar="MTRANK_REDIS_PREFIX", help="Redis key prefix.")
+STORE = typer.Option(Path("model_store"), "--store", envvar="MTRANK_MODEL_STORE", help="Model store directory.")
+HOST = typer.Option("127.0.0.1", "--host", envvar="MTRANK_HOST")
+PORT = typer.Option(8000, "--port", envvar="MTRANK_PORT")
+
+
+def _need_training():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        typer.echo("this command needs the training extra: pip install '.[train]'", err=True)
+        raise typer.Exit(2)
+
+
+def _redact(url: str) -> str:
+    from service.settings import redact_url
+    return redact_url(url)
+
+
+@app.command()
+def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory."),
+          users: int = typer.Option(20_000, help="Number of users."),
+          items: int = typer.Option(50_000, help="Number of items."),
+          exposures: int = typer.Option(1_000_000, help="Number of exposures."),
+          seed: int = typer.Option(7, help="Random seed (same seed, same data).")):
+    """Write a synthetic multi-task exposure log (Parquet) and its dataset.yaml."""
+    from training.data.synth import SynthConfig, generate
+
+    spec = generate(out, SynthConfig(n_users=users, n_items=items, n_exposures=exposures, seed=seed))
+    typer.echo(f"wrote {spec}")
+
+
+@app.command()
+def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory holding dataset.yaml."),
+          arch: str = typer.Option("ple", help="ple | mmoe | shared_bottom"),
+          name: str = typer.Option("demo", help="Model name in the store."),
+          store: Path = STORE,
+          epochs: int = typer.Option(8), batch_size: int = typer.Option(2048), lr: float = typer.Option(2e-3),
+          patience: int = typer.Option(2, help="Early-stopping patience in epochs."),
+          split: str = typer.Option("random", help="random | time"),
+          seed: int = typer.Option(42), max_rows: Optional[int] = typer.Option(None, help="Use only the first rows."),
+          model_config: str = typer.Option("{}", help='Architecture overrides as JSON, e.g. \'{"levels": 3}\'.'),
+          quiet: bool = typer.Option(False, help="No progress bars.")):
+    """Train a multi-task model, evaluate it on the test split and export a versioned bundle."""
+    _need_training()
+    from training.train import TrainConfig, format_metrics
+    from training.train import train as run_train
+
+    cfg = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, split=split,
+                      seed=seed, max_rows=max_rows, model=json.loads(model_config))
+    bundle, metrics = run_train(data, name=name, store=store, cfg=cfg, progress=not quiet)
+    typer.echo(f"test metrics:\n{format_metrics(metrics)}\nbundle: {bundle}")
+
+
+@features_app.command("load")
+def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a directory holding dataset.yaml."),
+                  model_name: str = typer.Option("demo", "--model-name", envvar="MTRANK_MODEL_NAME"),
+                  version: Optional[int] = typer.Option(None, help="Bundle version (default: newest)."),
+                  store: Path = STORE, redis_url: str = REDIS_URL, prefix: str = PREFIX,
+                  quiet: bool = typer.Option(False)):
+    """Materialise the user and item features of a bundle's schema into Redis."""
+    import redis
+
+    from service.store import bundle_dir
+    from training.materialize import load_features
+
+    path = bundle_dir(store, model_name, version)
+    client = redis.Redis.from_url(redis_url)
+    summary = load_features(data, path, client, prefix=prefix, progress=not quiet)
+    typer.echo(f"{summary} (bundle {path}, redis {_redact(redis_url)})")
+
+
+@app.command()
+def serve(host: str = HOST, port: int = PORT,
+          workers: int = typer.Option(1, envvar="MTRANK_WORKERS", help="uvicorn worker processes."),
+          log_level: str = typer.Option("info", envvar="MTRANK_LOG_LEVEL")):
+    """Serve POST /rank with uvicorn (configuration from MTRANK_* environment variables)."""
+    import uvicorn
+
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level.lower())
+
+
+def _self_check(base: str, data: Path, n_items: int = 500) -> None:
+    """Once the demo service is ready, rank n_items candidates for one user and print the top."""
+    import httpx
+    import pandas as pd
+
+    from training.data.spec import load_spec
+
+    spec = load_spec(data)
+    ex = pd.read_parquet(spec.path(spec.exposures.path), columns=[spec.exposures.user_key, spec.exposures.item_key])
+    user = str(ex[spec.exposures.user_key].iloc[0])
+    items = [str(i) for i in ex[spec.exposures.item_key].drop_duplicates().iloc[:n_items]]
+    for _ in range(600):
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    body = {"user_id": user, "items": items, "context": {"hour": 20, "device": "ios"}, "top_k": 5}
+    t0 = time.perf_counter()
+    r = httpx.post(f"{base}/rank", json=body, timeout=30)
+    ms = (time.perf_counter() - t0) * 1000
+    typer.echo(f"\nPOST /rank with {len(items)} candidates -> HTTP {r.status_code} in {ms:.1f} ms")
+    typer.echo(json.dumps(r.json(), indent=2)[:2000])
+    typer.echo(f"\ntry it:\n  curl -s {base}/rank -H 'content-type: application/json' "
+               f"-d '{{\"user_id\": \"{user}\", \"items\": [\"{items[0]}\", \"{items[1]}\", \"{items[2]}\"]}}'\n")
+
+
+@app.command()
+def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix: str = PREFIX, store: Path = STORE,
+         data: Path = typer.Option(Path("data/synth"), help="Where the synthetic data goes."),
+         users: int = typer.Option(20_000), items: int = typer.Option(50_000),
+         exposures: int = typer.Option(1_000_000),
+         arch: str = typer.Option("ple"), epochs: int = typer.Option(4),
+         name: str = typer.Option("demo"),
+         serve_forever: bool = typer.Option(True, "--serve/--no-serve",
+                                            help="Keep serving after the self-check (default) or exit.")):
+    """End to end: synthesise data, train and export a model, load features into Redis, serve, rank."""
+    _need_training()
+    import redis
+    import uvicorn
+
+    from training.data.synth import SynthConfig, generate
+    from training.materialize import load_features
+    from training.train import TrainConfig, format_metrics
+    from training.train import train as run_train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        typer.echo(f"Redis at {_redact(redis_url)} does not answer ({e}); start one or set MTRANK_REDIS_URL", err=True)
+        raise typer.Exit(1)
+    t0 = time.perf_counter()
+    typer.echo(f"[1/4] synthetic data -> {data}")
+    if not (data / "dataset.yaml").exists():
+        generate(data, SynthConfig(n_users=users, n_items=items, n_exposures=exposures))
+    typer.echo(f"[2/4] training {arch} ({time.perf_counter() - t0:.0f}s)")
+    bundle, metrics = run_train(data, name=name, store=store, cfg=TrainConfig(arch=arch, epochs=epochs))
+    typer.echo(f"test metrics:\n{format_metrics(metrics)}\nbundle: {bundle}")
+    typer.echo(f"[3/4] loading features into Redis {_redact(redis_url)} ({time.perf_counter() - t0:.0f}s)")
+    typer.echo(str(load_features(data, bundle, client, prefix=prefix)))
+    typer.echo(f"[4/4] serving on http://{host}:{port} ({time.perf_counter() - t0:.0f}s)")
+    os.environ.update(MTRANK_REDIS_URL=redis_url, MTRANK_REDIS_PREFIX=prefix, MTRANK_MODEL_STORE=str(store),
+                      MTRANK_MODEL_NAME=name)
+    from service.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(), host=host, port=port, log_level="info"))
+    check_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+    def check():
+        _self_check(f"http://{check_host}:{port}", data)
+        if not serve_forever:
+            server.should_exit = True
+
+    threading.Thread(target=check, daemon=True).start()
+    server.run()
+
+
+if __name__ == "__main__":
+    app()

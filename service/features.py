@@ -1,0 +1,177 @@
+"""Online features: Redis key layout and the fetcher that turns one request into model inputs.
+
+Redis layout (values are :mod:`service.codec` packed bytes)::
+
+    ns   = f"{prefix}:{schema.fingerprint()[:12]}"
+    user = f"{ns}:u:{user_id}"
+    item = f"{ns}:i:{item_id}"
+    meta = f"{ns}:meta"
+
+The namespace holds the schema fingerprint, so a model only ever reads features written for its
+own schema and vocabularies.
+
+:meth:`FeatureFetcher.fetch` does one ``MGET`` (user key + every item key, in request order),
+decodes the reply with whole-array numpy operations and builds the ONNX inputs: user and context
+inputs with batch 1 (the graph broadcasts them), item inputs with batch N. Missing values and
+values that fail to decode (corrupt) get the schema defaults (index 0, dense mean) and are counted
+as missing; corrupt ones are also logged, once per request, with their entity ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.codec import Decoded, EntityCodec
+from service.contract import FeatureSchema, ModelInput, model_inputs
+
+log = logging.getLogger(__name__)
+
+#: most corrupt entity ids named in one log line
+_LOG_IDS = 20
+
+
+def namespace(prefix: str, schema: FeatureSchema) -> str:
+    return f"{prefix}:{schema.fingerprint()[:12]}"
+
+
+def user_key(ns: str, user_id: str) -> str:
+    return f"{ns}:u:{user_id}"
+
+
+def item_key(ns: str, item_id: str) -> str:
+    return f"{ns}:i:{item_id}"
+
+
+def meta_key(ns: str) -> str:
+    return f"{ns}:meta"
+
+
+class ContextError(ValueError):
+    """A request context entry the schema does not accept; ``key`` names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"context[{key!r}]: {message}")
+        self.key = key
+        self.reason = message
+
+
+@dataclass
+class Features:
+    """Model inputs for one request plus what was missing."""
+
+    inputs: dict[str, np.ndarray]  # ONNX input name -> array (manifest dtype)
+    n_items: int
+    user_missing: bool  # no usable user value (absent or corrupt)
+    items_missing: int  # items without a usable value (absent or corrupt)
+    user_corrupt: bool = False
+    items_corrupt: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: fetch (MGET), assemble
+
+
+class FeatureFetcher:
+    """Fetch and assemble features for one schema.
+
+    ``vocabs``: ``{sparse field: [value, ...]}`` from the bundle (value at position i has index
+    i + 1); only the context fields' vocabularies are used here (user/item values are stored as
+    indices already). ``inputs`` defaults to :func:`~service.contract.model_inputs` of the schema
+    and must agree with it (the codec's column order is the schema order).
+    """
+
+    def __init__(self, redis_client, schema: FeatureSchema, prefix: str,
+                 vocabs: Mapping[str, Sequence[str]], inputs: Sequence[ModelInput] | None = None):
+        self.redis = redis_client
+        self.schema = schema
+        self.ns = namespace(prefix, schema)
+        expected = model_inputs(schema)
+        self.inputs = list(inputs) if inputs is not None else expected
+        if self.inputs != expected:
+            raise ValueError("model inputs do not match the feature schema layout: "
+                             f"{[i.name for i in self.inputs]} vs {[i.name for i in expected]}")
+        self.user_codec = EntityCodec.for_schema(schema, "user")
+        self.item_codec = EntityCodec.for_schema(schema, "item")
+        self._ctx_sparse = schema.sparse_of("context")
+        self._ctx_dense = schema.dense_of("context")
+        self._ctx_lookup: dict[str, dict[str, int]] = {}
+        for f in self._ctx_sparse:
+            if f.name not in vocabs:
+                raise ValueError(f"no vocabulary for context field {f.name!r}")
+            # indices at or above vocab_size would be out of the embedding table: keep them OOV
+            self._ctx_lookup[f.name] = {str(v): i + 1 for i, v in enumerate(vocabs[f.name]) if i + 1 < f.vocab_size}
+        self._ctx_sparse_pos = {f.name: j for j, f in enumerate(self._ctx_sparse)}
+        self._ctx_dense_pos = {f.name: j for j, f in enumerate(self._ctx_dense)}
+        self._ctx_dense_default = np.array([[f.default for f in self._ctx_dense]], dtype=np.float32)
+
+    # -- request path ---------------------------------------------------------------------------
+
+    def fetch(self, user_id: str, item_ids: Sequence[str], context: Mapping[str, Any] | None = None) -> Features:
+        # the context is checked first: a bad request must not cost a Redis round trip
+        ctx_sparse, ctx_dense = self.context_arrays(context or {})
+        ns = self.ns
+        keys = [user_key(ns, user_id)]
+        keys.extend([f"{ns}:i:{i}" for i in item_ids])
+        t0 = time.perf_counter()
+        values = self.redis.mget(keys)
+        t1 = time.perf_counter()
+        user = self.user_codec.decode(values[:1])
+        items = self.item_codec.decode(values[1:])
+        self._log_corrupt(user_id, item_ids, user, items)
+        arrays = {
+            ("user", "sparse"): user.sparse, ("user", "dense"): user.dense, ("user", "sequence"): user.seq,
+            ("item", "sparse"): items.sparse, ("item", "dense"): items.dense, ("item", "sequence"): items.seq,
+            ("context", "sparse"): ctx_sparse, ("context", "dense"): ctx_dense,
+        }
+        inputs = {mi.name: np.ascontiguousarray(arrays[(mi.entity, mi.kind)], dtype=mi.dtype) for mi in self.inputs}
+        t2 = time.perf_counter()
+        return Features(
+            inputs=inputs,
+            n_items=len(item_ids),
+            user_missing=bool(user.missing[0] or user.corrupt[0]),
+            items_missing=int(np.count_nonzero(items.missing | items.corrupt)),
+            user_corrupt=bool(user.corrupt[0]),
+            items_corrupt=int(np.count_nonzero(items.corrupt)),
+            timings={"fetch": t1 - t0, "assemble": t2 - t1},
+        )
+
+    def context_arrays(self, context: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Context inputs (batch 1): sparse int64 [1, n] by vocabulary lookup, dense float32 [1, n].
+
+        Sparse values may be strings or integers (looked up as ``str(value)``; unknown -> 0);
+        dense values are finite numbers; ``None`` or an absent key means missing (index 0 /
+        the field's mean). Any other key or type raises :class:`ContextError`."""
+        sparse = np.zeros((1, len(self._ctx_sparse)), dtype=np.int64)
+        dense = self._ctx_dense_default.copy()
+        for key, value in context.items():
+            if key in self._ctx_sparse_pos:
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (str, int)):
+                    raise ContextError(key, f"expected a string or integer, got {type(value).__name__}")
+                sparse[0, self._ctx_sparse_pos[key]] = self._ctx_lookup[key].get(str(value), 0)
+            elif key in self._ctx_dense_pos:
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ContextError(key, f"expected a number, got {type(value).__name__}")
+                if abs(value) > 3.4e38 or not math.isfinite(value):
+                    raise ContextError(key, "must be a finite float32 number")
+                dense[0, self._ctx_dense_pos[key]] = value
+            else:
+                known = sorted([*self._ctx_sparse_pos, *self._ctx_dense_pos])
+                raise ContextError(key, f"unknown context field; known: {known}")
+        return sparse, dense
+
+    def _log_corrupt(self, user_id: str, item_ids: Sequence[str], user: Decoded, items: Decoded) -> None:
+        bad_items = np.flatnonzero(items.corrupt)
+        if not (user.corrupt[0] or bad_items.size):
+            return
+        names = [item_ids[i] for i in bad_items[:_LOG_IDS].tolist()]
+        more = f" (+{bad_items.size - _LOG_IDS} more)" if bad_items.size > _LOG_IDS else ""
+        log.warning("corrupt feature values in %s, using defaults: user=%s corrupt_user=%s corrupt_items=%d %s%s",
+                    self.ns, user_id, bool(user.corrupt[0]), bad_items.size, names, more)

@@ -1,0 +1,80 @@
+"""Fusion of per-task model outputs into one ranking score, on whole arrays.
+
+Two formulas, with a weight per task (tasks without a weight do not take part):
+
+* ``weighted_product``: ``prod_binary p_t ** w_t * prod_regression (1 + y_t) ** w_t``, computed
+  in log space with probabilities clipped to ``[1e-7, 1]`` (so ``ctr^a * cvr^b * (1+watch_time)^c``).
+* ``weighted_sum``: ``sum_binary w_t * p_t + sum_regression w_t * log1p(y_t)``.
+
+A task is *binary* (a probability) or *regression* (a non-negative value such as seconds); the
+kinds come from the bundle's :class:`~service.contract.TaskSpec`. Weights that name a task the
+model does not have are a configuration error, raised by :func:`validate_weights` when the
+bundle is loaded, not on a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+
+from service.contract import TaskSpec
+
+TaskKind = Literal["binary", "regression"]
+FUSIONS = ("weighted_product", "weighted_sum")
+PROB_EPS = 1e-7
+#: kinds assumed by :func:`fuse` when the caller gives none (the demo model's tasks)
+DEFAULT_KINDS: dict[str, TaskKind] = {"ctr": "binary", "cvr": "binary", "watch_time": "regression"}
+
+
+class FusionConfigError(ValueError):
+    """Unknown fusion, or weights that do not fit the model's tasks."""
+
+
+def validate_weights(name: str, weights: Mapping[str, float], tasks: Sequence[TaskSpec]) -> dict[str, TaskKind]:
+    """Check a fusion config against a model's tasks; return ``{task: kind}`` of the weighted tasks."""
+    if name not in FUSIONS:
+        raise FusionConfigError(f"unknown fusion {name!r}; use one of {list(FUSIONS)}")
+    kinds = {t.name: t.kind for t in tasks}
+    unknown = sorted(set(weights) - set(kinds))
+    if unknown:
+        raise FusionConfigError(f"fusion_weights name tasks the model does not have: {unknown}; "
+                                f"model tasks: {sorted(kinds)}")
+    if not weights:
+        raise FusionConfigError("fusion_weights is empty")
+    return {t: kinds[t] for t in weights}
+
+
+def fuse(name: str, weights: Mapping[str, float], scores: Mapping[str, np.ndarray],
+         kinds: Mapping[str, TaskKind] | None = None) -> np.ndarray:
+    """Fused float64 score [N] from per-task arrays ``scores[task]`` [N].
+
+    ``kinds`` gives each weighted task's kind (default :data:`DEFAULT_KINDS`)."""
+    kinds = DEFAULT_KINDS if kinds is None else kinds
+    if name not in FUSIONS:
+        raise FusionConfigError(f"unknown fusion {name!r}; use one of {list(FUSIONS)}")
+    n = len(next(iter(scores.values()))) if scores else 0
+    total = np.zeros(n, dtype=np.float64)
+    for task, w in weights.items():
+        if task not in scores:
+            raise FusionConfigError(f"no scores for weighted task {task!r}")
+        if task not in kinds:
+            raise FusionConfigError(f"kind of task {task!r} unknown")
+        if w == 0:
+            continue
+        x = np.asarray(scores[task], dtype=np.float64).reshape(-1)
+        binary = kinds[task] == "binary"
+        if name == "weighted_product":
+            term = np.log(np.clip(x, PROB_EPS, 1.0)) if binary else np.log1p(np.maximum(x, 0.0))
+        else:
+            term = x if binary else np.log1p(np.maximum(x, 0.0))
+        total += w * term
+    return np.exp(total) if name == "weighted_product" else total
+
+
+def order(score: np.ndarray, top_k: int | None = None) -> np.ndarray:
+    """Indices of ``score`` sorted descending, ties kept in input order (stable), NaN last; at most ``top_k``."""
+    key = np.where(np.isnan(score), -np.inf, score)
+    idx = np.argsort(-key, kind="stable")
+    return idx if top_k is None else idx[:top_k]

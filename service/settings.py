@@ -1,0 +1,128 @@
+"""Service settings (pydantic-settings, environment variables prefixed ``MTRANK_``).
+
+Complex values (``MTRANK_FUSION_WEIGHTS``) are read as JSON. Validation errors name the field
+and never echo the input (the Redis URL may hold a password); use :attr:`Settings.redis_url_redacted`
+wherever the URL is shown or logged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: short provider names accepted in ``MTRANK_PROVIDERS`` -> onnxruntime execution provider
+PROVIDER_ALIASES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+FusionName = Literal["weighted_product", "weighted_sum"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (and a user name that could be a token) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    # redis://user:pw@host keeps the user name; redis://token@host hides it (it is the secret)
+    cred = f"{parts.username or ''}:***" if parts.password is not None else "***"
+    return urlunsplit((parts.scheme, f"{cred}@{host}", parts.path, parts.query, parts.fragment))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MTRANK_",
+        extra="ignore",
+        hide_input_in_errors=True,  # never echo a secret-bearing value in an error
+        protected_namespaces=(),
+        validate_default=True,
+    )
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False,
+                           description="Redis URL (redis://, rediss:// or unix://); may hold a password")
+    redis_prefix: str = Field(default="mtrank", min_length=1, description="key prefix of the feature namespace")
+    redis_timeout_ms: int = Field(default=100, gt=0, le=60_000,
+                                  description="socket connect/read timeout of Redis calls, ms")
+    model_store: str = Field(default="model_store", min_length=1, description="root of the bundle store")
+    model_name: str = Field(default="demo", min_length=1, description="bundle name under the store")
+    model_version: int | None = Field(default=None, ge=1, description="pinned version; None = newest")
+    providers: str = Field(default="cpu", description="comma list of execution providers, in preference order")
+    providers_strict: bool = Field(default=False,
+                                   description="fail instead of falling back to CPU when a provider is missing")
+    ort_intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = default")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    fusion: FusionName = "weighted_product"
+    fusion_weights: dict[str, float] = Field(
+        default_factory=lambda: {"ctr": 1.0, "cvr": 1.0, "watch_time": 0.2},
+        description="task -> weight (JSON in the environment)")
+    max_items: int = Field(default=2000, ge=1, le=100_000, description="most items in one /rank request")
+    log_level: LogLevel = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, v: str) -> str:
+        names = [p.strip() for p in v.split(",") if p.strip()]
+        if not names:
+            raise ValueError("needs at least one provider (e.g. 'cpu' or 'cuda,cpu')")
+        for p in names:
+            if p.lower() not in PROVIDER_ALIASES and not p.endswith("ExecutionProvider"):
+                raise ValueError(f"unknown provider {p!r}; use one of {sorted(PROVIDER_ALIASES)} "
+                                 "or a full onnxruntime provider name")
+        return ",".join(names)
+
+    @field_validator("fusion_weights")
+    @classmethod
+    def _check_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("needs at least one task weight")
+        for task, w in v.items():
+            if not task:
+                raise ValueError("task names must not be empty")
+            if not math.isfinite(w):
+                raise ValueError(f"weight of {task!r} must be finite")
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, v):
+        return v.upper() if isinstance(v, str) else v
+
+    @property
+    def provider_list(self) -> list[str]:
+        """Requested providers as onnxruntime names, in preference order."""
+        return [PROVIDER_ALIASES.get(p.lower(), p) for p in self.providers.split(",")]
+
+    @property
+    def redis_url_redacted(self) -> str:
+        return redact_url(self.redis_url)
+
+    @property
+    def redis_timeout_s(self) -> float:
+        return self.redis_timeout_ms / 1000.0

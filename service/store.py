@@ -1,0 +1,221 @@
+"""Model bundles on disk and their onnxruntime sessions.
+
+Layout: ``<store_root>/<name>/<version>/{model.onnx, manifest.json, vocab.json}`` with integer
+version directory names (anything else, such as ``.tmp-*`` staging directories, is ignored).
+
+:func:`load_bundle` picks the newest version (or the pinned one), validates the manifest,
+verifies ``model.onnx`` against the manifest's sha256 *before* handing it to onnxruntime, checks
+that the session's inputs/outputs are the manifest's, and warms the session up once.
+
+Execution providers are asked for in preference order (``["CUDAExecutionProvider",
+"CPUExecutionProvider"]``). A provider that this onnxruntime build lacks is skipped with a
+WARNING (CPU is the last resort), or raises :class:`ProviderError` when ``strict``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from service.contract import MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, model_inputs, sha256_file
+from service.settings import PROVIDER_ALIASES
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+_ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be served; the message says why."""
+
+
+class ProviderError(BundleError):
+    """A requested execution provider is not available and ``strict`` was asked for."""
+
+
+@dataclass
+class Bundle:
+    manifest: BundleManifest
+    path: Path
+    session: ort.InferenceSession
+    vocabs: dict[str, list[str]]
+    provider: str  # the active (first) provider of the session
+    requested_providers: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t.name for t in self.manifest.tasks]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.manifest.inputs]
+
+    @property
+    def session_providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model; ``{task: float32 [N]}``."""
+        outs = self.session.run(self.manifest.outputs, dict(inputs))
+        return {name: np.asarray(o).reshape(-1) for name, o in zip(self.manifest.outputs, outs)}
+
+
+def list_versions(store_root: str | os.PathLike, name: str) -> list[int]:
+    """Integer version directories of ``name``, ascending."""
+    d = Path(store_root) / name
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit() and p.name.isascii())
+
+
+def provider_names(providers: str | Sequence[str]) -> list[str]:
+    """``"cuda,cpu"`` or ``["cuda", "CPUExecutionProvider"]`` -> full onnxruntime provider names."""
+    if isinstance(providers, str):
+        providers = providers.split(",")
+    return [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in providers if p.strip()]
+
+
+def resolve_providers(requested: str | Sequence[str], strict: bool = False) -> list[str]:
+    """Requested providers (aliases like ``"cuda"`` or full names) that this onnxruntime has.
+
+    Missing ones are dropped with a WARNING, or raise :class:`ProviderError` when ``strict``.
+    CPU is appended as the fallback when not strict."""
+    wanted = provider_names(requested) or [CPU]
+    available = set(ort.get_available_providers())
+    chosen: list[str] = []
+    for p in wanted:
+        if p in available:
+            if p not in chosen:
+                chosen.append(p)
+            continue
+        msg = f"execution provider {p} is not available in this onnxruntime build (available: {sorted(available)})"
+        if strict:
+            raise ProviderError(msg)
+        log.warning("%s; falling back", msg)
+    if not strict and CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = None,
+                providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
+                intra_op_threads: int = 0, warmup: bool = True) -> Bundle:
+    root = Path(store_root)
+    versions = list_versions(root, name)
+    if version is None:
+        if not versions:
+            raise BundleError(f"no bundle versions of {name!r} under {root}")
+        version = versions[-1]
+    elif version not in versions:
+        raise BundleError(f"bundle {name!r} version {version} not found under {root} (have {versions})")
+    path = root / name / str(version)
+
+    for f in (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE):
+        if not (path / f).is_file():
+            raise BundleError(f"{path}: missing {f}")
+    try:
+        manifest = BundleManifest.from_json((path / MANIFEST_FILE).read_bytes())
+    except ValidationError as e:
+        raise BundleError(f"{path / MANIFEST_FILE}: invalid manifest: {e}") from e
+    if manifest.name != name or manifest.version != version:
+        raise BundleError(f"{path}: manifest says {manifest.name!r} v{manifest.version}, "
+                          f"directory is {name!r} v{version}")
+    if manifest.inputs != model_inputs(manifest.feature_schema):
+        raise BundleError(f"{path}: manifest inputs do not match its feature schema")
+
+    digest = sha256_file(path / MODEL_FILE)
+    if digest != manifest.sha256:
+        raise BundleError(f"{path / MODEL_FILE}: sha256 mismatch: file is {digest}, "
+                          f"manifest says {manifest.sha256} (corrupt or partial copy)")
+
+    vocabs = _read_vocabs(path / VOCAB_FILE, manifest)
+
+    chosen = resolve_providers(providers, strict)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    try:
+        session = ort.InferenceSession(str(path / MODEL_FILE), sess_options=opts, providers=chosen)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise BundleError(f"{path / MODEL_FILE}: onnxruntime could not load it: {e}") from e
+    active = session.get_providers()[0]
+    if strict and active != chosen[0]:
+        # onnxruntime silently falls back when a provider fails to initialise (e.g. missing CUDA libs)
+        raise ProviderError(f"asked for {chosen[0]} but the session runs on {active}")
+    if active != chosen[0]:
+        log.warning("asked for %s but the session runs on %s", chosen[0], active)
+
+    _check_session(session, manifest, path)
+    bundle = Bundle(manifest=manifest, path=path, session=session, vocabs=vocabs, provider=active,
+                    requested_providers=provider_names(providers))
+    if warmup:
+        try:
+            bundle.run(default_inputs(manifest, n_items=2))
+        except Exception as e:
+            raise BundleError(f"{path / MODEL_FILE}: warm-up run failed: {e}") from e
+    log.info("loaded bundle %s v%d from %s on %s", name, version, path, active)
+    return bundle
+
+
+def default_inputs(manifest: BundleManifest, n_items: int) -> dict[str, np.ndarray]:
+    """All-default inputs (index 0, dense means): user/context batch 1, items batch ``n_items``."""
+    schema = manifest.feature_schema
+    out: dict[str, np.ndarray] = {}
+    for mi in manifest.inputs:
+        n = n_items if mi.entity == "item" else 1
+        if mi.kind == "dense":
+            means = np.array([schema.field(f).mean for f in mi.fields], dtype=np.float32)
+            out[mi.name] = np.tile(means, (n, 1))
+        else:
+            out[mi.name] = np.zeros((n, mi.width), dtype=np.int64)
+    return out
+
+
+def _read_vocabs(path: Path, manifest: BundleManifest) -> dict[str, list[str]]:
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path}: unreadable vocabulary: {e}") from e
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise BundleError(f"{path}: expected {{field: [values]}}")
+    schema = manifest.feature_schema
+    for f in schema.sparse:
+        if f.name in raw and len(raw[f.name]) > f.vocab_size - 1:
+            raise BundleError(f"{path}: vocabulary of {f.name!r} has {len(raw[f.name])} values, "
+                              f"more than vocab_size - 1 = {f.vocab_size - 1}")
+    for f in schema.sparse_of("context"):
+        if f.name not in raw:
+            raise BundleError(f"{path}: no vocabulary for context field {f.name!r}")
+    return {k: [str(x) for x in v] for k, v in raw.items()}
+
+
+def _check_session(session: ort.InferenceSession, manifest: BundleManifest, path: Path) -> None:
+    ins = {i.name: i.type for i in session.get_inputs()}
+    outs = [o.name for o in session.get_outputs()]
+    want_ins = {i.name: _ORT_TYPES[i.dtype] for i in manifest.inputs}
+    if set(ins) != set(want_ins):
+        raise BundleError(f"{path}: model inputs {sorted(ins)} differ from manifest inputs {sorted(want_ins)}")
+    wrong = {n: (ins[n], t) for n, t in want_ins.items() if ins[n] != t}
+    if wrong:
+        raise BundleError(f"{path}: model input types differ from the manifest (model, manifest): {wrong}")
+    if sorted(outs) != sorted(manifest.outputs):
+        raise BundleError(f"{path}: model outputs {sorted(outs)} differ from manifest outputs {sorted(manifest.outputs)}")

@@ -1,0 +1,221 @@
+"""Export a trained :class:`MultiTaskModel` to ONNX as a new, versioned bundle.
+
+A bundle is ``<store>/<name>/<version>/`` holding ``model.onnx``, ``manifest.json``,
+``vocab.json`` and any extra files (reports). It is written into ``<store>/<name>/.tmp-<uuid>``
+and renamed into place in one step, so a reader never sees half a bundle. Before the rename, a
+parity gate compares onnxruntime with PyTorch on the given rows and on a broadcast case (one
+user, all the items); a bundle that disagrees by more than ``atol`` is not published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import platform
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, model_inputs,
+                              sha256_file)
+from training.models.blocks import MultiTaskModel
+
+OPSET = 17
+EXAMPLE_ROWS = 8  # rows traced for the export (the batch axes are dynamic)
+
+
+class ExportParityError(RuntimeError):
+    """onnxruntime and PyTorch disagree on the parity rows: the bundle was not published."""
+
+
+class ServingModel(nn.Module):
+    """A :class:`MultiTaskModel` as served: positional inputs in ``model_inputs`` order, outputs in
+    task order - a probability for a binary task, ``expm1(max(pred, 0))`` (>= 0) for a regression."""
+
+    def __init__(self, model: MultiTaskModel):
+        super().__init__()
+        self.model = model
+        self.input_names = [i.name for i in model_inputs(model.schema)]
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(dict(zip(self.input_names, inputs)))
+        # exp(x) - 1 rather than expm1: ONNX has no Expm1 (x >= 0 here, so no precision is lost)
+        return tuple(torch.sigmoid(out[t.name]) if t.kind == "binary" else torch.exp(out[t.name].clamp(min=0)) - 1
+                     for t in self.model.tasks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions
+# ---------------------------------------------------------------------------------------------
+
+def list_versions(store: str | Path, name: str) -> list[int]:
+    """Published versions of a bundle, ascending (names that are not integers, like .tmp-*, are skipped)."""
+    root = Path(store) / name
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_version(store: str | Path, name: str) -> int | None:
+    versions = list_versions(store, name)
+    return versions[-1] if versions else None
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX export and the parity gate
+# ---------------------------------------------------------------------------------------------
+
+def _as_arrays(model: MultiTaskModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for mi in model_inputs(model.schema):
+        if mi.name not in inputs:
+            raise ValueError(f"parity inputs lack {mi.name!r}")
+        a = np.ascontiguousarray(inputs[mi.name], dtype=mi.dtype)
+        if a.ndim != 2 or a.shape[1] != mi.width:
+            raise ValueError(f"parity input {mi.name!r} has shape {a.shape}, expected [rows, {mi.width}]")
+        out[mi.name] = a
+    return out
+
+
+def _export_onnx(serving: ServingModel, example: dict[str, np.ndarray], path: Path) -> None:
+    schema_inputs = model_inputs(serving.model.schema)
+    axis = {"user": "user_batch", "context": "context_batch", "item": "n"}
+    dynamic_axes = {mi.name: {0: axis[mi.entity]} for mi in schema_inputs}
+    dynamic_axes.update({t.name: {0: "n"} for t in serving.model.tasks})
+    args = tuple(torch.from_numpy(example[mi.name]) for mi in schema_inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(serving, args, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[mi.name for mi in schema_inputs],
+                          output_names=[t.name for t in serving.model.tasks],
+                          dynamic_axes=dynamic_axes)
+    onnx.checker.check_model(str(path))
+
+
+def parity_cases(model: MultiTaskModel, inputs: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The rows as given (one user per row), and a broadcast case: the first row's user and context
+    (batch 1) with every item row."""
+    entity = {mi.name: mi.entity for mi in model_inputs(model.schema)}
+    broadcast = {k: (v if entity[k] == "item" else v[:1]) for k, v in inputs.items()}
+    return {"rows": inputs, "broadcast": broadcast}
+
+
+def check_parity(serving: ServingModel, onnx_path: str | Path, parity_inputs: dict[str, np.ndarray],
+                 atol: float = 1e-4) -> dict[str, float]:
+    """Max difference per task between onnxruntime and PyTorch (eval mode) over :func:`parity_cases`.
+
+    Binary tasks are compared as probabilities; regression tasks on the ``log1p`` scale the model
+    predicts on (an absolute difference in seconds would fail on float32 rounding of large values).
+    Raises :class:`ExportParityError` if a task differs by more than ``atol``; returns the diffs.
+    """
+    model = serving.model
+    inputs = _as_arrays(model, parity_inputs)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [mi.name for mi in model_inputs(model.schema)]
+    diffs = {t.name: 0.0 for t in model.tasks}
+    was_training = serving.training
+    serving.eval()
+    try:
+        for case in parity_cases(model, inputs).values():
+            got = session.run([t.name for t in model.tasks], case)
+            with torch.no_grad():
+                want = serving(*(torch.from_numpy(case[n]) for n in names))
+            for t, g, w in zip(model.tasks, got, want):
+                g, w = g.astype(np.float64), w.numpy().astype(np.float64)
+                if g.shape != w.shape:
+                    raise ExportParityError(f"task {t.name!r}: onnx shape {g.shape} != torch shape {w.shape}")
+                if t.kind == "regression":
+                    g, w = np.log1p(g), np.log1p(w)
+                d = float(np.max(np.abs(g - w))) if g.size else 0.0
+                diffs[t.name] = max(diffs[t.name], d if np.isfinite(d) else float("inf"))
+    finally:
+        serving.train(was_training)
+    bad = {k: v for k, v in diffs.items() if not v <= atol}
+    if bad:
+        raise ExportParityError("onnxruntime and PyTorch disagree: "
+                                + ", ".join(f"task {k!r} max abs diff {v:.3g} > atol {atol:g}" for k, v in bad.items()))
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundle
+# ---------------------------------------------------------------------------------------------
+
+def library_versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_config: dict,
+                  metrics: dict[str, float], parity_inputs: dict[str, np.ndarray],
+                  vocabs: dict[str, list[str]], extra_files: dict[str, str | Path] | None = None,
+                  atol: float = 1e-4) -> Path:
+    """Export ``model`` to ``<store>/<name>/<next version>/`` and return that path.
+
+    ``parity_inputs``: arrays by ONNX input name, one user per row (>= 1000 rows recommended).
+    ``extra_files``: ``{target file name: source path}`` copied into the bundle.
+    The manifest's metrics get ``parity_max_abs_diff/<task>``; its train_config gets
+    ``model_config`` (``asdict(model.config)``) unless the caller already set that key.
+    """
+    reserved = {MODEL_FILE, MANIFEST_FILE, VOCAB_FILE}
+    for target in extra_files or {}:
+        if target in reserved or Path(target).name != target or target.startswith("."):
+            raise ValueError(f"extra file name {target!r} must be a plain file name other than {sorted(reserved)}")
+    inputs = _as_arrays(model, parity_inputs)
+    rows = {a.shape[0] for a in inputs.values()}
+    if len(rows) != 1 or 0 in rows:
+        raise ValueError(f"parity inputs need the same, non-zero number of rows everywhere, got {sorted(rows)}")
+
+    root = Path(store) / name
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    serving = ServingModel(model)
+    was_training = model.training
+    try:
+        model.eval()
+        onnx_path = tmp / MODEL_FILE
+        _export_onnx(serving, {k: v[:EXAMPLE_ROWS] for k, v in inputs.items()}, onnx_path)
+        diffs = check_parity(serving, onnx_path, inputs, atol)
+
+        (tmp / VOCAB_FILE).write_text(json.dumps(vocabs))
+        for target, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / target)
+        train_config = dict(train_config)
+        train_config.setdefault("model_config", dataclasses.asdict(model.config))
+        all_metrics = {**{k: float(v) for k, v in metrics.items()},
+                       **{f"parity_max_abs_diff/{k}": v for k, v in diffs.items()}}
+        sha = sha256_file(onnx_path)
+
+        version = (latest_version(store, name) or 0) + 1
+        while True:
+            manifest = BundleManifest(
+                name=name, version=version, architecture=model.arch, tasks=model.tasks,
+                inputs=model_inputs(model.schema), outputs=[t.name for t in model.tasks],
+                feature_schema=model.schema, metrics=all_metrics, train_config=train_config,
+                sha256=sha, library_versions=library_versions())
+            (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+            final = root / str(version)
+            try:
+                if final.exists():  # rename() would silently replace an empty directory
+                    raise FileExistsError(final)
+                os.rename(tmp, final)
+                return final
+            except OSError as e:
+                if not isinstance(e, FileExistsError) and e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                version = max(version + 1, (latest_version(store, name) or 0) + 1)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.train(was_training)

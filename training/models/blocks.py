@@ -1,0 +1,259 @@
+"""Reusable blocks of the multi-task rankers, and their common base class.
+
+Every architecture is ``EmbeddingLayer -> <its own sharing structure> -> one Tower per task``:
+
+* :class:`EmbeddingLayer` - the schema's fields as vectors (sparse ids, normalised dense values,
+  mean-pooled id sequences). User and context work runs at their own batch size (1 at serving)
+  and is broadcast to the N items afterwards.
+* :class:`MLP`, :class:`Tower` - plain feed-forward stacks (no BatchNorm by default: a serving
+  batch may be a single row).
+* :class:`Experts` - a group of same-shaped expert MLPs as ONE module with stacked weights
+  ``[E, in, out]`` (one batched matmul per layer, no Python loop over experts).
+* :class:`Gate` + :func:`mix` - softmax weights over experts, and the weighted sum of their outputs.
+* :class:`MultiTaskModel` - the interface the trainer and the exporter rely on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from service.contract import ENTITIES, FeatureSchema, TaskSpec, model_inputs
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------
+
+def masked_mean(emb: Tensor, ids: Tensor) -> Tensor:
+    """Mean of ``emb`` [B, L, d] over the positions where ``ids`` [B, L] != 0; all padding -> zeros."""
+    mask = (ids != 0).unsqueeze(-1).to(emb.dtype)
+    return (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class DenseFields(nn.Module):
+    """The dense fields of one input: ``x [B, F]`` -> normalised -> ``[B, F, dim]`` (x_f * w_f + b_f)."""
+
+    def __init__(self, fields, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([f.mean for f in fields], dtype=torch.float32))
+        self.register_buffer("std", torch.tensor([f.std for f in fields], dtype=torch.float32))
+        self.weight = nn.Parameter(torch.randn(len(fields), dim) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(len(fields), dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = (x - self.mean) / self.std
+        return z.unsqueeze(-1) * self.weight + self.bias
+
+
+class EmbeddingLayer(nn.Module):
+    """All schema fields as vectors.
+
+    Field order (``field_names``): for each entity in ``("user", "item", "context")``: its sparse
+    fields, then its dense fields, then its sequence fields, each in schema order - the same
+    order as :func:`service.contract.model_inputs`.
+
+    * sparse field -> its own ``nn.Embedding(vocab_size, embedding_dim)``. Index 0 (missing / OOV)
+      is an ordinary learnable row (no ``padding_idx``): "unknown" is information too.
+    * dense field -> ``((x - mean) / std) * w_f + b_f`` of size ``dense_dim``; mean/std are buffers
+      taken from the schema, so raw values are fed at serving.
+    * sequence field -> the embedding table of its ``vocab_of`` sparse field, masked mean over the
+      non-zero ids (0 is padding and never contributes; an all-padding sequence gives zeros).
+
+    User and context fields are computed at their own batch size (``Bu``/``Bc``, N or 1) and
+    broadcast with ``expand(N, -1)`` to the item batch N.
+    """
+
+    def __init__(self, schema: FeatureSchema, dense_dim: int):
+        super().__init__()
+        if not (schema.sparse_of("item") or schema.dense_of("item") or schema.sequence_of("item")):
+            raise ValueError("the schema needs at least one item field (it defines the batch N)")
+        self.schema = schema
+        self.input_names = {(mi.entity, mi.kind): mi.name for mi in model_inputs(schema)}
+        self.item_input = next(mi.name for mi in model_inputs(schema) if mi.entity == "item")
+
+        self.sparse = nn.ModuleList(nn.Embedding(f.vocab_size, f.embedding_dim) for f in schema.sparse)
+        for emb in self.sparse:
+            nn.init.normal_(emb.weight, std=0.05)
+        self.table_of = {f.name: i for i, f in enumerate(schema.sparse)}
+        self.dense = nn.ModuleDict({e: DenseFields(schema.dense_of(e), dense_dim)
+                                    for e in ENTITIES if schema.dense_of(e)})
+
+        sparse_dim = {f.name: f.embedding_dim for f in schema.sparse}
+        self.field_names: list[str] = []
+        self.field_dims: list[int] = []
+        for e in ENTITIES:
+            for f in schema.sparse_of(e):
+                self.field_names.append(f.name)
+                self.field_dims.append(f.embedding_dim)
+            for f in schema.dense_of(e):
+                self.field_names.append(f.name)
+                self.field_dims.append(dense_dim)
+            for f in schema.sequence_of(e):
+                self.field_names.append(f.name)
+                self.field_dims.append(sparse_dim[f.vocab_of])
+        self.num_fields = len(self.field_names)
+        self.output_dim = sum(self.field_dims)
+
+    def sequences(self, inputs: dict[str, Tensor], entity: str) -> list[tuple[Tensor, Tensor]]:
+        """Unpooled sequences of an entity: per field ``(emb [B, L, d], ids [B, L])`` (for attention)."""
+        fields = self.schema.sequence_of(entity)
+        if not fields:
+            return []
+        ids = inputs[self.input_names[(entity, "sequence")]]
+        parts = ids.split([f.max_len for f in fields], dim=1)
+        return [(self.sparse[self.table_of[f.vocab_of]](p), p) for f, p in zip(fields, parts)]
+
+    def entity_fields(self, inputs: dict[str, Tensor], entity: str) -> list[Tensor]:
+        """One entity's field vectors, ``[B_entity, d_f]`` each, not broadcast."""
+        out: list[Tensor] = []
+        sparse = self.schema.sparse_of(entity)
+        if sparse:
+            ids = inputs[self.input_names[(entity, "sparse")]]
+            out += [self.sparse[self.table_of[f.name]](ids[:, j]) for j, f in enumerate(sparse)]
+        if entity in self.dense:
+            out += list(self.dense[entity](inputs[self.input_names[(entity, "dense")]]).unbind(1))
+        out += [masked_mean(emb, ids) for emb, ids in self.sequences(inputs, entity)]
+        return out
+
+    def fields(self, inputs: dict[str, Tensor]) -> list[Tensor]:
+        """All field vectors ``[N, d_f]`` in ``field_names`` order (user/context broadcast to N)."""
+        n = inputs[self.item_input].shape[0]
+        out: list[Tensor] = []
+        for e in ENTITIES:
+            vecs = self.entity_fields(inputs, e)
+            out += vecs if e == "item" else [v.expand(n, -1) for v in vecs]
+        return out
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        return torch.cat(self.fields(inputs), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward blocks
+# ---------------------------------------------------------------------------------------------
+
+class MLP(nn.Sequential):
+    """``(Linear -> [BatchNorm] -> activation -> Dropout) x len(hidden)``; identity if hidden is empty."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0, activation: str = "relu",
+                 batch_norm: bool = False):
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers.append(nn.Linear(in_dim, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers += [ACTIVATIONS[activation](), nn.Dropout(dropout)]
+            in_dim = h
+        super().__init__(*layers)
+        self.output_dim = in_dim
+
+
+class Tower(nn.Module):
+    """A task head: ``MLP -> Linear(., 1)``, returns ``[N]``."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden, dropout)
+        self.out = nn.Linear(self.mlp.output_dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.mlp(x)).squeeze(-1)
+
+
+class Experts(nn.Module):
+    """``n_experts`` same-shaped MLPs with stacked weights ``[E, in, out]`` per layer.
+
+    Input ``[N, in]`` (every expert sees the same input) or ``[N, E, in]`` (one input per expert);
+    output ``[N, E, hidden[-1]]``. Each layer is one batched matmul over all experts, followed by
+    ReLU and dropout (the same layer recipe as :class:`MLP`).
+    """
+
+    def __init__(self, n_experts: int, in_dim: int, hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        if not hidden:
+            raise ValueError("experts need at least one hidden layer")
+        self.n_experts = n_experts
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for h in hidden:
+            bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init, per expert
+            self.weights.append(nn.Parameter(torch.empty(n_experts, in_dim, h).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n_experts, 1, h).uniform_(-bound, bound)))
+            in_dim = h
+        self.output_dim = in_dim
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x if x.dim() == 2 else x.transpose(0, 1)  # [N, in] (broadcast over E) or [E, N, in]
+        for w, b in zip(self.weights, self.biases):
+            h = self.dropout(torch.relu(torch.matmul(h, w) + b))  # [E, N, out]
+        return h.transpose(0, 1)  # [N, E, out]
+
+
+class Gate(nn.Module):
+    """Softmax weights over ``n_experts`` experts from an input ``[N, in]`` -> ``[N, E]``."""
+
+    def __init__(self, in_dim: int, n_experts: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.linear = nn.Linear(in_dim, n_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(self.linear(x), dim=-1)
+
+
+def mix(weights: Tensor, experts: Tensor) -> Tensor:
+    """Weighted sum of expert outputs: ``weights [N, E]``, ``experts [N, E, d]`` -> ``[N, d]``."""
+    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model interface
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Settings every architecture has; each architecture's config adds its own sizes."""
+
+    dropout: float = 0.1
+    tower_hidden: list[int] = field(default_factory=lambda: [64])
+    dense_dim: int = 8  # size of a dense field's vector
+
+
+class MultiTaskModel(nn.Module):
+    """Base of every architecture.
+
+    ``forward(inputs)`` takes the ONNX inputs of :func:`model_inputs` by name and returns one
+    ``[N]`` tensor per task: the logit of a binary task, the prediction of ``log1p(label)`` of a
+    regression task. A subclass builds its sharing structure, calls :meth:`build_towers` and
+    implements :meth:`task_inputs` (the embedding output -> one representation per task).
+    """
+
+    arch: str = ""
+
+    def __init__(self, schema: FeatureSchema, tasks: list[TaskSpec], config: ModelConfig):
+        super().__init__()
+        names = [t.name for t in tasks]
+        if not tasks or len(set(names)) != len(names):
+            raise ValueError(f"need at least one task and unique task names, got {names}")
+        self.schema = schema
+        self.tasks = list(tasks)
+        self.config = config
+        self.embedding = EmbeddingLayer(schema, config.dense_dim)
+
+    def build_towers(self, in_dim: int) -> None:
+        self.towers = nn.ModuleList(Tower(in_dim, self.config.tower_hidden, self.config.dropout)
+                                    for _ in self.tasks)
+
+    def task_inputs(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        reps = self.task_inputs(self.embedding(inputs))
+        return {t.name: tower(r) for t, tower, r in zip(self.tasks, self.towers, reps)}

@@ -1,0 +1,227 @@
+"""The training loop: multi-task losses (ESMM for conditional binary tasks), early stopping,
+test metrics, a report, then export into a versioned bundle.
+
+Losses, per task kind (see ``service.contract.TaskSpec``):
+
+* binary, no condition (CTR):        BCE(sigmoid(logit_ctr), click) over all exposures
+* binary with a condition (CVR):     ESMM: pCTCVR = pCTR * pCVR, BCE(pCTCVR, click & conversion)
+                                     over ALL exposures, so pCVR is not fitted on the clicked
+                                     sample only (Ma et al., SIGIR 2018)
+* regression with a condition:       MSE on log1p(label) over the rows where the condition holds
+                                     (watch time is only defined after a click)
+
+Metrics on the test split: AUC of each unconditional binary task; for a conditional binary
+task the AUC on the condition's positive rows (CVR on clicks) and the AUC of the joint
+probability on all rows (CTCVR); RMSE and MAE of log1p(label) for regression tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from service.contract import TaskSpec
+from training.data.dataset import EncodedDataset, prepare
+from training.models import build_model
+
+log = logging.getLogger(__name__)
+EPS = 1e-7
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "ple"
+    epochs: int = 8
+    batch_size: int = 2048
+    lr: float = 2e-3
+    weight_decay: float = 1e-6
+    patience: int = 2  # epochs without validation improvement before stopping
+    split: str = "random"  # random | time
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 42
+    max_rows: int | None = None  # use only the first rows of the log (quick runs)
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
+    model: dict = field(default_factory=dict)  # architecture config overrides
+
+
+def joint_name(task: TaskSpec, cond: TaskSpec) -> str:
+    return "ctcvr" if (cond.name, task.name) == ("ctr", "cvr") else f"{cond.name}_{task.name}"
+
+
+def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+def task_losses(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                tasks: list[TaskSpec]) -> dict[str, torch.Tensor]:
+    by_name = {t.name: t for t in tasks}
+    losses = {}
+    for t in tasks:
+        y = labels[t.label]
+        if t.kind == "binary" and t.condition is None:
+            losses[t.name] = F.binary_cross_entropy_with_logits(out[t.name], y)
+        elif t.kind == "binary":
+            cond = by_name[t.condition]
+            p_joint = torch.sigmoid(out[cond.name]) * torch.sigmoid(out[t.name])
+            y_joint = labels[cond.label] * y
+            losses[t.name] = F.binary_cross_entropy(p_joint.clamp(EPS, 1 - EPS), y_joint)
+        else:
+            target = torch.log1p(y.clamp(min=0))
+            if t.condition is None:
+                losses[t.name] = F.mse_loss(out[t.name], target)
+            else:
+                mask = labels[by_name[t.condition].label] > 0
+                losses[t.name] = (F.mse_loss(out[t.name][mask], target[mask]) if mask.any()
+                                  else out[t.name].sum() * 0.0)
+    return losses
+
+
+@torch.no_grad()
+def predict(model, ds: EncodedDataset, rows: np.ndarray, batch_size: int = 8192) -> dict[str, np.ndarray]:
+    """Raw model outputs (logits / log1p predictions) for the given exposure rows."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {t.name: [] for t in ds.tasks}
+    for i in range(0, len(rows), batch_size):
+        out = model(_tensors(ds.inputs(rows[i:i + batch_size])))
+        for k in parts:
+            parts[k].append(out[k].numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def evaluate(model, ds: EncodedDataset, rows: np.ndarray) -> dict[str, float]:
+    """Test-split metrics (see module docstring) plus the mean loss of each task."""
+    raw = predict(model, ds, rows)
+    by_name = {t.name: t for t in ds.tasks}
+    labels = {t.label: ds.label(t.label, rows) for t in ds.tasks}
+    m: dict[str, float] = {}
+    with torch.no_grad():
+        losses = task_losses({k: torch.from_numpy(v) for k, v in raw.items()},
+                             {k: torch.from_numpy(v) for k, v in labels.items()}, ds.tasks)
+    for name, value in losses.items():
+        m[f"loss/{name}"] = float(value)
+    for t in ds.tasks:
+        y = labels[t.label]
+        if t.kind == "binary":
+            p = 1 / (1 + np.exp(-raw[t.name].astype(np.float64)))
+            if t.condition is None:
+                m[f"auc/{t.name}"] = _auc(y, p)
+            else:
+                cond = by_name[t.condition]
+                yc = labels[cond.label] > 0
+                pc = 1 / (1 + np.exp(-raw[cond.name].astype(np.float64)))
+                m[f"auc/{t.name}"] = _auc(y[yc], p[yc])  # e.g. CVR AUC on clicked rows
+                m[f"auc/{joint_name(t, cond)}"] = _auc(yc * y, pc * p)  # e.g. CTCVR on all rows
+        else:
+            sel = labels[by_name[t.condition].label] > 0 if t.condition else np.ones(len(y), bool)
+            err = np.maximum(raw[t.name][sel], 0) - np.log1p(np.maximum(y[sel], 0))
+            m[f"rmse_log1p/{t.name}"] = float(np.sqrt(np.mean(err ** 2))) if sel.any() else float("nan")
+            m[f"mae_log1p/{t.name}"] = float(np.mean(np.abs(err))) if sel.any() else float("nan")
+    return m
+
+
+def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True):
+    """Train with early stopping on the validation loss; returns (model, history, split rows)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_rows, val_rows, test_rows = ds.split(cfg.split, cfg.fractions, cfg.seed)
+    model = build_model(cfg.arch, ds.schema, ds.tasks, **cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weights = {t.name: cfg.loss_weights.get(t.name, 1.0) for t in ds.tasks}
+    rng = np.random.default_rng(cfg.seed)
+    history: list[dict] = []
+    best, best_state, bad = math.inf, None, 0
+    n_batches = math.ceil(len(train_rows) / cfg.batch_size)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = rng.permutation(train_rows)
+        sums = {t.name: 0.0 for t in ds.tasks}
+        t0 = time.perf_counter()
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        for b in bar:
+            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            out = model(_tensors(ds.inputs(rows)))
+            labels = {t.label: torch.from_numpy(ds.label(t.label, rows)) for t in ds.tasks}
+            losses = task_losses(out, labels, ds.tasks)
+            total = sum(weights[k] * v for k, v in losses.items())
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            for k, v in losses.items():
+                sums[k] += float(v)
+            if b % 20 == 0:
+                bar.set_postfix(loss=f"{float(total):.4f}")
+        val = evaluate(model, ds, val_rows)
+        val_total = sum(weights[t.name] * val[f"loss/{t.name}"] for t in ds.tasks)
+        rec = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 2),
+               "train": {k: v / n_batches for k, v in sums.items()}, "val": val, "val_total": val_total}
+        history.append(rec)
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in val.items() if not k.startswith("loss/"))
+        log.info("epoch %d  %.1fs  val loss %.5f  %s", epoch, rec["seconds"], val_total, shown)
+        if progress:
+            tqdm.write(f"epoch {epoch}: {rec['seconds']:.0f}s  val_loss={val_total:.5f}  {shown}")
+        if val_total < best - 1e-5:
+            best, bad = val_total, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                if progress:
+                    tqdm.write(f"early stopping: no validation improvement for {bad} epochs")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, history, (train_rows, val_rows, test_rows)
+
+
+def train(data: str | Path, name: str, store: str | Path = "model_store", cfg: TrainConfig | None = None,
+          progress: bool = True) -> tuple[Path, dict[str, float]]:
+    """Prepare the data, fit, evaluate on the test split, write the report, export the bundle."""
+    from training.export import export_bundle
+    from training.report import write_report
+
+    cfg = cfg or TrainConfig()
+    t0 = time.perf_counter()
+    ds = prepare(data, max_rows=cfg.max_rows)
+    if progress:
+        tqdm.write(f"data: {len(ds):,} exposures, {len(ds.users.ids):,} users, {len(ds.items.ids):,} items, "
+                   f"{len(ds.schema.all_fields())} fields  ({time.perf_counter() - t0:.1f}s)")
+    model, history, (train_rows, val_rows, test_rows) = fit(ds, cfg, progress)
+    metrics = evaluate(model, ds, test_rows)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("loss/")} | \
+              {f"test_{k.replace('/', '_')}": v for k, v in metrics.items() if k.startswith("loss/")}
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"rows": {"train": len(train_rows), "validation": len(val_rows), "test": len(test_rows)},
+            "parameters": n_params, "seconds": round(time.perf_counter() - t0, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        report_json, report_png = write_report(Path(tmp), cfg=asdict(cfg), model_config=asdict(model.config),
+                                               history=history, test_metrics=metrics, info=info)
+        parity_rows = test_rows[:2048]
+        bundle = export_bundle(
+            model, name=name, store=store,
+            train_config={"train": asdict(cfg), "model": asdict(model.config), **info},
+            metrics=metrics, parity_inputs=ds.inputs(parity_rows), vocabs=ds.vocabs,
+            extra_files={"report.json": report_json, "report.png": report_png},
+        )
+    return bundle, metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return "\n".join(f"  {k:<28} {v:.4f}" for k, v in metrics.items())
+
