@@ -9,9 +9,11 @@ user, all the items); a bundle that disagrees by more than ``atol`` is not publi
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import errno
 import json
+import logging
+import math
 import os
 import platform
 import shutil
@@ -28,6 +30,8 @@ from torch import Tensor, nn
 from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, model_inputs,
                               sha256_file)
 from training.models.blocks import MultiTaskModel
+
+log = logging.getLogger(__name__)
 
 OPSET = 17
 EXAMPLE_ROWS = 8  # rows traced for the export (the batch axes are dynamic)
@@ -122,15 +126,16 @@ def check_parity(serving: ServingModel, onnx_path: str | Path, parity_inputs: di
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [mi.name for mi in model_inputs(model.schema)]
     diffs = {t.name: 0.0 for t in model.tasks}
+    device = next(serving.parameters()).device
     was_training = serving.training
     serving.eval()
     try:
         for case in parity_cases(model, inputs).values():
             got = session.run([t.name for t in model.tasks], case)
             with torch.no_grad():
-                want = serving(*(torch.from_numpy(case[n]) for n in names))
+                want = serving(*(torch.from_numpy(case[n]).to(device) for n in names))
             for t, g, w in zip(model.tasks, got, want):
-                g, w = g.astype(np.float64), w.numpy().astype(np.float64)
+                g, w = g.astype(np.float64), w.cpu().numpy().astype(np.float64)
                 if g.shape != w.shape:
                     raise ExportParityError(f"task {t.name!r}: onnx shape {g.shape} != torch shape {w.shape}")
                 if t.kind == "regression":
@@ -163,8 +168,8 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
 
     ``parity_inputs``: arrays by ONNX input name, one user per row (>= 1000 rows recommended).
     ``extra_files``: ``{target file name: source path}`` copied into the bundle.
-    The manifest's metrics get ``parity_max_abs_diff/<task>``; its train_config gets
-    ``model_config`` (``asdict(model.config)``) unless the caller already set that key.
+    The manifest's metrics get ``parity_max_abs_diff/<task>``; non-finite metrics (NaN, inf) are
+    left out with a warning, since JSON cannot hold them.
     """
     reserved = {MODEL_FILE, MANIFEST_FILE, VOCAB_FILE}
     for target in extra_files or {}:
@@ -179,10 +184,8 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
-    serving = ServingModel(model)
-    was_training = model.training
+    serving = ServingModel(copy.deepcopy(model).cpu().eval())  # the caller's model is left untouched
     try:
-        model.eval()
         onnx_path = tmp / MODEL_FILE
         _export_onnx(serving, {k: v[:EXAMPLE_ROWS] for k, v in inputs.items()}, onnx_path)
         diffs = check_parity(serving, onnx_path, inputs, atol)
@@ -190,9 +193,10 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
         (tmp / VOCAB_FILE).write_text(json.dumps(vocabs))
         for target, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / target)
-        train_config = dict(train_config)
-        train_config.setdefault("model_config", dataclasses.asdict(model.config))
-        all_metrics = {**{k: float(v) for k, v in metrics.items()},
+        dropped = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+        if dropped:  # JSON has no NaN/inf: pydantic would write null and the manifest would not load back
+            log.warning("export %s: leaving out non-finite metrics %s", name, dropped)
+        all_metrics = {**{k: float(v) for k, v in metrics.items() if k not in dropped},
                        **{f"parity_max_abs_diff/{k}": v for k, v in diffs.items()}}
         sha = sha256_file(onnx_path)
 
@@ -203,7 +207,9 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
                 inputs=model_inputs(model.schema), outputs=[t.name for t in model.tasks],
                 feature_schema=model.schema, metrics=all_metrics, train_config=train_config,
                 sha256=sha, library_versions=library_versions())
-            (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+            text = manifest.to_json()
+            BundleManifest.from_json(text)  # never publish a manifest that does not load back
+            (tmp / MANIFEST_FILE).write_text(text)
             final = root / str(version)
             try:
                 if final.exists():  # rename() would silently replace an empty directory
@@ -217,5 +223,3 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        model.train(was_training)

@@ -1,0 +1,234 @@
+"""Blocks and architectures on a tiny schema: shapes, broadcasting, the expert/gate maths, gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from service.contract import (DenseField, FeatureSchema, SequenceField, SparseField, TaskSpec,
+                              model_inputs)
+from training.models import ARCHITECTURES, build_model
+from training.models.blocks import MLP, EmbeddingLayer, Experts, Gate, Tower, masked_mean, mix
+from training.models.ple import PLE, PLEConfig
+
+N = 7
+
+
+def tiny_schema() -> FeatureSchema:
+    return FeatureSchema(
+        sparse=[SparseField(name="user_id", entity="user", vocab_size=50),
+                SparseField(name="gender", entity="user", vocab_size=4, embedding_dim=4),
+                SparseField(name="item_id", entity="item", vocab_size=100),
+                SparseField(name="category", entity="item", vocab_size=10, embedding_dim=8),
+                SparseField(name="hour", entity="context", vocab_size=25, embedding_dim=4)],
+        dense=[DenseField(name="activity", entity="user", mean=3.0, std=2.0),
+               DenseField(name="price", entity="item", mean=10.0, std=5.0),
+               DenseField(name="age_days", entity="item", mean=30.0, std=10.0)],
+        sequence=[SequenceField(name="clicked", entity="user", max_len=5, vocab_of="item_id")],
+    )
+
+
+TASKS = [TaskSpec(name="ctr", kind="binary", label="click"),
+         TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
+         TaskSpec(name="watch_time", kind="regression", label="watch_time", condition="ctr")]
+
+
+def random_inputs(schema: FeatureSchema, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One row per exposure (Bu = Bc = n); sequences have some padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for mi in model_inputs(schema):
+        if mi.kind == "dense":
+            cols = [schema.field(f) for f in mi.fields]
+            out[mi.name] = torch.stack([f.mean + f.std * torch.randn(n, generator=g) for f in cols], 1)
+        elif mi.kind == "sparse":
+            out[mi.name] = torch.stack([torch.randint(0, schema.field(f).vocab_size, (n,), generator=g)
+                                        for f in mi.fields], 1)
+        else:
+            parts = []
+            for f in (schema.field(name) for name in mi.fields):
+                ids = torch.randint(1, schema.field(f.vocab_of).vocab_size, (n, f.max_len), generator=g)
+                keep = torch.arange(f.max_len) < torch.randint(0, f.max_len + 1, (n, 1), generator=g)
+                parts.append(ids * keep)
+            out[mi.name] = torch.cat(parts, 1)
+    return out
+
+
+def one_user(schema: FeatureSchema, inputs: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(row-0 user/context at batch 1, the same repeated at batch N), items unchanged."""
+    entity = {mi.name: mi.entity for mi in model_inputs(schema)}
+    b1 = {k: v if entity[k] == "item" else v[:1] for k, v in inputs.items()}
+    bn = {k: v if entity[k] == "item" else v[:1].expand(len(inputs["item_sparse"]), -1).clone()
+          for k, v in inputs.items()}
+    return b1, bn
+
+
+# --- blocks -----------------------------------------------------------------------------------
+
+def test_gate_is_a_distribution():
+    w = Gate(12, 5)(torch.randn(N, 12) * 10)
+    assert w.shape == (N, 5)
+    assert torch.all(w >= 0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(N))
+
+
+def test_block_shapes():
+    x = torch.randn(N, 12)
+    assert MLP(12, [16, 8], 0.1)(x).shape == (N, 8)
+    assert MLP(12, [], 0.1)(x).shape == (N, 12) and MLP(12, []).output_dim == 12
+    assert Tower(12, [16], 0.1)(x).shape == (N,)
+    assert Tower(12, [])(x).shape == (N,)
+    ex = Experts(3, 12, [16, 8], 0.1)
+    assert ex(x).shape == (N, 3, 8) and ex.output_dim == 8
+    assert ex(torch.randn(N, 3, 12)).shape == (N, 3, 8)
+    assert mix(Gate(12, 3)(x), ex(x)).shape == (N, 8)
+
+
+def test_experts_batched_equals_per_expert_loop():
+    ex = Experts(4, 6, [5, 3]).eval()
+    for x in (torch.randn(N, 6), torch.randn(N, 4, 6)):
+        got = ex(x)
+        for e in range(4):
+            h = x if x.dim() == 2 else x[:, e]
+            for w, b in zip(ex.weights, ex.biases):
+                h = torch.relu(h @ w[e] + b[e])
+            torch.testing.assert_close(got[:, e], h)
+
+
+def test_mix_is_the_weighted_sum():
+    w, e = torch.softmax(torch.randn(N, 3), -1), torch.randn(N, 3, 4)
+    torch.testing.assert_close(mix(w, e), (w.unsqueeze(-1) * e).sum(1))
+
+
+def test_masked_mean_ignores_padding_and_empty_is_zero():
+    emb = torch.randn(2, 4, 3)
+    ids = torch.tensor([[5, 7, 0, 0], [0, 0, 0, 0]])
+    out = masked_mean(emb, ids)
+    torch.testing.assert_close(out[0], emb[0, :2].mean(0))
+    assert torch.equal(out[1], torch.zeros(3))
+    assert not torch.isnan(out).any()
+
+
+def test_embedding_layer_fields_order_and_shapes():
+    schema = tiny_schema()
+    layer = EmbeddingLayer(schema, dense_dim=6)
+    assert layer.field_names == ["user_id", "gender", "activity", "clicked",
+                                 "item_id", "category", "price", "age_days", "hour"]
+    assert layer.field_dims == [16, 4, 6, 16, 16, 8, 6, 6, 4]
+    assert layer.num_fields == 9 and layer.output_dim == sum(layer.field_dims)
+    inputs = random_inputs(schema, N)
+    fields = layer.fields(inputs)
+    assert [tuple(f.shape) for f in fields] == [(N, d) for d in layer.field_dims]
+    assert layer(inputs).shape == (N, layer.output_dim)
+    # user work at batch 1 broadcasts to the N items
+    b1, bn = one_user(schema, inputs)
+    torch.testing.assert_close(layer(b1), layer(bn))
+
+
+def test_sequence_shares_the_vocab_of_table_and_ignores_padding():
+    schema = tiny_schema()
+    layer = EmbeddingLayer(schema, dense_dim=4)
+    inputs = random_inputs(schema, 2)
+    inputs["user_seq"] = torch.tensor([[3, 9, 0, 0, 0], [0, 0, 0, 0, 0]])
+    clicked = layer.fields(inputs)[layer.field_names.index("clicked")]
+    table = layer.sparse[layer.table_of["item_id"]].weight
+    torch.testing.assert_close(clicked[0], table[[3, 9]].mean(0))
+    assert torch.equal(clicked[1], torch.zeros(16))
+
+
+def test_dense_normalisation_uses_schema_stats():
+    schema = tiny_schema()
+    layer = EmbeddingLayer(schema, dense_dim=4)
+    dense = layer.dense["item"]
+    torch.testing.assert_close(dense.mean, torch.tensor([10.0, 30.0]))
+    torch.testing.assert_close(dense.std, torch.tensor([5.0, 10.0]))
+    inputs = random_inputs(schema, 3)
+    inputs["item_dense"] = torch.tensor([[10.0, 30.0], [15.0, 10.0], [0.0, 50.0]])
+    fields = layer.fields(inputs)
+    price, age = fields[layer.field_names.index("price")], fields[layer.field_names.index("age_days")]
+    z = torch.tensor([[0.0, 0.0], [1.0, -2.0], [-2.0, 2.0]])
+    torch.testing.assert_close(price, z[:, :1] * dense.weight[0] + dense.bias[0])
+    torch.testing.assert_close(age, z[:, 1:] * dense.weight[1] + dense.bias[1])
+
+
+def test_schema_without_item_fields_is_refused():
+    schema = FeatureSchema(sparse=[SparseField(name="user_id", entity="user", vocab_size=5)])
+    with pytest.raises(ValueError, match="item"):
+        EmbeddingLayer(schema, 4)
+
+
+# --- architectures ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architecture_shapes_and_user_broadcast(arch):
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    model = build_model(arch, schema, TASKS).eval()
+    assert model.arch == arch and model.schema == schema and model.tasks == TASKS
+    inputs = random_inputs(schema, N)
+    with torch.no_grad():
+        out = model(inputs)
+        assert list(out) == ["ctr", "cvr", "watch_time"]
+        assert all(v.shape == (N,) and v.dtype == torch.float32 for v in out.values())
+        b1, bn = one_user(schema, inputs)
+        o1, on = model(b1), model(bn)
+    for t in TASKS:
+        assert o1[t.name].shape == (N,)
+        torch.testing.assert_close(o1[t.name], on[t.name])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_gradient_reaches_every_parameter(arch):
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    model = build_model(arch, schema, TASKS).train()
+    out = model(random_inputs(schema, 32))
+    sum(v.pow(2).mean() for v in out.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_config_is_json_and_rebuilds(arch):
+    model = build_model(arch, tiny_schema(), TASKS, dropout=0.2, tower_hidden=[8])
+    cfg = json.loads(json.dumps(dataclasses.asdict(model.config)))
+    assert cfg["dropout"] == 0.2 and cfg["tower_hidden"] == [8] and "dense_dim" in cfg
+    again = build_model(arch, tiny_schema(), TASKS, **cfg)
+    assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_build_model_rejects_unknowns():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("nope", tiny_schema(), TASKS)
+    with pytest.raises(ValueError, match="unknown config"):
+        build_model("mmoe", tiny_schema(), TASKS, n_experts=2, levels=3)
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_ple_levels(levels):
+    schema = tiny_schema()
+    model = PLE(schema, TASKS, PLEConfig(levels=levels, shared_experts=2, task_experts=2,
+                                         expert_hidden=[16, 8], tower_hidden=[8])).eval()
+    assert len(model.levels) == levels
+    assert [lvl.shared_gate is None for lvl in model.levels] == [False] * (levels - 1) + [True]
+    out = model(random_inputs(schema, N))
+    assert all(v.shape == (N,) for v in out.values())
+
+
+def test_ple_task_gate_mixes_own_and_shared_experts():
+    te, se, T = 2, 3, len(TASKS)
+    model = PLE(tiny_schema(), TASKS, PLEConfig(levels=2, shared_experts=se, task_experts=te))
+    first = model.levels[0]
+    assert first.experts.n_experts == T * te + se
+    shared = list(range(T * te, T * te + se))
+    for k, gate in enumerate(first.task_gates):
+        assert gate.n_experts == te + se
+        assert first.task_gate_experts[k].tolist() == list(range(k * te, (k + 1) * te)) + shared
+    assert first.shared_gate.n_experts == T * te + se
+    # task k's experts read task k's input, the shared experts the shared input
+    assert first.input_of_expert.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3]

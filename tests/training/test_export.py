@@ -1,0 +1,175 @@
+"""ONNX export into versioned bundles: files, manifest, serving parity (batch-1 user), the gate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import training.export as export_mod
+from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, DenseField,
+                              FeatureSchema, SequenceField, SparseField, TaskSpec, model_inputs,
+                              sha256_file)
+from training.export import (ExportParityError, ServingModel, check_parity, export_bundle,
+                             latest_version, list_versions)
+from training.models import ARCHITECTURES, build_model
+
+ROWS = 1000
+
+
+def tiny_schema() -> FeatureSchema:
+    return FeatureSchema(
+        sparse=[SparseField(name="user_id", entity="user", vocab_size=50),
+                SparseField(name="gender", entity="user", vocab_size=4),
+                SparseField(name="item_id", entity="item", vocab_size=100),
+                SparseField(name="category", entity="item", vocab_size=10),
+                SparseField(name="hour", entity="context", vocab_size=25)],
+        dense=[DenseField(name="activity", entity="user", mean=3.0, std=2.0),
+               DenseField(name="price", entity="item", mean=10.0, std=5.0),
+               DenseField(name="age_days", entity="item", mean=30.0, std=10.0)],
+        sequence=[SequenceField(name="clicked", entity="user", max_len=5, vocab_of="item_id")],
+    )
+
+
+TASKS = [TaskSpec(name="ctr", kind="binary", label="click"),
+         TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
+         TaskSpec(name="watch_time", kind="regression", label="watch_time", condition="ctr")]
+
+
+def parity_rows(schema: FeatureSchema, n: int = ROWS, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for mi in model_inputs(schema):
+        fields = [schema.field(f) for f in mi.fields]
+        if mi.kind == "dense":
+            out[mi.name] = np.stack([f.mean + f.std * rng.standard_normal(n) for f in fields], 1).astype(np.float32)
+        elif mi.kind == "sparse":
+            out[mi.name] = np.stack([rng.integers(0, f.vocab_size, n) for f in fields], 1)
+        else:
+            parts = []
+            for f in fields:
+                ids = rng.integers(1, schema.field(f.vocab_of).vocab_size, (n, f.max_len))
+                parts.append(ids * (np.arange(f.max_len) < rng.integers(0, f.max_len + 1, (n, 1))))
+            out[mi.name] = np.concatenate(parts, 1).astype(np.int64)
+    return out
+
+
+def make_model(arch: str):
+    torch.manual_seed(0)
+    return build_model(arch, tiny_schema(), TASKS)
+
+
+def export(model, store, **kw):
+    args = dict(name="ranker", store=store, train_config={"epochs": 1},
+                metrics={"auc/ctr": 0.7, "rmse_log1p/watch_time": float("nan")},
+                parity_inputs=parity_rows(model.schema), vocabs={"item_id": ["<oov>", "a", "b"]})
+    return export_bundle(model, **{**args, **kw})
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_export_bundle(arch, tmp_path):
+    model = make_model(arch).train()
+    report = tmp_path / "report.json"
+    report.write_text('{"ok": true}')
+    path = export(model, tmp_path / "store", extra_files={"report.json": report})
+    assert path == tmp_path / "store" / "ranker" / "1"
+    assert model.training  # the caller's mode is restored
+    assert {p.name for p in path.iterdir()} == {MODEL_FILE, MANIFEST_FILE, VOCAB_FILE, "report.json"}
+    assert json.loads((path / VOCAB_FILE).read_text()) == {"item_id": ["<oov>", "a", "b"]}
+    assert (path / "report.json").read_text() == '{"ok": true}'
+
+    m = BundleManifest.from_json((path / MANIFEST_FILE).read_text())
+    assert (m.name, m.version, m.architecture) == ("ranker", 1, arch)
+    assert m.sha256 == sha256_file(path / MODEL_FILE)
+    assert m.outputs == ["ctr", "cvr", "watch_time"] and m.tasks == TASKS
+    assert m.inputs == model_inputs(model.schema) and m.feature_schema == model.schema
+    assert m.metrics["auc/ctr"] == 0.7 and "rmse_log1p/watch_time" not in m.metrics  # NaN left out
+    assert all(0 <= m.metrics[f"parity_max_abs_diff/{t.name}"] <= 1e-4 for t in TASKS)
+    assert m.train_config == {"epochs": 1}
+    assert set(m.library_versions) == {"torch", "onnx", "onnxruntime", "numpy", "python"}
+
+    # serving: one user (batch 1), N candidate items
+    rows = parity_rows(model.schema, 40, seed=1)
+    entity = {mi.name: mi.entity for mi in m.inputs}
+    feed = {k: v if entity[k] == "item" else v[:1] for k, v in rows.items()}
+    sess = ort.InferenceSession(str(path / MODEL_FILE), providers=["CPUExecutionProvider"])
+    got = sess.run(m.outputs, feed)
+    model.eval()
+    with torch.no_grad():
+        want = ServingModel(model)(*(torch.from_numpy(feed[i.name]) for i in m.inputs))
+    for g, w, t in zip(got, want, TASKS):
+        assert g.shape == (40,) and g.dtype == np.float32
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-5, rtol=0)
+        if t.kind == "binary":
+            assert np.all((g >= 0) & (g <= 1))
+        else:
+            assert np.all(g >= 0)
+
+    # a second export is version 2; nothing temporary is left behind
+    assert export(model, tmp_path / "store") == tmp_path / "store" / "ranker" / "2"
+    assert list_versions(tmp_path / "store", "ranker") == [1, 2]
+    assert latest_version(tmp_path / "store", "ranker") == 2
+    assert not list((tmp_path / "store" / "ranker").glob(".tmp-*"))
+
+
+def test_parity_failure_publishes_nothing(tmp_path, monkeypatch):
+    model = make_model("mmoe")
+    original = export_mod._export_onnx
+
+    def export_then_drift(serving, example, path):
+        original(serving, example, path)
+        with torch.no_grad():  # the torch model changes after the ONNX file was written
+            serving.model.towers[1].out.bias += 0.5
+
+    monkeypatch.setattr(export_mod, "_export_onnx", export_then_drift)
+    with pytest.raises(ExportParityError, match="cvr"):
+        export(model, tmp_path / "store")
+    root = tmp_path / "store" / "ranker"
+    assert list(root.iterdir()) == []
+    assert latest_version(tmp_path / "store", "ranker") is None
+
+
+def test_check_parity_with_a_different_model(tmp_path):
+    path = export(make_model("shared_bottom"), tmp_path / "store")
+    torch.manual_seed(1)
+    other = build_model("shared_bottom", tiny_schema(), TASKS)
+    with pytest.raises(ExportParityError, match="ctr"):
+        check_parity(ServingModel(other), path / MODEL_FILE, parity_rows(other.schema, 50))
+
+
+def test_versions_ignore_non_integer_names(tmp_path):
+    root = tmp_path / "ranker"
+    for name in ("1", "3", ".tmp-abc", "latest", "10"):
+        (root / name).mkdir(parents=True)
+    assert list_versions(tmp_path, "ranker") == [1, 3, 10]
+    assert latest_version(tmp_path, "ranker") == 10
+    assert list_versions(tmp_path, "missing") == [] and latest_version(tmp_path, "missing") is None
+
+
+def test_version_taken_meanwhile_goes_to_the_next(tmp_path, monkeypatch):
+    model = make_model("shared_bottom")
+    store = tmp_path / "store"
+    real_latest = export_mod.latest_version
+    calls = {"n": 0}
+
+    def stale_latest(store_, name):  # the first look misses a bundle another writer just published
+        calls["n"] += 1
+        if calls["n"] == 1:
+            (store / "ranker" / "1").mkdir()
+            (store / "ranker" / "1" / MANIFEST_FILE).write_text("{}")
+            return None
+        return real_latest(store_, name)
+
+    monkeypatch.setattr(export_mod, "latest_version", stale_latest)
+    path = export(model, store)
+    assert path.name == "2"
+    assert BundleManifest.from_json((path / MANIFEST_FILE).read_text()).version == 2
+    assert (store / "ranker" / "1" / MANIFEST_FILE).read_text() == "{}"
+
+
+def test_bad_extra_file_name_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="plain file name"):
+        export(make_model("mmoe"), tmp_path / "store", extra_files={MODEL_FILE: tmp_path})
