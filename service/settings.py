@@ -30,21 +30,18 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password (and a user name that could be a token) replaced by ``***``."""
+    """``url`` with any password replaced by ``***`` (a lone user name, which may be a token, too)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None and not parts.username:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
         return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
     # redis://user:pw@host keeps the user name; redis://token@host hides it (it is the secret)
-    cred = f"{parts.username or ''}:***" if parts.password is not None else "***"
-    return urlunsplit((parts.scheme, f"{cred}@{host}", parts.path, parts.query, parts.fragment))
+    user, colon, _ = userinfo.partition(":")
+    cred = f"{user}:***" if colon else "***"
+    return urlunsplit((parts.scheme, f"{cred}@{hostport}", parts.path, parts.query, parts.fragment))
 
 
 class Settings(BaseSettings):

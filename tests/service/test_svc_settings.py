@@ -1,0 +1,56 @@
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings, redact_url
+
+
+def test_defaults(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("MTRANK_"):
+            monkeypatch.delenv(k)
+    s = Settings()
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.redis_prefix == "mtrank" and s.model_store == "model_store" and s.model_name == "demo"
+    assert s.model_version is None and s.provider_list == ["CPUExecutionProvider"]
+    assert s.fusion == "weighted_product"
+    assert s.fusion_weights == {"ctr": 1.0, "cvr": 1.0, "watch_time": 0.2}
+    assert s.max_items == 2000 and s.port == 8000 and s.host == "127.0.0.1"
+
+
+def test_env_parsing(monkeypatch):
+    monkeypatch.setenv("MTRANK_FUSION_WEIGHTS", '{"ctr": 2, "cvr": 0.5}')
+    monkeypatch.setenv("MTRANK_PROVIDERS", "cuda, cpu")
+    monkeypatch.setenv("MTRANK_MODEL_VERSION", "3")
+    monkeypatch.setenv("MTRANK_LOG_LEVEL", "debug")
+    monkeypatch.setenv("MTRANK_FUSION", "weighted_sum")
+    s = Settings()
+    assert s.fusion_weights == {"ctr": 2.0, "cvr": 0.5}
+    assert s.provider_list == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert s.model_version == 3 and s.log_level == "DEBUG" and s.fusion == "weighted_sum"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("fusion", "max"), ("max_items", "0"), ("providers", "gpu9"), ("port", "70000"),
+    ("redis_url", "http://x"), ("fusion_weights", '{"ctr": "a"}'), ("log_level", "LOUD"),
+])
+def test_validation_error_names_field(monkeypatch, field, value):
+    monkeypatch.setenv(f"MTRANK_{field.upper()}", value)
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    assert field in str(e.value)
+
+
+def test_password_never_shown(monkeypatch):
+    url = "redis://user:s3cret@redis.example:6380/2"
+    s = Settings(redis_url=url)
+    assert "s3cret" not in repr(s) and "s3cret" not in str(s)
+    assert s.redis_url_redacted == "redis://user:***@redis.example:6380/2"
+    assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert redact_url("rediss://token@h/0") == "rediss://***@h/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert redact_url("redis://:pw@h:notaport/0") == "redis://:***@h:notaport/0"
+    with pytest.raises(ValidationError) as e:
+        Settings(redis_url="tcp://user:s3cret@x", port=0)
+    assert "s3cret" not in str(e.value) and "redis_url" in str(e.value)

@@ -1,0 +1,123 @@
+import json
+import logging
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.contract import MANIFEST_FILE, MODEL_FILE, FeatureSchema, sha256_file
+from service.store import BundleError, ProviderError, bundle_dir, default_inputs, list_versions, load_bundle
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_newest_integer_version_is_picked(tmp_path, bundle_factory):
+    for v in (1, 2, 10):
+        bundle_factory(tmp_path, version=v)
+    (tmp_path / "demo" / ".tmp-11").mkdir()
+    (tmp_path / "demo" / "latest").mkdir()
+    (tmp_path / "demo" / "12").write_text("a file, not a version dir")
+    assert list_versions(tmp_path, "demo") == [1, 2, 10]
+    assert bundle_dir(tmp_path, "demo") == tmp_path / "demo" / "10"
+    assert bundle_dir(tmp_path, "demo", 2) == tmp_path / "demo" / "2"
+    b = load_bundle(tmp_path, "demo")
+    assert b.version == 10 and b.name == "demo" and b.path == tmp_path / "demo" / "10"
+    assert b.provider == "CPUExecutionProvider"
+    assert b.tasks == ["ctr", "cvr", "watch_time"]
+    assert b.vocabs["hour"][:3] == ["0", "1", "2"]
+
+
+def test_pinned_version(tmp_path, bundle_factory):
+    for v in (1, 2, 3):
+        bundle_factory(tmp_path, version=v)
+    assert load_bundle(tmp_path, "demo", version=2).version == 2
+    with pytest.raises(BundleError, match="version 7 not found"):
+        load_bundle(tmp_path, "demo", version=7)
+    with pytest.raises(BundleError, match="no bundle versions"):
+        load_bundle(tmp_path, "other")
+
+
+def test_sha256_mismatch_refused_before_session(tmp_path, bundle_factory, monkeypatch):
+    d = bundle_factory(tmp_path, version=1)
+    with open(d / MODEL_FILE, "ab") as f:
+        f.write(b"\0")
+
+    def no_session(*a, **kw):
+        raise AssertionError("session created for a model that failed its checksum")
+
+    monkeypatch.setattr("service.store.ort.InferenceSession", no_session)
+    with pytest.raises(BundleError, match="sha256 mismatch") as e:
+        load_bundle(tmp_path, "demo")
+    assert "corrupt or partial" in str(e.value)
+
+
+def test_bad_manifest_and_name_mismatch(tmp_path, bundle_factory):
+    d = bundle_factory(tmp_path, version=1)
+    shutil.copytree(d, tmp_path / "demo" / "2")
+    (tmp_path / "demo" / "2" / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(BundleError, match="invalid manifest"):
+        load_bundle(tmp_path, "demo")
+    # a copy whose manifest still says version 1
+    shutil.copytree(d, tmp_path / "demo" / "3")
+    with pytest.raises(BundleError, match="manifest says 'demo' v1"):
+        load_bundle(tmp_path, "demo")
+    (d / "vocab.json").unlink()
+    with pytest.raises(BundleError, match="missing vocab.json"):
+        load_bundle(tmp_path, "demo", version=1)
+
+
+def test_model_inputs_must_match_manifest(tmp_path, bundle_factory, schema):
+    d = bundle_factory(tmp_path, version=1)
+    # a model exported for a schema without the context dense field, under the full manifest
+    smaller = FeatureSchema(sparse=schema.sparse, dense=[f for f in schema.dense if f.entity != "context"],
+                            sequence=schema.sequence, vocab_sha256=schema.vocab_sha256)
+    other = bundle_factory(tmp_path / "x", version=1, schema=smaller)
+    shutil.copy(other / MODEL_FILE, d / MODEL_FILE)
+    m = json.loads((d / MANIFEST_FILE).read_text())
+    m["sha256"] = sha256_file(d / MODEL_FILE)
+    (d / MANIFEST_FILE).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="model inputs"):
+        load_bundle(tmp_path, "demo")
+
+
+def test_run_outputs(tmp_path, bundle_factory):
+    bundle_factory(tmp_path, version=1)
+    b = load_bundle(tmp_path, "demo", intra_op_threads=1)
+    out = b.run(default_inputs(b.manifest, n_items=5))
+    assert set(out) == {"ctr", "cvr", "watch_time"}
+    for k, v in out.items():
+        assert v.shape == (5,) and v.dtype == np.float32
+    assert np.all((out["ctr"] >= 0) & (out["ctr"] <= 1)) and np.all(out["watch_time"] >= 0)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA: no fallback to test")
+def test_cuda_falls_back_to_cpu_with_warning(tmp_path, bundle_factory, caplog):
+    bundle_factory(tmp_path, version=1)
+    with caplog.at_level(logging.WARNING, logger="service.store"):
+        b = load_bundle(tmp_path, "demo", providers="cuda,cpu")
+    assert b.provider == "CPUExecutionProvider"
+    assert b.requested_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert any(r.levelno == logging.WARNING and "CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
+    # cuda alone, not strict: still CPU
+    assert load_bundle(tmp_path, "demo", providers=["cuda"]).provider == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA: no fallback to test")
+def test_cuda_strict_raises(tmp_path, bundle_factory):
+    bundle_factory(tmp_path, version=1)
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider"):
+        load_bundle(tmp_path, "demo", providers="cuda,cpu", strict=True)
+    assert issubclass(ProviderError, BundleError)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU")
+def test_cuda_used_when_available(tmp_path, bundle_factory):
+    bundle_factory(tmp_path, version=1)
+    b = load_bundle(tmp_path, "demo", providers="cuda,cpu", strict=True)
+    assert b.provider == "CUDAExecutionProvider"
+    cpu = load_bundle(tmp_path, "demo", providers="cpu")
+    inp = default_inputs(b.manifest, n_items=64)
+    inp["item_sparse"][:, 0] = np.arange(64) % 20
+    for k, v in b.run(inp).items():
+        np.testing.assert_allclose(v, cpu.run(inp)[k], rtol=1e-4, atol=1e-5)
