@@ -163,9 +163,9 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True):
             total.backward()
             opt.step()
             for k, v in losses.items():
-                sums[k] += float(v)
+                sums[k] += v.item()
             if b % 20 == 0:
-                bar.set_postfix(loss=f"{float(total):.4f}")
+                bar.set_postfix(loss=f"{total.item():.4f}")
         val = evaluate(model, ds, val_rows)
         val_total = sum(weights[t.name] * val[f"loss/{t.name}"] for t in ds.tasks)
         rec = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 2),
