@@ -58,7 +58,7 @@ def main() -> None:
         ms = np.array(totals) * 1e3
         row = {"n": n, "requests": len(reqs), "p50_ms": float(np.percentile(ms, 50)),
                "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-               "rank_per_s_1_thread": float(1e3 / ms.mean()),
+               "rank_per_s": float(1e3 / ms.mean()),
                **{f"{s}_ms": float(np.mean(v) * 1e3) for s, v in stages.items()}}
         rows.append(row)
     cols = list(rows[0])
