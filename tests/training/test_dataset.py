@@ -83,3 +83,22 @@ def test_spec_errors_name_the_problem(tmp_path):
     (tmp_path / "dataset.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match="nope"):
         load_spec(tmp_path)
+
+
+def test_per_exposure_user_snapshots(data_dir):
+    spec = dict(SPEC, user_features_per_exposure=True)
+    (data_dir / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    ds = prepare(data_dir)
+    assert len(ds.users.ids) == len(ds) == 6  # one user snapshot per exposure
+    x = ds.inputs(np.arange(6))
+    # each row sees its own sequence: row 4 "c", row 5 "b|zzz"
+    c, b = ds.vocabs["item_id"].index("c") + 1, ds.vocabs["item_id"].index("b") + 1
+    np.testing.assert_array_equal(x["user_seq"][4], [c, 0, 0])
+    np.testing.assert_array_equal(x["user_seq"][5], [b, 0, 0])
+    # the feature store gets each user's latest snapshot by time: user 1's is t=5 (row 0), user 3's t=6
+    from training.data.dataset import encode_entities, read_raw
+    latest = encode_entities(read_raw(data_dir), ds.schema, ds.vocabs, "user")
+    assert sorted(latest.ids) == ["1", "2", "3"]
+    row = {u: i for i, u in enumerate(latest.ids)}
+    np.testing.assert_array_equal(latest.seq[row["3"]], [b, 0, 0])
+    np.testing.assert_array_equal(latest.seq[row["1"]], x["user_seq"][0])

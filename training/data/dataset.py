@@ -62,22 +62,28 @@ def _entity_table(spec: DatasetSpec, entity: Entity, exposures: pd.DataFrame) ->
     table = spec.users if entity == "user" else spec.items
     key_in_exposures = spec.exposures.user_key if entity == "user" else spec.exposures.item_key
     cols = [f.col for f in spec.features if f.entity == entity]
-    if table is not None:
+    if entity == "user" and spec.user_features_per_exposure:  # one snapshot per exposure row
+        key = key_in_exposures
+        df = exposures[list(dict.fromkeys([key, *cols]))]
+    elif table is not None:
         key = table.key
         df = read_table(spec.path(table.path), columns=list(dict.fromkeys([key, *cols])))
     else:  # no table: the last exposure row of each entity carries its features
         key = key_in_exposures
         df = exposures[list(dict.fromkeys([key, *cols]))].drop_duplicates(key, keep="last")
     df = df.set_index(as_str(df[key]).rename(None))
-    if df.index.duplicated().any():
+    if df.index.duplicated().any() and not (entity == "user" and spec.user_features_per_exposure):
         raise ValueError(f"{entity} table has duplicate keys")
     return df
 
 
-def read_raw(spec: DatasetSpec | str | Path) -> RawData:
+def read_raw(spec: DatasetSpec | str | Path, max_rows: int | None = None) -> RawData:
     if not isinstance(spec, DatasetSpec):
         spec = load_spec(spec)
     ex = read_table(spec.path(spec.exposures.path))
+    if max_rows is not None and len(ex) > max_rows:
+        ex = ex.iloc[:max_rows]
+    ex = ex.reset_index(drop=True)
     missing = [c for c in [spec.exposures.user_key, spec.exposures.item_key, *[t.label for t in spec.tasks],
                            *[f.col for f in spec.features if f.entity == "context"]] if c not in ex.columns]
     if missing:
@@ -173,8 +179,16 @@ class EntityTable:
     seq: np.ndarray  # int64 [n, W]
 
 
-def encode_entities(raw: RawData, schema: FeatureSchema, vocabs: dict[str, list[str]], entity: Entity) -> EntityTable:
+def encode_entities(raw: RawData, schema: FeatureSchema, vocabs: dict[str, list[str]], entity: Entity,
+                    latest_only: bool = True) -> EntityTable:
+    """Encode the user or item table. With per-exposure user snapshots, ``latest_only`` keeps each
+    user's latest one (what the feature store serves); training passes False to keep them all."""
     df = raw.users if entity == "user" else raw.items
+    if latest_only and entity == "user" and raw.spec.user_features_per_exposure:
+        t = raw.spec.exposures.time
+        order = np.argsort(raw.exposures[t].to_numpy(), kind="stable") if t else np.arange(len(df))
+        df = df.iloc[order]
+        df = df[~df.index.duplicated(keep="last")]
     columns = {f.name: f.col for f in raw.spec.features}
     missing = [f.name for f in schema.all_fields() if f.entity == entity and f.name not in columns]
     if missing:
@@ -233,15 +247,16 @@ class EncodedDataset:
 
 def prepare(spec: DatasetSpec | str | Path, max_rows: int | None = None) -> EncodedDataset:
     """Read, build the schema and encode a whole dataset for training."""
-    raw = read_raw(spec)
-    if max_rows is not None and len(raw.exposures) > max_rows:
-        raw.exposures = raw.exposures.iloc[:max_rows]
+    raw = read_raw(spec, max_rows=max_rows)
     spec = raw.spec
     schema, vocabs = build_schema(raw)
-    users = encode_entities(raw, schema, vocabs, "user")
+    users = encode_entities(raw, schema, vocabs, "user", latest_only=False)
     items = encode_entities(raw, schema, vocabs, "item")
     ex = raw.exposures
-    user_row = pd.Index(users.ids).get_indexer(as_str(ex[spec.exposures.user_key]))
+    if spec.user_features_per_exposure:
+        user_row = np.arange(len(ex))  # each exposure has its own user snapshot row
+    else:
+        user_row = pd.Index(users.ids).get_indexer(as_str(ex[spec.exposures.user_key]))
     item_row = pd.Index(items.ids).get_indexer(as_str(ex[spec.exposures.item_key]))
     keep = (user_row >= 0) & (item_row >= 0)
     if not keep.all():

@@ -21,7 +21,9 @@ Paths are relative to the spec file. Tables are Parquet or CSV (by extension). A
 ``column`` defaults to its name. User features are read from the users table when there is one,
 else from the exposure rows (last row per user); items likewise. Context features always come
 from the exposure rows. Sequence columns are lists (Parquet) or ``|``-separated strings (CSV),
-most recent first.
+most recent first. With ``user_features_per_exposure: true`` every exposure row carries its own
+user snapshot (for behaviour sequences "as of the exposure"), and the feature store receives
+each user's latest one.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class DatasetSpec(_Spec):
     items: EntityTable | None = None
     features: list[FeatureSpec]
     tasks: list[TaskSpec]
+    # True: user features are columns of the exposure rows, one snapshot per exposure (e.g. the
+    # behaviour sequences as of the exposure's time). Training uses each row's own snapshot; the
+    # feature store gets every user's latest snapshot (by exposures.time, else by row order).
+    user_features_per_exposure: bool = False
     root: Path = Field(default=Path("."), exclude=True)
 
     @model_validator(mode="after")
@@ -89,6 +95,8 @@ class DatasetSpec(_Spec):
         for f in self.features:
             if f.kind == "sequence" and f.vocab_of not in {g.name for g in self.features if g.kind == "sparse"}:
                 raise ValueError(f"feature {f.name!r}: vocab_of {f.vocab_of!r} is not a sparse feature")
+        if self.user_features_per_exposure and self.users is not None:
+            raise ValueError("user_features_per_exposure reads user features from the exposures: drop `users`")
         tasks = {t.name: t for t in self.tasks}
         for t in self.tasks:
             if t.condition is not None and (t.condition not in tasks or tasks[t.condition].kind != "binary"):
