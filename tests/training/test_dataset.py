@@ -102,3 +102,16 @@ def test_per_exposure_user_snapshots(data_dir):
     row = {u: i for i, u in enumerate(latest.ids)}
     np.testing.assert_array_equal(latest.seq[row["3"]], [b, 0, 0])
     np.testing.assert_array_equal(latest.seq[row["1"]], x["user_seq"][0])
+
+
+def test_split_column(data_dir):
+    log = pd.read_csv(data_dir / "log.csv")
+    log["part"] = ["train", "train", "valid", "train", "test", "test"]
+    log.to_csv(data_dir / "log.csv", index=False)
+    spec = dict(SPEC, exposures=dict(SPEC["exposures"], split="part"))
+    (data_dir / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    tr, va, te = prepare(data_dir).split("column")
+    assert tr.tolist() == [0, 1, 3] and va.tolist() == [2] and te.tolist() == [4, 5]
+    (data_dir / "dataset.yaml").write_text(yaml.safe_dump(SPEC))  # no split column named
+    with pytest.raises(ValueError, match="exposures.split"):
+        prepare(data_dir).split("column")

@@ -209,6 +209,7 @@ class EncodedDataset:
     context: dict[str, np.ndarray]  # {"sparse": [E, k], "dense": [E, k]}
     labels: dict[str, np.ndarray]  # label column -> float32 [E]
     time: np.ndarray | None  # int64/float [E] or None
+    split_column: np.ndarray | None = None  # str [E]: "train" | "valid" | "test", when the spec names one
 
     def __len__(self) -> int:
         return len(self.user_row)
@@ -230,8 +231,17 @@ class EncodedDataset:
         return self.labels[name][rows]
 
     def split(self, how: str = "random", fractions=(0.8, 0.1, 0.1), seed: int = 42):
-        """Reproducible train/validation/test row indices: random (seeded) or by time."""
+        """Reproducible train/validation/test row indices: random (seeded), by time (the last
+        rows in time are the test split), or the dataset's own split column."""
         n = len(self)
+        if how == "column":
+            if self.split_column is None:
+                raise ValueError("a column split needs exposures.split in the dataset spec")
+            rows = np.arange(n)
+            parts = tuple(rows[self.split_column == name] for name in ("train", "valid", "test"))
+            if any(len(p) == 0 for p in parts):
+                raise ValueError("the split column must have train, valid and test rows")
+            return parts
         if how == "random":
             order = np.random.default_rng(seed).permutation(n)
         elif how == "time":
@@ -239,7 +249,7 @@ class EncodedDataset:
                 raise ValueError("a time split needs exposures.time in the dataset spec")
             order = np.argsort(self.time, kind="stable")
         else:
-            raise ValueError(f"unknown split {how!r} (random|time)")
+            raise ValueError(f"unknown split {how!r} (random|time|column)")
         a = int(n * fractions[0])
         b = a + int(n * fractions[1])
         return order[:a], order[a:b], order[b:]
@@ -267,7 +277,8 @@ def prepare(spec: DatasetSpec | str | Path, max_rows: int | None = None) -> Enco
     context = encode_fields(ex, schema, "context", vocabs, columns)
     labels = {t.label: pd.to_numeric(ex[t.label], errors="coerce").fillna(0).to_numpy(np.float32) for t in spec.tasks}
     time = ex[spec.exposures.time].to_numpy() if spec.exposures.time else None
+    split_column = ex[spec.exposures.split].astype(str).to_numpy() if spec.exposures.split else None
     return EncodedDataset(schema=schema, tasks=list(spec.tasks), vocabs=vocabs, users=users, items=items,
                           user_row=user_row.astype(np.int64), item_row=item_row.astype(np.int64),
                           context={"sparse": context["sparse"], "dense": context["dense"]},
-                          labels=labels, time=time)
+                          labels=labels, time=time, split_column=split_column)

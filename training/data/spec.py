@@ -67,6 +67,8 @@ class ExposureTable(_Spec):
     user_key: str
     item_key: str
     time: str | None = None
+    # a column of "train" / "valid" / "test" for a split fixed by the data (``--split column``)
+    split: str | None = None
 
 
 class EntityTable(_Spec):
