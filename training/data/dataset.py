@@ -101,13 +101,19 @@ def _column_of(raw: RawData, f: FeatureSpec) -> pd.Series:
     return raw.exposures[f.col]
 
 
-def _sequence_values(col: pd.Series) -> pd.Series:
-    """A sequence column as one flat string Series (lists, arrays or '|'-separated strings)."""
-    col = col.map(lambda v: [] if v is None or (isinstance(v, float) and np.isnan(v)) else
-                  (v.split("|") if isinstance(v, str) else list(v)))
-    lens = col.map(len).to_numpy()
-    flat = pd.Series([x for seq in col for x in seq] if lens.sum() else [], dtype="object")
-    return as_str(flat) if len(flat) else flat.astype("string"), lens
+def _sequence_values(col: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """A sequence column as one flat Series of its elements, plus each row's length.
+
+    Accepts lists/arrays (Parquet list columns) and '|'-separated strings (CSV)."""
+    vals = col.to_numpy(dtype=object)
+    if len(vals) and all(isinstance(v, np.ndarray) for v in vals):  # Parquet: fast path
+        lens = np.fromiter((len(v) for v in vals), dtype=np.int64, count=len(vals))
+        flat = np.concatenate(vals) if lens.sum() else np.zeros(0)
+        return pd.Series(flat), lens
+    seqs = [[] if v is None or (isinstance(v, float) and np.isnan(v)) else
+            (v.split("|") if isinstance(v, str) and v else [] if isinstance(v, str) else list(v)) for v in vals]
+    lens = np.fromiter((len(q) for q in seqs), dtype=np.int64, count=len(seqs))
+    return pd.Series([x for q in seqs for x in q], dtype=object), lens
 
 
 def build_schema(raw: RawData) -> tuple[FeatureSchema, dict[str, list[str]]]:
@@ -117,7 +123,9 @@ def build_schema(raw: RawData) -> tuple[FeatureSchema, dict[str, list[str]]]:
     for f in raw.spec.features:
         col = _column_of(raw, f)
         if f.kind == "sparse":
-            counts = as_str(col).value_counts(dropna=True)
+            uniq_counts = col.value_counts(dropna=True)  # count on raw values, stringify the few uniques
+            counts = pd.Series(uniq_counts.to_numpy(), index=as_str(uniq_counts.index.to_series()).to_numpy())
+            counts = counts.groupby(level=0).sum()
             counts = counts[counts >= f.min_count]
             order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
             vocabs[f.name] = [k for k, _ in order]
@@ -137,7 +145,10 @@ def build_schema(raw: RawData) -> tuple[FeatureSchema, dict[str, list[str]]]:
 # ---------------------------------------------------------------- encoding
 
 def _encode_sparse(col: pd.Series, vocab: list[str]) -> np.ndarray:
-    return (pd.Categorical(as_str(col), categories=vocab).codes.astype(np.int64) + 1)
+    """Vocabulary index of each value (0 = missing / out of vocabulary), whole-column."""
+    codes, uniques = pd.factorize(col, use_na_sentinel=True)  # fast on raw values; few uniques
+    idx = pd.Categorical(as_str(pd.Series(uniques)), categories=vocab).codes.astype(np.int64) + 1
+    return np.where(codes >= 0, idx[np.maximum(codes, 0)] if len(idx) else 0, 0).astype(np.int64)
 
 
 def _encode_sequence(col: pd.Series, vocab: list[str], max_len: int) -> np.ndarray:
