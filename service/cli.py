@@ -56,7 +56,11 @@ def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory.")
 
 @app.command()
 def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory holding dataset.yaml."),
-          arch: str = typer.Option("ple", help="ple | mmoe | shared_bottom"),
+          arch: str = typer.Option("ple", help="ple | mmoe | shared_bottom | dtrn"),
+          backbone: Optional[str] = typer.Option(None, help="DTRN's backbone: towers | mmoe | ple (default ple)."),
+          mutual_learning: Optional[bool] = typer.Option(
+              None, "--mutual-learning/--no-mutual-learning",
+              help="Deep Mutual Learning across the task towers (CTFM + GKD), on any architecture."),
           name: str = typer.Option("demo", help="Model name in the store."),
           store: Path = STORE,
           epochs: int = typer.Option(8), batch_size: int = typer.Option(2048), lr: float = typer.Option(2e-3),
@@ -70,8 +74,13 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
     from training.train import TrainConfig, format_metrics
     from training.train import train as run_train
 
+    model = json.loads(model_config)
+    if backbone is not None:
+        model["backbone"] = backbone
+    if mutual_learning is not None:
+        model["mutual_learning"] = mutual_learning
     cfg = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, split=split,
-                      seed=seed, max_rows=max_rows, model=json.loads(model_config))
+                      seed=seed, max_rows=max_rows, model=model)
     bundle, metrics = run_train(data, name=name, store=store, cfg=cfg, progress=not quiet)
     typer.echo(f"test metrics:\n{format_metrics(metrics)}\nbundle: {bundle}")
 

@@ -10,6 +10,11 @@ Losses, per task kind (see ``service.contract.TaskSpec``):
 * regression with a condition:       MSE on log1p(label) over the rows where the condition holds
                                      (watch time is only defined after a click)
 
+A model with auxiliary training losses (mutual learning's Global Knowledge Distillation, see
+``training.models.mutual``) has ``forward_with_aux`` and ``aux_losses``: ``fit`` adds those terms
+to the weighted task losses. ``task_losses``, the validation loss used for early stopping and the
+test metrics are the towers' task losses only.
+
 Metrics on the test split: AUC of each unconditional binary task; for a conditional binary
 task the AUC on the condition's positive rows (CVR on clicks) and the AUC of the joint
 probability on all rows (CTCVR); RMSE and MAE of log1p(label) for regression tasks.
@@ -142,6 +147,7 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True):
     train_rows, val_rows, test_rows = ds.split(cfg.split, cfg.fractions, cfg.seed)
     model = build_model(cfg.arch, ds.schema, ds.tasks, **cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    has_aux = hasattr(model, "forward_with_aux")
     weights = {t.name: cfg.loss_weights.get(t.name, 1.0) for t in ds.tasks}
     rng = np.random.default_rng(cfg.seed)
     history: list[dict] = []
@@ -151,25 +157,34 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True):
         model.train()
         order = rng.permutation(train_rows)
         sums = {t.name: 0.0 for t in ds.tasks}
+        aux_sums: dict[str, float] = {}
         t0 = time.perf_counter()
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for b in bar:
             rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            out = model(_tensors(ds.inputs(rows)))
             labels = {t.label: torch.from_numpy(ds.label(t.label, rows)) for t in ds.tasks}
+            if has_aux:
+                out, aux = model.forward_with_aux(_tensors(ds.inputs(rows)))
+                aux_losses = model.aux_losses(out, aux, labels)
+            else:
+                out, aux_losses = model(_tensors(ds.inputs(rows))), {}
             losses = task_losses(out, labels, ds.tasks)
-            total = sum(weights[k] * v for k, v in losses.items())
+            total = sum(weights[k] * v for k, v in losses.items()) + sum(aux_losses.values())
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             for k, v in losses.items():
                 sums[k] += v.item()
+            for k, v in aux_losses.items():
+                aux_sums[k] = aux_sums.get(k, 0.0) + v.item()
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{total.item():.4f}")
         val = evaluate(model, ds, val_rows)
         val_total = sum(weights[t.name] * val[f"loss/{t.name}"] for t in ds.tasks)
         rec = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 2),
                "train": {k: v / n_batches for k, v in sums.items()}, "val": val, "val_total": val_total}
+        if aux_sums:
+            rec["train_aux"] = {k: v / n_batches for k, v in aux_sums.items()}
         history.append(rec)
         shown = "  ".join(f"{k}={v:.4f}" for k, v in val.items() if not k.startswith("loss/"))
         log.info("epoch %d  %.1fs  val loss %.5f  %s", epoch, rec["seconds"], val_total, shown)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from service.contract import FeatureSchema, TaskSpec
@@ -31,5 +32,18 @@ class MMoE(MultiTaskModel):
         self.build_towers(self.experts.output_dim)
 
     def task_inputs(self, x: Tensor) -> list[Tensor]:
-        e = self.experts(x)  # [N, E, d]
-        return [mix(gate(x), e) for gate in self.gates]
+        return mix_per_task(self.experts, self.gates, [x] * len(self.tasks))
+
+
+def mix_per_task(experts: Experts, gates: nn.ModuleList, task_inputs: list[Tensor]) -> list[Tensor]:
+    """Task k's gate, on task k's input, mixes the experts' outputs on task k's input.
+
+    With one input for every task (plain MMoE) the experts run once. With task-specific inputs
+    (DTRN's bottom representations) the same experts run on each task's input, in one batched call.
+    """
+    x0 = task_inputs[0]
+    if all(x is x0 for x in task_inputs):
+        e = experts(x0)  # [N, E, d]
+        return [mix(gate(x0), e) for gate in gates]
+    e = experts(torch.stack(task_inputs).flatten(0, 1)).unflatten(0, (len(task_inputs), -1))  # [T, N, E, d]
+    return [mix(gate(x), e[k]) for k, (gate, x) in enumerate(zip(gates, task_inputs))]

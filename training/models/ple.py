@@ -9,7 +9,8 @@ shared ones, all of the same shape, so they are ONE :class:`Experts` group laid 
 the shared experts read the shared input. Task k's gate (on task k's input) mixes its own experts
 and the shared ones; in a non-final level a shared gate (on the shared input) mixes ALL experts
 into the next level's shared input. The final level's task outputs feed the towers. At level 1
-every input is the embedding output.
+every input is the embedding output (DTRN instead gives each task its own level-1 input and the mean
+of them as the shared one: :func:`ple_levels` and :func:`extract` serve both).
 """
 
 from __future__ import annotations
@@ -68,13 +69,21 @@ class PLE(MultiTaskModel):
         cfg = self.config
         if cfg.levels < 1:
             raise ValueError("PLE needs levels >= 1")
-        dims = [self.embedding.output_dim] + [cfg.expert_hidden[-1]] * (cfg.levels - 1)
-        self.levels = nn.ModuleList(CGC(len(self.tasks), d, cfg, final=i == cfg.levels - 1)
-                                    for i, d in enumerate(dims))
+        self.levels = ple_levels(len(self.tasks), self.embedding.output_dim, cfg)
         self.build_towers(cfg.expert_hidden[-1])
 
     def task_inputs(self, x: Tensor) -> list[Tensor]:
-        task_in, shared = [x] * len(self.tasks), x
-        for level in self.levels:
-            task_in, shared = level(task_in, shared)
-        return task_in
+        return extract(self.levels, [x] * len(self.tasks), x)
+
+
+def ple_levels(n_tasks: int, in_dim: int, cfg: PLEConfig) -> nn.ModuleList:
+    """``cfg.levels`` CGC layers; the first reads ``in_dim``, the others the experts' output size."""
+    dims = [in_dim] + [cfg.expert_hidden[-1]] * (cfg.levels - 1)
+    return nn.ModuleList(CGC(n_tasks, d, cfg, final=i == cfg.levels - 1) for i, d in enumerate(dims))
+
+
+def extract(levels: nn.ModuleList, task_in: list[Tensor], shared: Tensor) -> list[Tensor]:
+    """Run the CGC levels from per-task inputs and a shared input; the final task outputs."""
+    for level in levels:
+        task_in, shared = level(task_in, shared)
+    return task_in
