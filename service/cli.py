@@ -65,7 +65,7 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
           store: Path = STORE,
           epochs: int = typer.Option(8), batch_size: int = typer.Option(2048), lr: float = typer.Option(2e-3),
           patience: int = typer.Option(2, help="Early-stopping patience in epochs."),
-          split: str = typer.Option("random", help="random | time"),
+          split: str = typer.Option("random", help="random (8:1:1, seeded) | time | column (the spec's exposures.split)"),
           seed: int = typer.Option(42), max_rows: Optional[int] = typer.Option(None, help="Use only the first rows."),
           model_config: str = typer.Option("{}", help='Architecture overrides as JSON, e.g. \'{"levels": 3}\'.'),
           quiet: bool = typer.Option(False, help="No progress bars.")):

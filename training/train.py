@@ -51,7 +51,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-6
     patience: int = 2  # epochs without validation improvement before stopping
-    split: str = "random"  # random | time
+    split: str = "random"  # random | time | column (the dataset's own train/valid/test column)
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 42
     max_rows: int | None = None  # use only the first rows of the log (quick runs)
@@ -139,13 +139,17 @@ def evaluate(model, ds: EncodedDataset, rows: np.ndarray) -> dict[str, float]:
     return m
 
 
-def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True):
-    """Train with early stopping on the validation loss; returns (model, history, split rows)."""
+def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None):
+    """Train with early stopping on the validation loss; returns (model, history, split rows).
+
+    ``model`` (optional) is a ready module with the MultiTaskModel interface (the benchmark passes
+    peer implementations); by default ``cfg.arch`` / ``cfg.model`` build one."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_rows, val_rows, test_rows = ds.split(cfg.split, cfg.fractions, cfg.seed)
-    model = build_model(cfg.arch, ds.schema, ds.tasks, **cfg.model)
+    if model is None:
+        model = build_model(cfg.arch, ds.schema, ds.tasks, **cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     has_aux = hasattr(model, "forward_with_aux")
     weights = {t.name: cfg.loss_weights.get(t.name, 1.0) for t in ds.tasks}
