@@ -1,17 +1,24 @@
 """FastAPI application factory: ``uvicorn --factory service.app:create_app``.
 
-Routes are thin; the work is in :mod:`service.ranking` (and below it features, store, fusion).
+Routes are thin; the work is in :mod:`service.serving` (the serving state: routing, bundles,
+rankers, hot swap), :mod:`service.ranking` (features, model, fusion) and :mod:`service.admin`.
 
 * ``POST /rank``   rank candidate items for a user (503 while no model is loaded)
 * ``GET /healthz`` the process is alive
-* ``GET /readyz``  200 when the model is loaded and Redis answers PING, else 503 with reasons
-* ``GET /models``  the loaded model (no secrets)
+* ``GET /readyz``  200 when a serving state exists and Redis answers PING, else 503 with reasons
+* ``GET /models``  the model of the first variant, plus every variant (no secrets)
+* ``/admin/...``   the operator's API (only with MTRANK_ADMIN_TOKEN): ``POST /admin/reload``,
+  ``GET /admin/models``, ``POST /admin/models/load`` and ``/admin/models/unload``
 
-A bundle that fails to load does not stop the app: it starts, ``/readyz`` says why it is not
-ready and ``/rank`` answers 503. Errors: invalid requests -> 422 naming the field (FastAPI's
-``detail`` list with ``loc``), a body that is not JSON -> 415/422 with a message, a context
-entry the schema does not accept -> 422 naming the key, Redis unavailable -> 503; anything
-unexpected is logged with the request id and answered 500.
+Each ``/rank`` reads the current serving state once and uses nothing else, so a hot swap never
+mixes two worlds in one response. One JSON access-log line per ``/rank`` on ``service.access``.
+
+Without a routing config, a bundle that fails to load does not stop the app: it starts, ``/readyz``
+says why it is not ready and ``/rank`` answers 503; an invalid MTRANK_ROUTING_CONFIG stops the
+start with an error naming the line. Errors: invalid requests -> 422 naming the field (FastAPI's
+``detail`` list with ``loc``), a body that is not JSON -> 415/422 with a message, a context entry
+the schema does not accept -> 422 naming the key, an unknown forced variant -> 422 naming the
+header, Redis unavailable -> 503; anything unexpected is logged with the request id and answered 500.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real request model of the closure
@@ -21,61 +28,89 @@ from dataclasses import dataclass
 from email.message import Message
 
 import redis
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from service import access_log
+from service.admin import ModelId, check_bearer
 from service.features import ContextError
-from service.ranking import Ranker
 from service.schemas import RankResponse, rank_request_model
+from service.routing import RoutingConfigError
+from service.serving import AdminError, NotReady, ServingManager, ServingState, UnknownVariant, Watcher
 from service.settings import Settings
-from service.store import Bundle, load_bundle
+from service.store import Bundle
 
 log = logging.getLogger("service.app")
+FORCE_HEADER = "X-Mtrank-Variant"
 
 
 @dataclass
 class AppState:
     settings: Settings
     redis_client: redis.Redis | None = None
-    bundle: Bundle | None = None
-    ranker: Ranker | None = None
+    manager: ServingManager | None = None
+    watcher: Watcher | None = None
     load_error: str | None = None
 
+    @property
+    def serving(self) -> ServingState | None:
+        return self.manager.state if self.manager is not None else None
 
-class NotReady(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    @property
+    def bundle(self) -> Bundle | None:
+        """The bundle of the first variant (the only one without a routing config)."""
+        st = self.serving
+        return st.primary.bundle if st is not None else None
+
+    @property
+    def not_ready(self) -> str:
+        if self.load_error:
+            return self.load_error
+        return (self.manager.not_ready if self.manager is not None else None) or "starting"
 
 
 def _configure_logging(level: str) -> None:
     logging.getLogger("service").setLevel(level)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access_log.configure(level)
 
 
-def _load(state: AppState) -> None:
+def _start(state: AppState) -> None:
+    """Redis client, first serving state (raises on an invalid routing config), watcher."""
     s = state.settings
     log.info("feature store %s (prefix %r, timeout %d ms)", s.redis_url_redacted, s.redis_prefix, s.redis_timeout_ms)
+    client_error = None
     try:
         state.redis_client = redis.Redis.from_url(s.redis_url, socket_timeout=s.redis_timeout_s,
                                                   socket_connect_timeout=s.redis_timeout_s)
     except Exception as e:  # an unusable URL: say so in /readyz rather than refuse to start
-        state.load_error = f"redis client: {type(e).__name__}: {e}"
+        client_error = f"{type(e).__name__}: {e}"
+        state.load_error = f"redis client: {client_error}"
         log.error("%s (url %s)", state.load_error, s.redis_url_redacted)
-        return
+    state.manager = ServingManager(s, state.redis_client, client_error=client_error)
     try:
-        state.bundle = load_bundle(s.model_store, s.model_name, s.model_version, providers=s.provider_list,
-                                   strict=s.providers_strict, intra_op_threads=s.ort_intra_op_threads)
-        state.ranker = Ranker(s, state.bundle, state.redis_client)
-    except Exception as e:  # keep serving /healthz and /readyz; /readyz reports why
-        state.ranker = None
-        state.load_error = f"{type(e).__name__}: {e}"
-        log.error("model not loaded: %s", state.load_error)
-        return
-    b = state.bundle
-    log.info("serving %s v%d (%s) on %s (requested %s); fusion %s %s", b.name, b.version,
-             b.manifest.architecture, b.provider, ",".join(b.requested_providers), s.fusion, s.fusion_weights)
+        state.manager.start()  # an invalid MTRANK_ROUTING_CONFIG raises here: the service does not start
+    except RoutingConfigError:
+        raise
+    except Exception as e:
+        if s.routing_config:
+            raise
+        state.load_error = f"{type(e).__name__}: {e}"  # as before: not ready, /readyz says why
+        log.exception("model not loaded")
+    st = state.serving
+    if st is not None:
+        for v in st.variants:
+            b = v.bundle
+            log.info("serving %s v%d (%s) on %s (requested %s) as variant %r, buckets %d-%d of %d; fusion %s %s",
+                     b.name, b.version, b.manifest.architecture, b.provider, ",".join(b.requested_providers),
+                     v.name, v.first, v.last, st.config.buckets, v.ranker.fusion_name, v.ranker.weights)
+    if s.store_poll_s > 0:
+        state.watcher = Watcher(state.manager, s.store_poll_s).start()
+    if s.admin_token is None:
+        log.info("admin API disabled (MTRANK_ADMIN_TOKEN is not set)")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -85,10 +120,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        _load(state)
-        yield
-        if state.redis_client is not None:
-            state.redis_client.close()
+        _start(state)
+        try:
+            yield
+        finally:
+            if state.watcher is not None:
+                state.watcher.stop()
+            if state.redis_client is not None:
+                state.redis_client.close()
 
     app = FastAPI(title="mtrank", summary="Online multi-task ranking", lifespan=lifespan)
     app.state.mtrank = state
@@ -104,17 +143,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if msg.get_content_maintype() != "application" or not (sub == "json" or sub.endswith("+json")):
             raise HTTPException(415, f"Content-Type must be application/json, got {ctype!r}")
 
-    def get_ranker() -> Ranker:
-        if state.ranker is None:
-            raise NotReady(f"model not loaded: {state.load_error or 'starting'}")
-        return state.ranker
-
     @app.post("/rank", response_model=RankResponse, dependencies=[Depends(require_json)],
               responses={415: {"description": "body is not JSON"}, 422: {"description": "invalid request"},
                          503: {"description": "model not loaded or feature store unavailable"}})
-    def rank(body: RankRequestModel, request: Request, ranker: Ranker = Depends(get_ranker)) -> Response:
+    def rank(body: RankRequestModel, request: Request,
+             x_mtrank_variant: str | None = Header(default=None, alias=FORCE_HEADER,
+                                                   description="force a variant (QA; only when the config "
+                                                               "allows it)")) -> Response:
         request.state.request_id = body.request_id
-        result = ranker.rank_result(body)
+        st = state.serving  # the one read of the serving state: this request's whole world
+        route = None
+        try:
+            if st is None:
+                raise NotReady(f"model not loaded: {state.not_ready}")
+            route = st.route(body.user_id, x_mtrank_variant)
+            result = route.variant.ranker.rank_result(body, route.bucket)
+        except Exception as e:
+            access_log.rank_line(request_id=body.request_id, status=access_log.status_of(e),
+                                 variant=route.variant.name if route else None,
+                                 bucket=route.bucket if route else None, forced=bool(route and route.forced),
+                                 model=route.variant.ranker.model_ref if route else None,
+                                 n_items=len(body.items), error=type(e).__name__)
+            raise
+        access_log.rank_line(request_id=body.request_id, status=200, variant=route.variant.name, bucket=route.bucket,
+                             forced=route.forced, model=route.variant.ranker.model_ref, n_items=result.n_items,
+                             n_returned=result.n_returned, missing_user=result.user_missing,
+                             missing_items=result.items_missing, timings=result.timings)
         return Response(content=result.body, media_type="application/json")
 
     @app.get("/healthz")
@@ -124,8 +178,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/readyz")
     def readyz() -> JSONResponse:
         reasons = []
-        if state.ranker is None:
-            reasons.append(f"model not loaded: {state.load_error or 'starting'}")
+        if state.serving is None:
+            reasons.append(f"model not loaded: {state.not_ready}")
         if state.redis_client is None:
             reasons.append("redis: no client")
         else:
@@ -139,10 +193,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/models")
     def models() -> JSONResponse:
-        b = state.bundle
-        if b is None or state.ranker is None:
-            return JSONResponse({"detail": f"model not loaded: {state.load_error or 'starting'}"}, status_code=503)
-        m = b.manifest
+        st = state.serving
+        if st is None:
+            return JSONResponse({"detail": f"model not loaded: {state.not_ready}"}, status_code=503)
+        v = st.primary
+        b, m = v.bundle, v.bundle.manifest
         return JSONResponse({
             "name": m.name,
             "version": m.version,
@@ -156,8 +211,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "metrics": m.metrics,
             "created_at": m.created_at.isoformat(),
             "sha256": m.sha256,
-            "fusion": {"name": settings.fusion, "weights": settings.fusion_weights},
+            "fusion": {"name": v.ranker.fusion_name, "weights": v.ranker.weights},
+            "variants": [{"name": x.name, "buckets": [x.first, x.last], "model": x.ranker.model_ref,
+                          "fusion": {"name": x.ranker.fusion_name, "weights": x.ranker.weights}}
+                         for x in st.variants],
         })
+
+    if settings.admin_token is not None:  # without a token the admin routes do not exist (404)
+        token = settings.admin_token
+
+        def require_admin(authorization: str | None = Header(default=None)) -> ServingManager:
+            check_bearer(authorization, token)
+            if state.manager is None:
+                raise NotReady("starting")
+            return state.manager
+
+        @app.post("/admin/reload", tags=["admin"])
+        def admin_reload(manager: ServingManager = Depends(require_admin)) -> JSONResponse:
+            report = manager.reload("admin")
+            return JSONResponse(report.as_dict(), status_code=200 if report.ok else 422)
+
+        @app.get("/admin/models", tags=["admin"])
+        def admin_models(manager: ServingManager = Depends(require_admin)) -> JSONResponse:
+            return JSONResponse(manager.describe())
+
+        @app.post("/admin/models/load", tags=["admin"])
+        def admin_load(body: ModelId, manager: ServingManager = Depends(require_admin)) -> JSONResponse:
+            return JSONResponse(manager.load_model(body.name, body.version))
+
+        @app.post("/admin/models/unload", tags=["admin"])
+        def admin_unload(body: ModelId, manager: ServingManager = Depends(require_admin)) -> JSONResponse:
+            return JSONResponse(manager.unload_model(body.name, body.version))
+
+    @app.exception_handler(AdminError)
+    async def _admin_error(request: Request, exc: AdminError) -> JSONResponse:
+        log.warning("admin %s refused (%d): %s", request.url.path, exc.status, exc.message)
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        if request.url.path == "/rank":
+            access_log.rank_line(request_id=None, status=422, error="RequestValidationError")
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(UnknownVariant)
+    async def _unknown_variant(request: Request, exc: UnknownVariant) -> JSONResponse:
+        return JSONResponse({"detail": [{"loc": ["header", FORCE_HEADER.lower()], "msg": str(exc),
+                                         "type": "unknown_variant"}]}, status_code=422)
 
     @app.exception_handler(ContextError)
     async def _context_error(request: Request, exc: ContextError) -> JSONResponse:
@@ -181,4 +281,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": "internal error", "request_id": rid}, status_code=500)
 
     return app
-

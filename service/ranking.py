@@ -37,25 +37,36 @@ class RankResult:
 
 
 class Ranker:
-    """Ranks requests with one loaded bundle and one Redis client (thread-safe: no mutable state)."""
+    """Ranks requests with one loaded bundle, one fusion and one Redis client (thread-safe: no
+    mutable state). One ranker serves one variant; variants of one bundle share its ``fetcher``.
 
-    def __init__(self, settings: Settings, bundle: Bundle, redis_client):
+    ``fusion_name`` / ``weights`` default to the settings' MTRANK_FUSION / MTRANK_FUSION_WEIGHTS."""
+
+    def __init__(self, settings: Settings, bundle: Bundle, redis_client, fusion_name: str | None = None,
+                 weights: dict[str, float] | None = None, fetcher: FeatureFetcher | None = None,
+                 variant: str = "default"):
         self.settings = settings
         self.bundle = bundle
         manifest = bundle.manifest
+        self.fusion_name = fusion_name or settings.fusion
+        self.weights = dict(settings.fusion_weights if weights is None else weights)
         # weights naming tasks the model does not have fail here, at load time
-        self.kinds = fusion.validate_weights(settings.fusion, settings.fusion_weights, manifest.tasks)
-        self.fusion_name = settings.fusion
-        self.weights = dict(settings.fusion_weights)
-        self.fetcher = FeatureFetcher(redis_client, manifest.feature_schema, settings.redis_prefix,
-                                      bundle.vocabs, inputs=manifest.inputs)
+        self.kinds = fusion.validate_weights(self.fusion_name, self.weights, manifest.tasks)
+        self.fetcher = fetcher or FeatureFetcher(redis_client, manifest.feature_schema, settings.redis_prefix,
+                                                 bundle.vocabs, inputs=manifest.inputs)
         self.tasks = list(manifest.outputs)
+        self.variant = variant
         self._model_ref = {"name": manifest.name, "version": manifest.version}
 
-    def rank(self, request: RankRequest) -> bytes:
-        return self.rank_result(request).body
+    @property
+    def model_ref(self) -> dict:
+        return dict(self._model_ref)
 
-    def rank_result(self, request: RankRequest) -> RankResult:
+    def rank(self, request: RankRequest, bucket: int | None = None) -> bytes:
+        return self.rank_result(request, bucket).body
+
+    def rank_result(self, request: RankRequest, bucket: int | None = None) -> RankResult:
+        """Rank one request; ``bucket`` (the user's routing bucket) is echoed in the response."""
         t_start = time.perf_counter()
         feats = self.fetcher.fetch(request.user_id, request.items, request.context)
 
@@ -66,7 +77,7 @@ class Ranker:
         idx = fusion.order(fused, request.top_k)
         t2 = time.perf_counter()
 
-        body = self._serialise(request, idx, fused, scores, feats.user_missing, feats.items_missing)
+        body = self._serialise(request, bucket, idx, fused, scores, feats.user_missing, feats.items_missing)
         t3 = time.perf_counter()
         timings = {**feats.timings, "inference": t1 - t0, "fusion": t2 - t1, "serialise": t3 - t2,
                    "total": t3 - t_start}
@@ -75,7 +86,7 @@ class Ranker:
                           items_missing=feats.items_missing, items_corrupt=feats.items_corrupt,
                           timings=timings)
 
-    def _serialise(self, request: RankRequest, idx: np.ndarray, fused: np.ndarray,
+    def _serialise(self, request: RankRequest, bucket: int | None, idx: np.ndarray, fused: np.ndarray,
                    scores: dict[str, np.ndarray], user_missing: bool, items_missing: int) -> bytes:
         items = request.items
         ids = [items[i] for i in idx.tolist()]
@@ -89,6 +100,8 @@ class Ranker:
         ]
         return orjson.dumps({
             "request_id": request.request_id,
+            "variant": self.variant,
+            "bucket": bucket,
             "model": self._model_ref,
             "items": ranked,
             "missing": {"user": user_missing, "items": items_missing},

@@ -57,6 +57,8 @@ class Missing(BaseModel):
 
 class RankResponse(BaseModel):
     request_id: str
-    model: ModelRef
+    variant: str = Field(description="experiment variant (of the ranking layer) that served the request")
+    bucket: int = Field(description="the user's bucket in the ranking layer, 0 <= bucket < buckets")
+    model: ModelRef = Field(description="the bundle that served the request")
     items: list[RankedItem] = Field(description="sorted by score desc, ties by request order, at most top_k")
     missing: Missing

@@ -11,7 +11,7 @@ import math
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: short provider names accepted in ``MTRANK_PROVIDERS`` -> onnxruntime execution provider
@@ -73,6 +73,16 @@ class Settings(BaseSettings):
         description="task -> weight (JSON in the environment)")
     max_items: int = Field(default=2000, ge=1, le=100_000, description="most items in one /rank request")
     log_level: LogLevel = "INFO"
+    routing_config: str | None = Field(default=None,
+                                       description="experiment config (YAML); unset = one variant 'default'")
+    version_policy: str = Field(default="latest",
+                                description="versions kept loaded per model unless the routing config says: "
+                                            "'latest', 'latest N', '3' or '3,4'")
+    store_poll_s: float = Field(default=5.0, ge=0, le=86_400,
+                                description="seconds between checks of the model store and the routing "
+                                            "config file; 0 = only POST /admin/reload")
+    admin_token: SecretStr | None = Field(default=None, repr=False,
+                                          description="bearer token of the /admin routes; unset = disabled")
 
     @field_validator("redis_url")
     @classmethod
@@ -104,6 +114,19 @@ class Settings(BaseSettings):
                 raise ValueError("task names must not be empty")
             if not math.isfinite(w):
                 raise ValueError(f"weight of {task!r} must be finite")
+        return v
+
+    @field_validator("routing_config", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("version_policy")
+    @classmethod
+    def _check_policy(cls, v: str) -> str:
+        from service.routing import parse_policy  # routing needs no settings: no cycle
+
+        parse_policy(v)
         return v
 
     @field_validator("log_level", mode="before")

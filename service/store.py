@@ -5,7 +5,10 @@ version directory names (anything else, such as ``.tmp-*`` staging directories, 
 
 :func:`load_bundle` picks the newest version (or the pinned one), validates the manifest,
 verifies ``model.onnx`` against the manifest's sha256 *before* handing it to onnxruntime, checks
-that the session's inputs/outputs are the manifest's, and warms the session up once.
+that the session's inputs/outputs are the manifest's, and warms the session up (:func:`warm_up`).
+A ``verify`` hook runs between the manifest and the checksum: the serving layer checks there that
+Redis holds features for the bundle's schema. Which bundles are held at once, and the hot swap
+between them, are :mod:`service.serving`'s job; this module loads one bundle at a time.
 
 Execution providers are asked for in preference order (``["CUDAExecutionProvider",
 "CPUExecutionProvider"]``). A provider that this onnxruntime build lacks is skipped with a
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +132,14 @@ def resolve_providers(requested: str | Sequence[str], strict: bool = False) -> l
 
 def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = None,
                 providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
-                intra_op_threads: int = 0, warmup: bool = True) -> Bundle:
+                intra_op_threads: int = 0, warmup: bool | Sequence[int] = True,
+                verify: Callable[[BundleManifest], None] | None = None) -> Bundle:
+    """Load and check one bundle (see the module doc).
+
+    ``verify(manifest)`` runs after the manifest checks and before the checksum and the session
+    (for example the feature check of :mod:`service.serving`); it raises :class:`BundleError` to
+    refuse the bundle. ``warmup``: ``True`` runs one batch of 2 items, a list of batch sizes runs
+    one batch of each (:func:`warm_up`), ``False`` none."""
     path = bundle_dir(store_root, name, version)
     version = int(path.name)
 
@@ -145,6 +155,8 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
                           f"directory is {name!r} v{version}")
     if manifest.inputs != model_inputs(manifest.feature_schema):
         raise BundleError(f"{path}: manifest inputs do not match its feature schema")
+    if verify is not None:
+        verify(manifest)
 
     digest = sha256_file(path / MODEL_FILE)
     if digest != manifest.sha256:
@@ -178,12 +190,37 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
     bundle = Bundle(manifest=manifest, path=path, session=session, vocabs=vocabs, provider=active,
                     requested_providers=provider_names(providers))
     if warmup:
-        try:
-            bundle.run(default_inputs(manifest, n_items=2))
-        except Exception as e:
-            raise BundleError(f"{path / MODEL_FILE}: warm-up run failed: {e}") from e
+        warm_up(bundle, (2,) if warmup is True else warmup)
     log.info("loaded bundle %s v%d from %s on %s", name, version, path, active)
     return bundle
+
+
+def warm_up(bundle: Bundle, sizes: Sequence[int] = (1, 16, 128)) -> None:
+    """Run one all-default batch of each size (first-run allocations happen here, not on a request);
+    :class:`BundleError` when a run fails or gives outputs of the wrong shape or non-finite values."""
+    for n in sizes:
+        try:
+            out = bundle.run(default_inputs(bundle.manifest, n_items=n))
+        except Exception as e:
+            raise BundleError(f"{bundle.path / MODEL_FILE}: warm-up run with {n} items failed: {e}") from e
+        for task, v in out.items():
+            if v.shape != (n,):
+                raise BundleError(f"{bundle.path / MODEL_FILE}: warm-up output {task!r} has shape {v.shape}, "
+                                  f"expected ({n},)")
+            if not np.all(np.isfinite(v)):
+                raise BundleError(f"{bundle.path / MODEL_FILE}: warm-up output {task!r} is not finite")
+
+
+def bundle_signature(path: str | os.PathLike) -> tuple:
+    """(size, mtime_ns) of the bundle's files (None for a missing one): changes when a file does."""
+    out = []
+    for f in (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE):
+        try:
+            st = os.stat(Path(path) / f)
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 def default_inputs(manifest: BundleManifest, n_items: int) -> dict[str, np.ndarray]:

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -22,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from service.codec import EntityCodec
 from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, DenseField, FeatureSchema,
                               SequenceField, SparseField, TaskSpec, model_inputs, sha256_file)
-from service.features import item_key, namespace, user_key
+from service.features import item_key, meta_key, namespace, user_key
 from service.settings import Settings
 
 DIM = 4
@@ -217,7 +224,122 @@ def seed_features(redis_url: str, prefix: str, schema: FeatureSchema, n_users: i
     put_entities(client, prefix, schema, "user", users)
     put_entities(client, prefix, schema, "item", items)
     client.close()
+    write_meta(redis_url, prefix, schema, n_users=n_users, n_items=n_items)
     return FeatureData(schema=schema, prefix=prefix, users=users, items=items)
+
+
+def write_meta(redis_url: str, prefix: str, schema: FeatureSchema, fingerprint: str | None = None,
+               n_users: int = 0, n_items: int = 0) -> str:
+    """The namespace meta key, as `mtrank features load` writes it (``fingerprint`` to fake another schema)."""
+    key = meta_key(namespace(prefix, schema))
+    client = redis.Redis.from_url(redis_url)
+    client.set(key, json.dumps({"schema_fingerprint": fingerprint or schema.fingerprint(), "model": "test",
+                                "version": 1, "users": n_users, "items": n_items, "loaded_at": time.time()}))
+    client.close()
+    return key
+
+
+def publish_bundle(store_root: Path, name: str = "demo", version: int = 2, **kw) -> Path:
+    """Publish a bundle the way training does: write it under ``<name>/.tmp-<uuid>``, then rename."""
+    staging = Path(store_root) / name / f".tmp-{uuid.uuid4().hex}"
+    built = write_bundle(staging, name=name, version=version, **kw)
+    final = Path(store_root) / name / str(version)
+    os.rename(built, final)
+    os.rmdir(staging / name)
+    os.rmdir(staging)
+    return final
+
+
+def corrupt_bundle(store_root: Path, how: str, name: str = "demo", version: int = 2,
+                   redis_url: str | None = None, prefix: str | None = None) -> Path:
+    """Publish a broken version: ``checksum`` (model bytes changed after the manifest), ``truncated``
+    (ONNX cut in half, manifest sha256 updated to match), ``schema`` (another vocabulary: no features
+    in Redis for its schema), ``meta`` (Redis meta of its namespace names another schema)."""
+    staging = Path(store_root) / name / f".tmp-{uuid.uuid4().hex}"
+    if how in ("schema", "meta"):
+        vocabs = default_vocabs()
+        vocabs["category"] = vocabs["category"] + ["c-new"]
+        d = write_bundle(staging, name=name, version=version, vocabs=vocabs)
+        if how == "meta":
+            write_meta(redis_url, prefix, make_schema(vocabs), fingerprint="0" * 64)
+    else:
+        d = write_bundle(staging, name=name, version=version)
+        model = d / MODEL_FILE
+        data = model.read_bytes()
+        if how == "checksum":
+            model.write_bytes(data[:-8] + bytes(8))
+        elif how == "truncated":
+            model.write_bytes(data[: len(data) // 2])
+            m = json.loads((d / MANIFEST_FILE).read_text())
+            m["sha256"] = sha256_file(model)
+            (d / MANIFEST_FILE).write_text(json.dumps(m))
+        else:
+            raise ValueError(how)
+    final = Path(store_root) / name / str(version)
+    os.rename(d, final)
+    os.rmdir(staging / name)
+    os.rmdir(staging)
+    return final
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Server:
+    """``uvicorn --factory service.app:create_app`` in a subprocess on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> "Server":
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
+        env.update(self.env)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+                                      "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
+                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server not ready:\n" + self.log())
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def reference_inputs(data: FeatureData, user_id: str, item_ids: list[str], hour_index: int = 0,
@@ -269,6 +391,21 @@ def features(redis_url, key_prefix, schema) -> FeatureData:
 def reference():
     """``reference_inputs(data, user_id, item_ids, hour_index=0, distance=None)``."""
     return reference_inputs
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """``server_factory(env) -> Server`` (started); every server is stopped after the test."""
+    servers: list[Server] = []
+
+    def make(env: dict[str, str], start: bool = True) -> Server:
+        srv = Server(env, tmp_path / f"server-{len(servers)}.log")
+        servers.append(srv)
+        return srv.start() if start else srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
 
 
 @pytest.fixture

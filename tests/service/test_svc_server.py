@@ -21,6 +21,7 @@ def free_port() -> int:
 
 def test_service_never_imports_torch():
     code = ("import sys, service.app, service.ranking, service.features, service.store, service.fusion, "
+            "service.routing, service.serving, service.admin, service.access_log, "
             "service.settings, service.schemas; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 

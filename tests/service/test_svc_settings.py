@@ -54,3 +54,33 @@ def test_password_never_shown(monkeypatch):
     with pytest.raises(ValidationError) as e:
         Settings(redis_url="tcp://user:s3cret@x", port=0)
     assert "s3cret" not in str(e.value) and "redis_url" in str(e.value)
+
+
+def test_experiment_settings(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("MTRANK_"):
+            monkeypatch.delenv(k)
+    s = Settings()
+    assert s.routing_config is None and s.admin_token is None
+    assert s.store_poll_s == 5.0 and s.version_policy == "latest"
+    monkeypatch.setenv("MTRANK_ADMIN_TOKEN", "t0k3n-value")
+    monkeypatch.setenv("MTRANK_ROUTING_CONFIG", "/etc/mtrank/routing.yaml")
+    monkeypatch.setenv("MTRANK_STORE_POLL_S", "0.5")
+    monkeypatch.setenv("MTRANK_VERSION_POLICY", "latest 2")
+    s = Settings()
+    assert s.admin_token.get_secret_value() == "t0k3n-value"
+    assert "t0k3n-value" not in repr(s) and "t0k3n-value" not in str(s)
+    assert s.routing_config == "/etc/mtrank/routing.yaml" and s.store_poll_s == 0.5 and s.version_policy == "latest 2"
+    monkeypatch.setenv("MTRANK_ADMIN_TOKEN", "")
+    monkeypatch.setenv("MTRANK_ROUTING_CONFIG", " ")
+    s = Settings()
+    assert s.admin_token is None and s.routing_config is None
+
+
+@pytest.mark.parametrize("field,value", [("version_policy", "newest"), ("store_poll_s", "-1"),
+                                         ("version_policy", "latest 0")])
+def test_experiment_settings_validated(monkeypatch, field, value):
+    monkeypatch.setenv(f"MTRANK_{field.upper()}", value)
+    with pytest.raises(ValidationError) as e:
+        Settings()
+    assert field in str(e.value)

@@ -1,0 +1,236 @@
+"""Hot swap in one process: new versions are verified (manifest, sha256, ONNX, features in Redis,
+warm-up) before they serve; broken ones are refused with a reason while the old version serves;
+version policies, rollback by pinning, reloads of the routing config, the watcher thread."""
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from tests.service.conftest import corrupt_bundle, publish_bundle, write_meta
+
+TOKEN = "hotswap-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BODY = {"user_id": "u1", "items": ["i1", "i2", "i3"]}
+
+
+def served(c) -> tuple[str, int]:
+    r = c.post("/rank", json=BODY)
+    assert r.status_code == 200, r.text
+    return r.json()["variant"], r.json()["model"]["version"]
+
+
+def reload(c) -> dict:
+    r = c.post("/admin/reload", headers=AUTH)
+    assert r.status_code in (200, 422), r.text
+    return r.json()
+
+
+def admin_models(c) -> dict:
+    r = c.get("/admin/models", headers=AUTH)
+    assert r.status_code == 200
+    return r.json()
+
+
+@pytest.fixture
+def app_client(make_settings, features):
+    def make(**kw):
+        kw.setdefault("store_poll_s", 0)
+        return TestClient(create_app(make_settings(admin_token=TOKEN, **kw)))
+    return make
+
+
+def test_new_version_swaps_in_on_reload(app_client, store_root):
+    with app_client() as c:
+        assert served(c) == ("default", 1)
+        publish_bundle(store_root, version=2)
+        assert served(c) == ("default", 1)  # nothing changes until the reload (no watcher here)
+        rep = reload(c)
+        assert rep["ok"] and rep["changed"] and rep["loaded"] == ["demo v2"] and rep["dropped"] == ["demo v1"]
+        assert served(c) == ("default", 2)
+        assert [b["version"] for b in admin_models(c)["bundles"]] == [2]
+        rep = reload(c)  # nothing new: no swap
+        assert rep["ok"] and not rep["changed"] and rep["loaded"] == []
+
+
+REASONS = {
+    "checksum": "sha256 mismatch",
+    "truncated": "onnxruntime could not load it",
+    "schema": "no features for its schema in Redis",
+    "meta": "schema mismatch",
+}
+
+
+@pytest.mark.parametrize("how", list(REASONS))
+def test_corrupt_version_refused_old_keeps_serving(app_client, store_root, redis_url, key_prefix, how):
+    with app_client() as c:
+        corrupt_bundle(store_root, how, version=2, redis_url=redis_url, prefix=key_prefix)
+        rep = reload(c)
+        assert rep["ok"] and not rep["changed"]
+        assert REASONS[how] in rep["refused"]["demo v2"]
+        assert served(c) == ("default", 1)
+        m = admin_models(c)
+        assert [(b["name"], b["version"]) for b in m["bundles"]] == [("demo", 1)]
+        refused = {(r["name"], r["version"]): r for r in m["refused"]}
+        assert REASONS[how] in refused[("demo", 2)]["reason"]
+        assert refused[("demo", 2)]["retried_each_poll"] is (how == "schema")
+        # a good version after the broken one is taken
+        publish_bundle(store_root, version=3)
+        rep = reload(c)
+        assert rep["changed"] and rep["loaded"] == ["demo v3"]
+        assert served(c) == ("default", 3)
+
+
+def test_features_loaded_later_are_picked_up(app_client, store_root, redis_url, key_prefix):
+    from tests.service.conftest import default_vocabs, make_schema
+
+    with app_client() as c:
+        corrupt_bundle(store_root, "schema", version=2)  # its features are not in Redis yet
+        assert "no features" in reload(c)["refused"]["demo v2"]
+        assert served(c) == ("default", 1)
+        vocabs = default_vocabs()
+        vocabs["category"] = vocabs["category"] + ["c-new"]
+        write_meta(redis_url, key_prefix, make_schema(vocabs))  # `mtrank features load` for v2
+        rep = reload(c)
+        assert rep["loaded"] == ["demo v2"] and served(c) == ("default", 2)
+
+
+def test_start_without_features_serves_as_before_then_confirms(make_settings, features, store_root, redis_url,
+                                                               key_prefix, caplog):
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis_url)
+    meta = f"{features.prefix}:{features.schema.fingerprint()[:12]}:meta"
+    client.delete(meta)
+    with TestClient(create_app(make_settings(admin_token=TOKEN, store_poll_s=0))) as c:
+        assert served(c) == ("default", 1)
+        assert admin_models(c)["bundles"][0]["features_confirmed"] is False
+        write_meta(redis_url, key_prefix, features.schema)
+        reload(c)
+        assert admin_models(c)["bundles"][0]["features_confirmed"] is True
+    assert any("loading it anyway at start" in r.getMessage() for r in caplog.records)
+    client.close()
+
+
+def test_latest_prefers_confirmed_features_at_start(make_settings, features, store_root):
+    corrupt_bundle(store_root, "schema", version=2)  # newer, but its features are not in Redis
+    with TestClient(create_app(make_settings(admin_token=TOKEN, store_poll_s=0))) as c:
+        assert served(c) == ("default", 1)
+        held = {b["version"]: b["features_confirmed"] for b in admin_models(c)["bundles"]}
+        assert held == {1: True, 2: False}
+
+
+def write_config(path, text):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+ROLLBACK = """\
+salt: rb
+models:
+  demo: {policy}
+variants:
+  - name: main
+    percent: 100
+    model: {{name: demo, version: {version}}}
+    fusion: {{weights: {{ctr: 1.0, cvr: {cvr}}}}}
+"""
+
+
+def test_policy_latest_n_and_rollback_by_pin(app_client, store_root, tmp_path):
+    for v in (2, 3):
+        publish_bundle(store_root, version=v)
+    cfg = tmp_path / "routing.yaml"
+    write_config(cfg, ROLLBACK.format(policy="latest 2", version="latest", cvr=1.0))
+    with app_client(routing_config=str(cfg)) as c:
+        assert served(c) == ("main", 3)
+        assert [b["version"] for b in admin_models(c)["bundles"]] == [2, 3]
+        # roll back: pin version 1 (not in the policy: loaded because a variant pins it)
+        write_config(cfg, ROLLBACK.format(policy="latest 2", version=1, cvr=1.0))
+        rep = reload(c)
+        assert rep["ok"] and rep["loaded"] == ["demo v1"]
+        assert served(c) == ("main", 1)
+        assert [b["version"] for b in admin_models(c)["bundles"]] == [1, 2, 3]
+        # specific versions only
+        write_config(cfg, ROLLBACK.format(policy="[1]", version=1, cvr=1.0))
+        assert reload(c)["dropped"] == ["demo v2", "demo v3"]
+        assert [b["version"] for b in admin_models(c)["bundles"]] == [1]
+
+
+def test_invalid_config_on_reload_keeps_old_and_reports(app_client, store_root, tmp_path):
+    cfg = tmp_path / "routing.yaml"
+    write_config(cfg, ROLLBACK.format(policy="latest", version="latest", cvr=1.0))
+    with app_client(routing_config=str(cfg)) as c:
+        before = c.post("/rank", json=BODY).json()
+        write_config(cfg, ROLLBACK.format(policy="latest", version="latest", cvr=".nan"))
+        r = c.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 422
+        assert not r.json()["ok"] and "line 8" in r.json()["error"] and "finite" in r.json()["error"]
+        assert c.post("/rank", json=BODY).json()["items"] == before["items"]  # old weights still
+        m = admin_models(c)
+        assert "line 8" in m["last_error"] and m["routing"]["variants"][0]["fusion"]["weights"]["cvr"] == 1.0
+        write_config(cfg, ROLLBACK.format(policy="latest", version="latest", cvr=3.0))
+        assert reload(c)["changed"]
+        after = c.post("/rank", json=BODY).json()
+        for it in after["items"]:
+            s = it["scores"]
+            assert it["score"] == pytest.approx(s["ctr"] * s["cvr"] ** 3.0, rel=1e-6)
+        assert admin_models(c)["last_error"] is None
+
+
+def test_pinned_version_refused_on_reload_keeps_old_config(app_client, store_root, tmp_path):
+    cfg = tmp_path / "routing.yaml"
+    write_config(cfg, ROLLBACK.format(policy="latest", version="latest", cvr=1.0))
+    with app_client(routing_config=str(cfg)) as c:
+        corrupt_bundle(store_root, "checksum", version=2)
+        write_config(cfg, ROLLBACK.format(policy="latest", version=2, cvr=1.0))
+        rep = reload(c)
+        assert not rep["ok"] and "line 7" in rep["error"] and "sha256 mismatch" in rep["error"]
+        assert served(c) == ("main", 1)
+
+
+def test_watcher_picks_up_new_version_and_config(app_client, store_root, tmp_path):
+    cfg = tmp_path / "routing.yaml"
+    write_config(cfg, ROLLBACK.format(policy="latest", version="latest", cvr=1.0))
+    with app_client(routing_config=str(cfg), store_poll_s=0.05) as c:
+        assert served(c) == ("main", 1)
+        publish_bundle(store_root, version=2)
+        wait_for(lambda: served(c) == ("main", 2))
+        write_config(cfg, ROLLBACK.format(policy="latest", version="latest", cvr=2.0))
+
+        def weights_changed():
+            it = c.post("/rank", json=BODY).json()["items"][0]
+            return it["score"] == pytest.approx(it["scores"]["ctr"] * it["scores"]["cvr"] ** 2, rel=1e-6)
+        wait_for(weights_changed)
+        gen = admin_models(c)["generation"]
+        corrupt_bundle(store_root, "truncated", version=3)
+        wait_for(lambda: any(r["version"] == 3 for r in admin_models(c)["refused"]))
+        assert served(c) == ("main", 2) and admin_models(c)["generation"] == gen
+
+
+def wait_for(cond, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_serving_state_is_immutable_and_replaced_whole(app_client, store_root):
+    with app_client() as c:
+        manager = c.app.state.mtrank.manager
+        old = manager.state
+        publish_bundle(store_root, version=2)
+        reload(c)
+        new = manager.state
+        assert new is not old and new.generation == old.generation + 1
+        # a request that read the old reference keeps a complete old world
+        assert old.primary.bundle.version == 1 and dict(old.bundles).keys() == {("demo", 1)}
+        assert new.primary.bundle.version == 2 and dict(new.bundles).keys() == {("demo", 2)}
+        route = old.route("u1")
+        assert route.variant.ranker.bundle.version == 1
+        with pytest.raises(TypeError):
+            old.bundles[("demo", 3)] = None  # read-only mapping
+        with pytest.raises(AttributeError):
+            old.generation = 7  # frozen
