@@ -157,6 +157,8 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None)
     history: list[dict] = []
     best, best_state, bad = math.inf, None, 0
     n_batches = math.ceil(len(train_rows) / cfg.batch_size)
+    if len(train_rows) % cfg.batch_size == 1 and n_batches > 1:
+        n_batches -= 1  # a last batch of one row cannot be batch-normalised: leave it for next epoch
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = rng.permutation(train_rows)

@@ -157,9 +157,9 @@ class MLP(nn.Sequential):
 class Tower(nn.Module):
     """A task head: ``MLP -> Linear(., 1)``, returns ``[N]``."""
 
-    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0):
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0, batch_norm: bool = False):
         super().__init__()
-        self.mlp = MLP(in_dim, hidden, dropout)
+        self.mlp = MLP(in_dim, hidden, dropout, batch_norm=batch_norm)
         self.out = nn.Linear(self.mlp.output_dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,10 +171,11 @@ class Experts(nn.Module):
 
     Input ``[N, in]`` (every expert sees the same input) or ``[N, E, in]`` (one input per expert);
     output ``[N, E, hidden[-1]]``. Each layer is one batched matmul over all experts, followed by
-    ReLU and dropout (the same layer recipe as :class:`MLP`).
+    [BatchNorm per expert and channel], ReLU and dropout (the same layer recipe as :class:`MLP`).
     """
 
-    def __init__(self, n_experts: int, in_dim: int, hidden: list[int], dropout: float = 0.0):
+    def __init__(self, n_experts: int, in_dim: int, hidden: list[int], dropout: float = 0.0,
+                 batch_norm: bool = False):
         super().__init__()
         if not hidden:
             raise ValueError("experts need at least one hidden layer")
@@ -188,11 +189,18 @@ class Experts(nn.Module):
             in_dim = h
         self.output_dim = in_dim
         self.dropout = nn.Dropout(dropout)
+        # BatchNorm1d over [N, E*h]: statistics per expert and channel (in eval mode an affine map,
+        # so a serving batch of one item is fine)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(n_experts * h) for h in hidden) if batch_norm else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = x if x.dim() == 2 else x.transpose(0, 1)  # [N, in] (broadcast over E) or [E, N, in]
-        for w, b in zip(self.weights, self.biases):
-            h = self.dropout(torch.relu(torch.matmul(h, w) + b))  # [E, N, out]
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.matmul(h, w) + b  # [E, N, out]
+            if self.norms is not None:
+                e, n, d = h.shape
+                h = self.norms[i](h.transpose(0, 1).reshape(n, e * d)).reshape(n, e, d).transpose(0, 1)
+            h = self.dropout(torch.relu(h))
         return h.transpose(0, 1)  # [N, E, out]
 
 
@@ -224,6 +232,7 @@ class ModelConfig:
     dropout: float = 0.1
     tower_hidden: list[int] = field(default_factory=lambda: [64])
     dense_dim: int = 8  # size of a dense field's vector
+    batch_norm: bool = True  # BatchNorm after each hidden layer of experts, bottoms and towers
 
 
 class MultiTaskModel(nn.Module):
@@ -248,7 +257,8 @@ class MultiTaskModel(nn.Module):
         self.embedding = EmbeddingLayer(schema, config.dense_dim)
 
     def build_towers(self, in_dim: int) -> None:
-        self.towers = nn.ModuleList(Tower(in_dim, self.config.tower_hidden, self.config.dropout)
+        self.towers = nn.ModuleList(Tower(in_dim, self.config.tower_hidden, self.config.dropout,
+                                          batch_norm=self.config.batch_norm)
                                     for _ in self.tasks)
 
     def task_inputs(self, x: Tensor) -> list[Tensor]:

@@ -218,7 +218,7 @@ class DTRN(MultiTaskModel):
         if cfg.backbone == "towers":
             out_dim = d
         elif cfg.backbone == "mmoe":
-            self.experts = Experts(cfg.n_experts, d, cfg.expert_hidden, cfg.dropout)
+            self.experts = Experts(cfg.n_experts, d, cfg.expert_hidden, cfg.dropout, cfg.batch_norm)
             self.gates = nn.ModuleList(Gate(d, cfg.n_experts) for _ in range(T))
             out_dim = self.experts.output_dim
         else:

@@ -27,7 +27,7 @@ class MMoE(MultiTaskModel):
     def __init__(self, schema: FeatureSchema, tasks: list[TaskSpec], config: MMoEConfig | None = None):
         super().__init__(schema, tasks, config or MMoEConfig())
         cfg, d = self.config, self.embedding.output_dim
-        self.experts = Experts(cfg.n_experts, d, cfg.expert_hidden, cfg.dropout)
+        self.experts = Experts(cfg.n_experts, d, cfg.expert_hidden, cfg.dropout, cfg.batch_norm)
         self.gates = nn.ModuleList(Gate(d, cfg.n_experts) for _ in self.tasks)
         self.build_towers(self.experts.output_dim)
 

@@ -39,7 +39,7 @@ class CGC(nn.Module):
         super().__init__()
         te, se = cfg.task_experts, cfg.shared_experts
         n = n_tasks * te + se
-        self.experts = Experts(n, in_dim, cfg.expert_hidden, cfg.dropout)
+        self.experts = Experts(n, in_dim, cfg.expert_hidden, cfg.dropout, cfg.batch_norm)
         # which of the T+1 inputs (tasks..., shared) each expert reads
         self.register_buffer("input_of_expert", torch.tensor([k for k in range(n_tasks) for _ in range(te)]
                                                              + [n_tasks] * se), persistent=False)

@@ -20,7 +20,8 @@ class SharedBottom(MultiTaskModel):
 
     def __init__(self, schema: FeatureSchema, tasks: list[TaskSpec], config: SharedBottomConfig | None = None):
         super().__init__(schema, tasks, config or SharedBottomConfig())
-        self.bottom = MLP(self.embedding.output_dim, self.config.bottom_hidden, self.config.dropout)
+        self.bottom = MLP(self.embedding.output_dim, self.config.bottom_hidden, self.config.dropout,
+                          batch_norm=self.config.batch_norm)
         self.build_towers(self.bottom.output_dim)
 
     def task_inputs(self, x: Tensor) -> list[Tensor]:
