@@ -95,11 +95,14 @@ def onnx_latency_ms(model, ds: EncodedDataset, rows: np.ndarray, n: int = 500, r
 
 
 def run(args) -> dict:
-    results = []
-    for dname in args.datasets.split(","):
-        ds, split = dataset(dname)
-        for key in args.models.split(","):
-            for seed in range(args.seeds):
+    """Seed-major order (every dataset and model at seed 0, then seed 1, ...), writing the JSON after
+    every run: a stopped benchmark still leaves whole seeds behind (`--render` tables them)."""
+    out = Path(args.out).with_suffix(".json")
+    report = {"machine": platform.platform(), "torch": torch.__version__, "args": vars(args), "runs": []}
+    data = {d: dataset(d) for d in args.datasets.split(",")}
+    for seed in range(args.seeds):
+        for dname, (ds, split) in data.items():
+            for key in args.models.split(","):
                 cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, split=split, seed=seed,
                                   patience=args.patience)
                 torch.manual_seed(seed)
@@ -114,12 +117,15 @@ def run(args) -> dict:
                     print(f"  ({key}: ONNX export failed: {type(e).__name__}: {e})", flush=True)
                     latency = float("nan")
                 rec = {"dataset": dname, "model": key, "seed": seed, "epochs": len(history),
+                       "best_epoch": int(np.argmin([h["val_total"] for h in history])) + 1,
                        "train_seconds": round(seconds, 1), "params": sum(p.numel() for p in model.parameters()),
                        "onnx_ms_at_500": latency, **{k: v for k, v in m.items() if not k.startswith("loss/")}}
-                results.append(rec)
+                report["runs"].append(rec)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=2))
                 shown = {k: round(v, 4) for k, v in rec.items() if k.startswith(("auc", "rmse"))}
                 print(f"{dname:18} {key:14} seed {seed}  {seconds:6.1f}s  {shown}", flush=True)
-    return {"machine": platform.platform(), "torch": torch.__version__, "args": vars(args), "runs": results}
+    return report
 
 
 def table(report: dict) -> str:
@@ -128,8 +134,8 @@ def table(report: dict) -> str:
     lines = []
     for dname in dict.fromkeys(r["dataset"] for r in runs):
         lines += [f"\n### {dname}\n",
-                  "| model | " + " | ".join(metrics) + " | params | train s | ONNX ms @500 |",
-                  "|---" * (len(metrics) + 4) + "|"]
+                  "| model | " + " | ".join(metrics) + " | params | train s | ONNX ms @500 | n |",
+                  "|---" * (len(metrics) + 5) + "|"]
         for key in dict.fromkeys(r["model"] for r in runs if r["dataset"] == dname):
             rs = [r for r in runs if r["dataset"] == dname and r["model"] == key]
             cells = []
@@ -138,9 +144,9 @@ def table(report: dict) -> str:
                 cells.append(f"{np.nanmean(v):.4f} ± {np.nanstd(v):.4f}")
             lines.append(f"| {key} | " + " | ".join(cells) + f" | {rs[0]['params']:,} | "
                          f"{np.mean([r['train_seconds'] for r in rs]):.0f} | "
-                         f"{np.nanmean([r['onnx_ms_at_500'] for r in rs]):.2f} |")
-    n = report["args"]["seeds"]
-    return (f"Mean ± std over {n} seed(s), test split. AUC: higher is better; RMSE of log1p(label) on "
+                         f"{np.nanmean([r['onnx_ms_at_500'] for r in rs]):.2f} | {len(rs)} |")
+    seeds = sorted({r["seed"] for r in runs})
+    return (f"Mean ± std over seeds {seeds} (test split; n per row in the last column). AUC: higher is better; RMSE of log1p(label) on "
             f"clicked rows: lower is better.\n" + "\n".join(lines) + "\n")
 
 
@@ -149,12 +155,13 @@ def main() -> None:
     p.add_argument("--datasets", default="movielens-random,movielens-time,synth")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--out", default="bench/results/quality")
+    p.add_argument("--render", action="store_true", help="only re-render the table from the JSON")
     args = p.parse_args()
-    report = run(args)
+    report = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.render else run(args)
     md = table(report)
     print(md)
     out = Path(args.out)
