@@ -55,6 +55,19 @@ def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory.")
 
 
 @app.command()
+def movielens(out: Path = typer.Option(Path("data/movielens-100k"), help="Output directory (outside git)."),
+              source: Optional[Path] = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
+              seed: int = typer.Option(0, help="Seed of the sampled non-clicked exposures.")):
+    """Turn MovieLens-100K into a multi-task exposure log (the DML paper's implicit-exposure protocol).
+
+    Train on it with `mtrank train --data OUT --split random` or `--split column` (per-user time split)."""
+    from training.data.movielens import DEFAULT_SOURCE, build
+
+    spec = build(out, source or DEFAULT_SOURCE, seed=seed)
+    typer.echo(f"wrote {spec}")
+
+
+@app.command()
 def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory holding dataset.yaml."),
           arch: str = typer.Option("ple", help="ple | mmoe | shared_bottom | dtrn"),
           backbone: Optional[str] = typer.Option(None, help="DTRN's backbone: towers | mmoe | ple (default ple)."),
