@@ -6,8 +6,9 @@ from pydantic import ValidationError
 
 from service.codec import HEADER, EntityCodec
 from service.contract import (
-    BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField, TaskSpec, model_inputs,
+    BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField, model_inputs,
 )
+from tests.helpers import TASKS
 
 
 def schema(**kw) -> FeatureSchema:
@@ -23,9 +24,6 @@ def schema(**kw) -> FeatureSchema:
         **kw)
 
 
-TASKS = [TaskSpec(name="ctr", kind="binary", label="click"),
-         TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
-         TaskSpec(name="watch_time", kind="regression", label="watch_time", condition="ctr")]
 
 
 def test_model_inputs_names_and_widths():

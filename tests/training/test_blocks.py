@@ -5,36 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from service.contract import (DenseField, FeatureSchema, SequenceField, SparseField, TaskSpec,
-                              model_inputs)
+from service.contract import (FeatureSchema, SparseField, model_inputs)
 from training.models import ARCHITECTURES, build_model
 from training.models.blocks import MLP, EmbeddingLayer, Experts, Gate, Tower, masked_mean, mix
 from training.models.ple import PLE, PLEConfig
+from tests.helpers import TASKS, tiny_schema
 
 N = 7
 
 
-def tiny_schema() -> FeatureSchema:
-    return FeatureSchema(
-        sparse=[SparseField(name="user_id", entity="user", vocab_size=50),
-                SparseField(name="gender", entity="user", vocab_size=4, embedding_dim=4),
-                SparseField(name="item_id", entity="item", vocab_size=100),
-                SparseField(name="category", entity="item", vocab_size=10, embedding_dim=8),
-                SparseField(name="hour", entity="context", vocab_size=25, embedding_dim=4)],
-        dense=[DenseField(name="activity", entity="user", mean=3.0, std=2.0),
-               DenseField(name="price", entity="item", mean=10.0, std=5.0),
-               DenseField(name="age_days", entity="item", mean=30.0, std=10.0)],
-        sequence=[SequenceField(name="clicked", entity="user", max_len=5, vocab_of="item_id")],
-    )
 
 
-TASKS = [TaskSpec(name="ctr", kind="binary", label="click"),
-         TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
-         TaskSpec(name="watch_time", kind="regression", label="watch_time", condition="ctr")]
 
 
 def random_inputs(schema: FeatureSchema, n: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.contract import (MANIFEST_FILE, BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField,
-                              TaskSpec)
+from service.contract import (MANIFEST_FILE, BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField)
 from tests.training.test_blocks import one_user, random_inputs
 from tests.training.test_export import parity_rows
 from training.export import export_bundle
 from training.models import build_model
 from training.models.dtrn import BACKBONES, DTRN, DTRNConfig, TIM
+from tests.helpers import TASKS
 
 N = 6
-TASKS = [TaskSpec(name="ctr", kind="binary", label="click"),
-         TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
-         TaskSpec(name="watch_time", kind="regression", label="watch_time", condition="ctr")]
 
 
 def schema() -> FeatureSchema:

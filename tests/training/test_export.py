@@ -10,33 +10,18 @@ import pytest
 import torch
 
 import training.export as export_mod
-from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, DenseField,
-                              FeatureSchema, SequenceField, SparseField, TaskSpec, model_inputs,
+from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, FeatureSchema, model_inputs,
                               sha256_file)
 from training.export import (ExportParityError, ServingModel, check_parity, export_bundle,
                              latest_version, list_versions)
 from training.models import ARCHITECTURES, build_model
+from tests.helpers import TASKS, tiny_schema
 
 ROWS = 1000
 
 
-def tiny_schema() -> FeatureSchema:
-    return FeatureSchema(
-        sparse=[SparseField(name="user_id", entity="user", vocab_size=50),
-                SparseField(name="gender", entity="user", vocab_size=4),
-                SparseField(name="item_id", entity="item", vocab_size=100),
-                SparseField(name="category", entity="item", vocab_size=10),
-                SparseField(name="hour", entity="context", vocab_size=25)],
-        dense=[DenseField(name="activity", entity="user", mean=3.0, std=2.0),
-               DenseField(name="price", entity="item", mean=10.0, std=5.0),
-               DenseField(name="age_days", entity="item", mean=30.0, std=10.0)],
-        sequence=[SequenceField(name="clicked", entity="user", max_len=5, vocab_of="item_id")],
-    )
 
 
-TASKS = [TaskSpec(name="ctr", kind="binary", label="click"),
-         TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
-         TaskSpec(name="watch_time", kind="regression", label="watch_time", condition="ctr")]
 
 
 def parity_rows(schema: FeatureSchema, n: int = ROWS, seed: int = 0) -> dict[str, np.ndarray]:

@@ -5,14 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.contract import TaskSpec
 from training.data.synth import SynthConfig, generate
 from training.data.dataset import prepare
 from training.train import TrainConfig, evaluate, fit, task_losses
+from tests.helpers import TASKS
 
-TASKS = [TaskSpec(name="ctr", kind="binary", label="click"),
-         TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
-         TaskSpec(name="watch_time", kind="regression", label="watch_time", condition="ctr")]
 
 
 def test_esmm_loss_supervises_the_product_over_all_exposures():
