@@ -99,10 +99,15 @@ def run(args) -> dict:
     every run: a stopped benchmark still leaves whole seeds behind (`--render` tables them)."""
     out = Path(args.out).with_suffix(".json")
     report = {"machine": platform.platform(), "torch": torch.__version__, "args": vars(args), "runs": []}
+    if args.resume and out.exists():  # keep the runs already done, do the rest
+        report["runs"] = json.loads(out.read_text())["runs"]
+    done = {(r["dataset"], r["model"], r["seed"]) for r in report["runs"]}
     data = {d: dataset(d) for d in args.datasets.split(",")}
     for seed in range(args.seeds):
         for dname, (ds, split) in data.items():
             for key in args.models.split(","):
+                if (dname, key, seed) in done:
+                    continue
                 cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, split=split, seed=seed,
                                   patience=args.patience)
                 torch.manual_seed(seed)
@@ -160,6 +165,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--out", default="bench/results/quality")
     p.add_argument("--render", action="store_true", help="only re-render the table from the JSON")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in the JSON, do the rest")
     args = p.parse_args()
     report = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.render else run(args)
     md = table(report)

@@ -221,6 +221,11 @@ def test_spec_and_generic_prepare(data):
     assert (ds.items.seq > 0).sum() == data["it"].column("genres").combine_chunks().flatten().__len__()
     assert ds.labels["click"].mean() == 0.5 and set(np.unique(ds.labels["rating"])) == {0, 1, 2, 3, 4, 5}
     assert ds.time is not None and len(ds.split("random")[2]) == 20_000
+    # `--split column`: the per-user time split column written by the loader
+    train, valid, test = ds.split("column")
+    assert (len(train), len(valid), len(test)) == ((ds.split_column == "train").sum(),
+                                                    (ds.split_column == "valid").sum(), (ds.split_column == "test").sum())
+    assert len(test) > 0 and len(valid) > 0 and len(train) + len(valid) + len(test) == len(ds)
 
 
 def test_nothing_written_inside_the_repository(data):

@@ -232,7 +232,8 @@ def dataset_spec() -> DatasetSpec:
 
     return DatasetSpec(
         name="movielens-100k",
-        exposures=ExposureTable(path="exposures.parquet", user_key="user_id", item_key="movie_id", time="ts"),
+        exposures=ExposureTable(path="exposures.parquet", user_key="user_id", item_key="movie_id", time="ts",
+                                split="split"),
         items=EntityTable(path="items.parquet", key="movie_id"),
         user_features_per_exposure=True,
         features=[
