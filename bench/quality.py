@@ -135,9 +135,10 @@ def run(args) -> dict:
 
 def table(report: dict) -> str:
     runs = report["runs"]
-    metrics = [k for k in runs[0] if k.startswith(("auc/", "rmse_log1p/"))]
     lines = []
     for dname in dict.fromkeys(r["dataset"] for r in runs):
+        first = next(r for r in runs if r["dataset"] == dname)
+        metrics = [k for k in first if k.startswith(("auc/", "rmse_log1p/"))]
         lines += [f"\n### {dname}\n",
                   "| model | " + " | ".join(metrics) + " | params | train s | ONNX ms @500 | n |",
                   "|---" * (len(metrics) + 5) + "|"]
