@@ -6,6 +6,7 @@ Training commands import torch lazily, so a plain `pip install .` (no torch) sti
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -29,9 +30,8 @@ PORT = typer.Option(8000, "--port", envvar="MTRANK_PORT")
 
 
 def _need_training():
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    """Training commands need torch (the `train` extra); look for it without importing it."""
+    if importlib.util.find_spec("torch") is None:
         typer.echo("this command needs the training extra: pip install '.[train]'", err=True)
         raise typer.Exit(2)
 
