@@ -115,7 +115,7 @@ class FeatureFetcher:
         ctx_sparse, ctx_dense = self.context_arrays(context or {})
         ns = self.ns
         keys = [user_key(ns, user_id)]
-        keys.extend([f"{ns}:i:{i}" for i in item_ids])
+        keys.extend([item_key(ns, i) for i in item_ids])
         t0 = time.perf_counter()
         values = self.redis.mget(keys)
         t1 = time.perf_counter()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, model_inputs,
                               sha256_file)
+from service.store import list_versions
 from training.models.blocks import MultiTaskModel
 
 log = logging.getLogger(__name__)
@@ -61,15 +62,8 @@ class ServingModel(nn.Module):
 # Versions
 # ---------------------------------------------------------------------------------------------
 
-def list_versions(store: str | Path, name: str) -> list[int]:
-    """Published versions of a bundle, ascending (names that are not integers, like .tmp-*, are skipped)."""
-    root = Path(store) / name
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def latest_version(store: str | Path, name: str) -> int | None:
+    """Newest published version (the store's own listing: integer directories only)."""
     versions = list_versions(store, name)
     return versions[-1] if versions else None
 
