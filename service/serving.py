@@ -510,7 +510,7 @@ class ServingManager:
         try:
             bundle = load_bundle(self.root, name, version, providers=self.settings.provider_list,
                                  strict=self.settings.providers_strict,
-                                 intra_op_threads=self.settings.ort_intra_op_threads,
+                                 intra_op_threads=self.settings.ort_threads,
                                  warmup=self.warmup_sizes, verify=verify)
         except BundleError as e:
             transient = isinstance(e, FeatureCheckError) and e.transient

@@ -8,6 +8,7 @@ wherever the URL is shown or logged.
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -84,12 +85,44 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(default=None, repr=False,
                                           description="bearer token of the /admin routes; unset = disabled")
 
+    # -- feature store: cluster, deadline, failure mode, circuit breaker, item cache ----------------
+    redis_cluster: bool = Field(default=False, description="use redis-py's cluster client (also implied by a "
+                                                           "redis+cluster:// or rediss+cluster:// URL)")
+    redis_deadline_ms: float = Field(default=15.0, gt=0, le=60_000,
+                                     description="budget of one request's feature reads, ms; past it the "
+                                                 "request is answered degraded (or 503, see redis_failure_mode)")
+    redis_failure_mode: Literal["degrade", "fail"] = Field(
+        default="degrade", description="Redis timeout/down: 'degrade' = default features + cached items, "
+                                       "'degraded': true; 'fail' = 503")
+    breaker_failures: int = Field(default=3, ge=1, description="consecutive Redis failures that open the breaker")
+    breaker_probe_s: float = Field(default=0.2, gt=0, le=60,
+                                   description="while open, one probe of Redis at most this often, s")
+    item_cache_size: int = Field(default=50_000, ge=0, description="items kept in the in-process feature "
+                                                                     "cache per bundle; 0 = off")
+    item_cache_ttl_s: float = Field(default=60.0, ge=0, description="seconds a cached item value is used")
+
+    # -- overload and input limits ---------------------------------------------------------------
+    max_inflight: int = Field(default=0, ge=0, description="concurrent /rank per worker before 503 + "
+                                                           "Retry-After; 0 = 4 x onnxruntime threads")
+    max_body_bytes: int = Field(default=1_000_000, ge=1_024, description="largest request body, bytes (413)")
+    max_id_length: int = Field(default=128, ge=1, le=4096, description="longest user/item id, characters")
+    shutdown_drain_s: float = Field(default=10.0, ge=0, description="SIGTERM: seconds to finish in-flight "
+                                                                     "requests before exit")
+
+    # -- processes and observability -------------------------------------------------------------
+    workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (mtrank serve)")
+    log_format: Literal["json", "text"] = Field(default="json", description="log line format")
+    predlog_rate: float = Field(default=0.0, ge=0, le=1, description="share of ranked requests appended to "
+                                                                      "the prediction-log Redis Stream")
+    predlog_stream: str = Field(default="mtrank:predictions", min_length=1, description="prediction-log stream key")
+    predlog_maxlen: int = Field(default=1_000_000, ge=1, description="approximate MAXLEN of the stream")
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, v: str) -> str:
         scheme = v.split("://", 1)[0].lower() if "://" in v else ""
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+            raise ValueError("must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
         return v
 
     @field_validator("providers")
@@ -142,6 +175,23 @@ class Settings(BaseSettings):
     @property
     def redis_url_redacted(self) -> str:
         return redact_url(self.redis_url)
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the feature store is a Redis Cluster."""
+        return self.redis_cluster or self.redis_url.split("://", 1)[0].lower().endswith("+cluster")
+
+    @property
+    def ort_threads(self) -> int:
+        """onnxruntime intra-op threads per worker: the setting, else cores / workers (at least 1)."""
+        if self.ort_intra_op_threads:
+            return self.ort_intra_op_threads
+        return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                   // self.workers)
+
+    @property
+    def inflight_limit(self) -> int:
+        return self.max_inflight or 4 * self.ort_threads
 
     @property
     def redis_timeout_s(self) -> float:
