@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from service import access_log
 from service.admin import ModelId, check_bearer
 from service.features import ContextError
+from service.redis_client import FeatureStore, make_store
 from service.schemas import RankResponse, rank_request_model
 from service.routing import RoutingConfigError
 from service.serving import AdminError, NotReady, ServingManager, ServingState, UnknownVariant, Watcher
@@ -49,7 +50,7 @@ FORCE_HEADER = "X-Mtrank-Variant"
 @dataclass
 class AppState:
     settings: Settings
-    redis_client: redis.Redis | None = None
+    redis_client: FeatureStore | None = None
     manager: ServingManager | None = None
     watcher: Watcher | None = None
     load_error: str | None = None
@@ -84,8 +85,7 @@ def _start(state: AppState) -> None:
     log.info("feature store %s (prefix %r, timeout %d ms)", s.redis_url_redacted, s.redis_prefix, s.redis_timeout_ms)
     client_error = None
     try:
-        state.redis_client = redis.Redis.from_url(s.redis_url, socket_timeout=s.redis_timeout_s,
-                                                  socket_connect_timeout=s.redis_timeout_s)
+        state.redis_client = make_store(s)
     except Exception as e:  # an unusable URL: say so in /readyz rather than refuse to start
         client_error = f"{type(e).__name__}: {e}"
         state.load_error = f"redis client: {client_error}"

@@ -110,8 +110,10 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
     from service.store import bundle_dir
     from training.materialize import load_features
 
+    from service.redis_client import client_for_url
+
     path = bundle_dir(store, model_name, version)
-    client = redis.Redis.from_url(redis_url)
+    client = client_for_url(redis_url)
     summary = load_features(data, path, client, prefix=prefix, progress=not quiet)
     typer.echo(f"{summary} (bundle {path}, redis {_redact(redis_url)})")
 
@@ -174,8 +176,10 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
     from training.train import TrainConfig, format_metrics
     from training.train import train as run_train
 
+    from service.redis_client import client_for_url
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    client = redis.Redis.from_url(redis_url)
+    client = client_for_url(redis_url)
     try:
         client.ping()
     except redis.RedisError as e:
