@@ -5,10 +5,17 @@ A bundle is ``<store>/<name>/<version>/`` holding ``model.onnx``, ``manifest.jso
 and renamed into place in one step, so a reader never sees half a bundle. Before the rename, a
 parity gate compares onnxruntime with PyTorch on the given rows and on a broadcast case (one
 user, all the items); a bundle that disagrees by more than ``atol`` is not published.
+
+The exported graph computes the request side once (``request_once``, see
+:mod:`training.models.blocks`): the user's and the context's columns of every first layer are
+multiplied at batch 1 and broadcast-added to the items' part at batch N. The parity gate's
+reference is the model exactly as trained (plain ``[N, D]`` tensors), so the gate checks that
+rewrite too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
@@ -30,7 +37,7 @@ from torch import Tensor, nn
 from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, model_inputs,
                               sha256_file)
 from service.store import list_versions
-from training.models.blocks import MultiTaskModel
+from training.models.blocks import EmbeddingLayer, MultiTaskModel
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +49,37 @@ class ExportParityError(RuntimeError):
     """onnxruntime and PyTorch disagree on the parity rows: the bundle was not published."""
 
 
+@contextlib.contextmanager
+def request_once(model: nn.Module, on: bool = True):
+    """Within the block, the model's embedding layers return :class:`~training.models.blocks.Parts`
+    (user/context blocks at their own batch) when ``on``; their previous setting is restored after."""
+    layers = [m for m in model.modules() if isinstance(m, EmbeddingLayer)]
+    before = [m.request_once for m in layers]
+    for m in layers:
+        m.request_once = on
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.request_once = b
+
+
 class ServingModel(nn.Module):
     """A :class:`MultiTaskModel` as served: positional inputs in ``model_inputs`` order, outputs in
-    task order - a probability for a binary task, ``expm1(max(pred, 0))`` (>= 0) for a regression."""
+    task order - a probability for a binary task, ``expm1(max(pred, 0))`` (>= 0) for a regression.
 
-    def __init__(self, model: MultiTaskModel):
+    ``request_once`` (default): the first layers compute the user/context part at their own batch
+    (1 at serving) and broadcast-add it (:func:`request_once`); False runs the model as trained."""
+
+    def __init__(self, model: MultiTaskModel, request_once: bool = True):
         super().__init__()
         self.model = model
+        self.request_once = request_once
         self.input_names = [i.name for i in model_inputs(model.schema)]
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(dict(zip(self.input_names, inputs)))
+        with request_once(self.model, self.request_once):
+            out = self.model(dict(zip(self.input_names, inputs)))
         # exp(x) - 1 rather than expm1: ONNX has no Expm1 (x >= 0 here, so no precision is lost)
         return tuple(torch.sigmoid(out[t.name]) if t.kind == "binary" else torch.exp(out[t.name].clamp(min=0)) - 1
                      for t in self.model.tasks)
@@ -111,11 +138,15 @@ def check_parity(serving: ServingModel, onnx_path: str | Path, parity_inputs: di
                  atol: float = 1e-4) -> dict[str, float]:
     """Max difference per task between onnxruntime and PyTorch (eval mode) over :func:`parity_cases`.
 
+    The PyTorch side is ``serving.model`` as trained (``request_once`` off), whatever ``serving``
+    was exported with: the gate checks the request-once rewrite as well as the export.
+
     Binary tasks are compared as probabilities; regression tasks on the ``log1p`` scale the model
     predicts on (an absolute difference in seconds would fail on float32 rounding of large values).
     Raises :class:`ExportParityError` if a task differs by more than ``atol``; returns the diffs.
     """
     model = serving.model
+    serving = ServingModel(model, request_once=False)  # the reference: the model as trained
     inputs = _as_arrays(model, parity_inputs)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [mi.name for mi in model_inputs(model.schema)]

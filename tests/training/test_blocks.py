@@ -10,7 +10,7 @@ import torch
 
 from service.contract import (FeatureSchema, SparseField, model_inputs)
 from training.models import ARCHITECTURES, build_model
-from training.models.blocks import MLP, EmbeddingLayer, Experts, Gate, Tower, masked_mean, mix
+from training.models.blocks import MLP, EmbeddingLayer, Experts, Gate, Parts, Tower, masked_mean, mix
 from training.models.ple import PLE, PLEConfig
 from tests.helpers import TASKS, tiny_schema
 
@@ -216,3 +216,44 @@ def test_ple_task_gate_mixes_own_and_shared_experts():
     assert first.shared_gate.n_experts == T * te + se
     # task k's experts read task k's input, the shared experts the shared input
     assert first.input_of_expert.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+
+
+# --- the request side once (Parts) -----------------------------------------------------------
+
+def test_parts_first_layers_equal_the_full_input():
+    """MLP, Experts and Gate on Parts (user/context blocks at batch 1) give what they give on the
+    broadcast [N, D] tensor; Parts.full() is that tensor."""
+    torch.manual_seed(0)
+    n, dims = 9, [5, 7, 3]
+    blocks = [torch.randn(1, 5), torch.randn(n, 7), torch.randn(1, 3)]
+    parts = Parts(blocks, dims, [False, True, False])
+    full = torch.cat([blocks[0].expand(n, -1), blocks[1], blocks[2].expand(n, -1)], 1)
+    torch.testing.assert_close(parts.full(), full)
+    for block in (MLP(15, [8, 4], batch_norm=True), Experts(3, 15, [8, 4], batch_norm=True), Gate(15, 3)):
+        block.eval()
+        for m in block.modules():  # non-trivial running statistics
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(block(parts), block(full), atol=1e-5, rtol=1e-5)
+    assert MLP(15, [])(parts).shape == (n, 15)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_request_once_embedding_gives_the_same_model_outputs(arch):
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    model = build_model(arch, schema, TASKS).eval()
+    b1, bn = one_user(schema, random_inputs(schema, N))
+    with torch.no_grad():
+        want = model(bn)
+        model.embedding.request_once = True
+        parts = model.embedding(b1)
+        got = model(b1)
+        model.embedding.request_once = False
+    assert isinstance(parts, Parts) and parts.per_item == [False, True, False]
+    assert [b.shape[0] for b in parts.blocks] == [1, N, 1]
+    assert parts.dims == [model.embedding.entity_dims[e] for e in ("user", "item", "context")]
+    for t in TASKS:
+        torch.testing.assert_close(got[t.name], want[t.name], atol=1e-5, rtol=1e-5)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -158,3 +160,75 @@ def test_version_taken_meanwhile_goes_to_the_next(tmp_path, monkeypatch):
 def test_bad_extra_file_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match="plain file name"):
         export(make_model("mmoe"), tmp_path / "store", extra_files={MODEL_FILE: tmp_path})
+
+
+# --- the request side once in the exported graph ---------------------------------------------
+
+CONFIGS = {"shared_bottom": ("shared_bottom", {}), "mmoe": ("mmoe", {}), "ple": ("ple", {}),
+           "dtrn-towers": ("dtrn", {"backbone": "towers"}), "dtrn-mmoe": ("dtrn", {"backbone": "mmoe"}),
+           "dtrn-ple": ("dtrn", {"backbone": "ple"}), "ple-ml": ("ple", {"mutual_learning": True}),
+           "dtrn-ple-ml": ("dtrn", {"backbone": "ple", "mutual_learning": True})}
+
+
+def weight_matmuls(model_path, item_inputs: set[str]) -> list[tuple[str, bool, tuple[int, ...]]]:
+    """Every MatMul/Gemm with an initializer weight: (output, reads an item input?, weight shape).
+
+    "Reads an item input" is propagated through the graph: a tensor depends on the items when any
+    input of the node that made it does; the others have the user/context batch (1 at serving)."""
+    graph = onnx.load(str(model_path)).graph
+    inits = {i.name: tuple(i.dims) for i in graph.initializer}
+    per_item = set(item_inputs)
+    out = []
+    for node in graph.node:  # nodes are in topological order
+        if any(i in per_item for i in node.input):
+            per_item.update(node.output)
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
+            out.append((node.output[0], node.input[0] in per_item, inits[node.input[1]]))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_first_layers_compute_the_user_side_at_batch_one(name, tmp_path, capsys):
+    """No first layer multiplies the full [N, D] bottom input any more: its user (and context)
+    columns are multiplied at batch 1 (checked on the running graph at N = 500) and broadcast-added.
+    DTRN's per-task bottom (TRM) mixes user and item fields per item before any linear map, so
+    there only the embeddings and TIM's Transformer over the behaviour sequences run at batch 1."""
+    arch, kw = CONFIGS[name]
+    torch.manual_seed(0)
+    model = build_model(arch, tiny_schema(), TASKS, **kw)
+    path = export(model, tmp_path / "store")
+    emb = model.base.embedding if hasattr(model, "base") else model.embedding
+    items = {mi.name for mi in model_inputs(model.schema) if mi.entity == "item"}
+    matmuls = weight_matmuls(path / MODEL_FILE, items)
+    once = [(o, shape) for o, item, shape in matmuls if not item]
+    if arch == "dtrn":
+        assert any("tim/layers.0/qkv" in o for o, _ in once), once  # the Transformer: once per request
+    else:
+        assert not any(item and emb.output_dim in shape[-2:] for _, item, shape in matmuls), matmuls
+        n_first = {"shared_bottom": 1, "mmoe": 1 + 3, "ple": 1 + 3 + 1}[arch]  # experts/bottom + gates
+        user = [o for o, shape in once if shape[-2] == emb.entity_dims["user"]]
+        assert len(user) == n_first, once
+    # run the graph with the batch-1 products as extra outputs: they really have batch 1 at N = 500
+    m = onnx.load(str(path / MODEL_FILE))
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o, _ in once)
+    rows = parity_rows(model.schema, 500, seed=2)
+    entity = {mi.name: mi.entity for mi in model_inputs(model.schema)}
+    feed = {k: v if entity[k] == "item" else v[:1] for k, v in rows.items()}
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run([o for o, _ in once], feed)
+    assert outs and all(500 not in o.shape for o in outs)
+    if name == "ple":  # ORT time at N = 500 with and without the split, for the log (not asserted)
+        plain = tmp_path / "plain.onnx"
+        export_mod._export_onnx(ServingModel(model.eval(), request_once=False), rows, plain)
+        times = {}
+        for label, p in (("request once", path / MODEL_FILE), ("broadcast", plain)):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            s = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+            s.run(None, feed)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                s.run(None, feed)
+            times[label] = (time.perf_counter() - t0) / 20 * 1e3
+        with capsys.disabled():
+            print(f"\n[tiny PLE, ORT 1 thread, N=500] " + ", ".join(f"{k}: {v:.2f} ms" for k, v in times.items()))

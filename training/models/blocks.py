@@ -11,6 +11,17 @@ Every architecture is ``EmbeddingLayer -> <its own sharing structure> -> one Tow
   ``[E, in, out]`` (one batched matmul per layer, no Python loop over experts).
 * :class:`Gate` + :func:`mix` - softmax weights over experts, and the weighted sum of their outputs.
 * :class:`MultiTaskModel` - the interface the trainer and the exporter rely on.
+
+**The request side once** (serving export only). A ranking request is one user, one context and
+N candidate items, so the user's and the context's columns of the bottom input are the same in
+all N rows. With ``EmbeddingLayer.request_once`` set (the exporter sets it, training never does),
+the embedding layer returns :class:`Parts` - the user, item and context column blocks at their
+own batch sizes (1, N, 1) - instead of the broadcast ``[N, D]`` tensor, and the first layer of
+every block that reads the bottom input (:class:`MLP`, :class:`Experts`, :class:`Gate`) computes
+``x @ W + b = (x_user @ W_user + x_context @ W_context + b) + x_item @ W_item``: the request part
+at batch 1, broadcast-added to the item part at batch N (:func:`project`). Everything after the
+first layer is per item, as before. On plain tensors these blocks run exactly the ops they always
+ran (training numerics are unchanged).
 """
 
 from __future__ import annotations
@@ -29,6 +40,51 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "si
 # ---------------------------------------------------------------------------------------------
 # Embeddings
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Parts:
+    """The bottom input ``[N, D]`` kept as column blocks at their own batch sizes (see the module doc).
+
+    ``blocks[i]`` is ``[B_i, dims[i]]``, in column order (the concatenation, broadcast to N rows,
+    is the ``[N, D]`` input); ``per_item[i]`` is True for a block of item columns (batch N) and
+    False for a user or context block (batch 1 at serving). ``dims`` are plain ints, so they stay
+    constants when the model is traced for ONNX.
+    """
+
+    blocks: list[Tensor]
+    dims: list[int]
+    per_item: list[bool]
+
+    def full(self) -> Tensor:
+        """The ``[N, D]`` tensor the blocks stand for (for a consumer that is not a first layer)."""
+        n = next(b for b, item in zip(self.blocks, self.per_item) if item).shape[0]
+        return torch.cat([b if item else b.expand(n, -1) for b, item in zip(self.blocks, self.per_item)], dim=1)
+
+
+def project(x: Tensor | Parts, weight: Tensor, bias: Tensor) -> Tensor:
+    """``x @ weight + bias`` for ``weight [D, H]`` or stacked experts ``[E, D, H]``.
+
+    For :class:`Parts`, the rows of ``weight`` are split like the columns of ``x``; the request
+    blocks' products and the bias are summed at their batch (1) first, then added to the item
+    blocks' product (batch N) by broadcasting: ``[(E,) 1, H] + [(E,) N, H]``.
+    """
+    if not isinstance(x, Parts):
+        return torch.matmul(x, weight) + bias
+    once, per_item, start = bias, None, 0
+    for block, d, item in zip(x.blocks, x.dims, x.per_item):
+        y = torch.matmul(block, weight[..., start:start + d, :])  # a constant slice: folded at export
+        start += d
+        if item:
+            per_item = y if per_item is None else per_item + y
+        else:
+            once = once + y
+    return per_item + once
+
+
+def linear(layer: nn.Linear, x: Tensor | Parts) -> Tensor:
+    """``layer(x)``; a :class:`Parts` input is projected block by block (:func:`project`)."""
+    return layer(x) if isinstance(x, Tensor) else project(x, layer.weight.t(), layer.bias)
+
 
 def masked_mean(emb: Tensor, ids: Tensor) -> Tensor:
     """Mean of ``emb`` [B, L, d] over the positions where ``ids`` [B, L] != 0; all padding -> zeros."""
@@ -66,8 +122,11 @@ class EmbeddingLayer(nn.Module):
       non-zero ids (0 is padding and never contributes; an all-padding sequence gives zeros).
 
     User and context fields are computed at their own batch size (``Bu``/``Bc``, N or 1) and
-    broadcast with ``expand(N, -1)`` to the item batch N.
+    broadcast with ``expand(N, -1)`` to the item batch N - or, with ``request_once`` set (serving
+    export), not broadcast at all: ``forward`` then returns :class:`Parts`.
     """
+
+    request_once: bool = False  # forward -> Parts instead of [N, D] (set by training.export only)
 
     def __init__(self, schema: FeatureSchema, dense_dim: int):
         super().__init__()
@@ -99,6 +158,8 @@ class EmbeddingLayer(nn.Module):
                 self.field_dims.append(sparse_dim[f.vocab_of])
         self.num_fields = len(self.field_names)
         self.output_dim = sum(self.field_dims)
+        self.entity_dims = {e: sum(d for name, d in zip(self.field_names, self.field_dims)
+                                   if schema.field(name).entity == e) for e in ENTITIES}
 
     def sequences(self, inputs: dict[str, Tensor], entity: str) -> list[tuple[Tensor, Tensor]]:
         """Unpooled sequences of an entity: per field ``(emb [B, L, d], ids [B, L])`` (for attention)."""
@@ -130,7 +191,20 @@ class EmbeddingLayer(nn.Module):
             out += vecs if e == "item" else [v.expand(n, -1) for v in vecs]
         return out
 
-    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+    def parts(self, inputs: dict[str, Tensor]) -> Parts:
+        """The fields as :class:`Parts`: one block per entity that has fields, at its own batch."""
+        blocks, dims, per_item = [], [], []
+        for e in ENTITIES:
+            vecs = self.entity_fields(inputs, e)
+            if vecs:
+                blocks.append(torch.cat(vecs, dim=1))
+                dims.append(self.entity_dims[e])
+                per_item.append(e == "item")
+        return Parts(blocks, dims, per_item)
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor | Parts:
+        if self.request_once:
+            return self.parts(inputs)
         return torch.cat(self.fields(inputs), dim=1)
 
 
@@ -153,6 +227,16 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.output_dim = in_dim
 
+    def forward(self, x: Tensor | Parts) -> Tensor:
+        if isinstance(x, Tensor):
+            return super().forward(x)
+        if not len(self):
+            return x.full()
+        h = linear(self[0], x)  # the first layer per block (request part once), then as usual
+        for layer in list(self)[1:]:
+            h = layer(h)
+        return h
+
 
 class Tower(nn.Module):
     """A task head: ``MLP -> Linear(., 1)``, returns ``[N]``."""
@@ -169,8 +253,8 @@ class Tower(nn.Module):
 class Experts(nn.Module):
     """``n_experts`` same-shaped MLPs with stacked weights ``[E, in, out]`` per layer.
 
-    Input ``[N, in]`` (every expert sees the same input) or ``[N, E, in]`` (one input per expert);
-    output ``[N, E, hidden[-1]]``. Each layer is one batched matmul over all experts, followed by
+    Input ``[N, in]`` or :class:`Parts` (every expert sees the same input) or ``[N, E, in]`` (one
+    input per expert); output ``[N, E, hidden[-1]]``. Each layer is one batched matmul over all experts, followed by
     [BatchNorm per expert and channel], ReLU and dropout (the same layer recipe as :class:`MLP`).
     """
 
@@ -193,10 +277,10 @@ class Experts(nn.Module):
         # so a serving batch of one item is fine)
         self.norms = nn.ModuleList(nn.BatchNorm1d(n_experts * h) for h in hidden) if batch_norm else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = x if x.dim() == 2 else x.transpose(0, 1)  # [N, in] (broadcast over E) or [E, N, in]
+    def forward(self, x: Tensor | Parts) -> Tensor:
+        h = x if isinstance(x, Parts) or x.dim() == 2 else x.transpose(0, 1)  # [N, in] (broadcast over E) or [E, N, in]
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.matmul(h, w) + b  # [E, N, out]
+            h = project(h, w, b)  # [E, N, out]
             if self.norms is not None:
                 e, n, d = h.shape
                 h = self.norms[i](h.transpose(0, 1).reshape(n, e * d)).reshape(n, e, d).transpose(0, 1)
@@ -212,8 +296,8 @@ class Gate(nn.Module):
         self.n_experts = n_experts
         self.linear = nn.Linear(in_dim, n_experts)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.softmax(self.linear(x), dim=-1)
+    def forward(self, x: Tensor | Parts) -> Tensor:
+        return torch.softmax(linear(self.linear, x), dim=-1)
 
 
 def mix(weights: Tensor, experts: Tensor) -> Tensor:

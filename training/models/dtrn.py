@@ -41,8 +41,15 @@ Choices where the paper leaves room or this code base differs (all in :class:`DT
   representation) mixes them; ``ple`` - CGC levels with task k's experts on task k's
   representation and the shared experts on the mean of the task representations.
 
-Serving: the Transformer runs at the user batch (1 at serving) and is broadcast to the N items
-inside the target attention, which needs the item and so runs at N.
+Serving (the request side once, see :mod:`training.models.blocks`): the user's embeddings and
+TIM's Transformer over each behaviour sequence (and its key projection) run at the user batch (1
+at serving) and are broadcast to the N items inside the target attention, which needs the item
+and so runs at N. From there on everything necessarily runs per item: TRM squeezes *all* fields
+(user and item) into one SENet input and multiplies every field vector, the user's too, by a
+per-item weight, before any linear map - so the backbone's first layers read per-item columns
+only and are not split into user and item parts as in PLE/MMoE/Shared-Bottom. (A possible further
+step, not taken: the first layer of ``s * x`` is ``sum_f s_f (x_f @ W_f)``, so the user fields'
+``x_f @ W_f`` could be computed once and mixed per item with the ``s_f`` weights.)
 """
 
 from __future__ import annotations
