@@ -15,6 +15,20 @@ decodes the reply with whole-array numpy operations and builds the ONNX inputs: 
 inputs with batch 1 (the graph broadcasts them), item inputs with batch N. Missing values and
 values that fail to decode (corrupt) get the schema defaults (index 0, dense mean) and are counted
 as missing; corrupt ones are also logged, once per request, with their entity ids.
+
+Item cache and invalidation: with ``MTRANK_ITEM_CACHE_SIZE`` > 0 the fetcher keeps the raw
+values of recently read items (:class:`~service.item_cache.ItemCache`) and asks Redis only for
+the user, the namespace meta key and the items it does not hold - still one MGET. The meta key is
+rewritten by every ``mtrank features load`` after the data (it carries ``loaded_at`` and a
+``load_id``), so a reply whose meta value differs from the one the cache was filled under empties
+the cache; the items this request took from the cache are then read again (one more MGET, once
+per load). Only values that decoded cleanly are cached.
+
+Degraded mode: when the store raises :class:`~service.redis_client.StoreUnavailable` (deadline,
+Redis down, circuit open) and ``MTRANK_REDIS_FAILURE_MODE=degrade``, the request is answered from
+what is at hand - the schema defaults for the user and the items, the cached items, and on a
+cluster the values of the nodes that did answer - and :attr:`Features.degraded` names the reason.
+With ``fail`` the error propagates (the app answers 503).
 """
 
 from __future__ import annotations
@@ -27,9 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import redis
 
 from service.codec import Decoded, EntityCodec
 from service.contract import FeatureSchema, ModelInput, model_inputs
+from service.item_cache import ItemCache
+from service.redis_client import FeatureStore, StoreUnavailable
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +91,8 @@ class Features:
     user_corrupt: bool = False
     items_corrupt: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # seconds: fetch (MGET), assemble
+    degraded: str | None = None  # why Redis could not be read ("timeout", "down", "circuit_open")
+    items_from_cache: int = 0
 
 
 class FeatureFetcher:
@@ -82,13 +102,24 @@ class FeatureFetcher:
     i + 1); only the context fields' vocabularies are used here (user/item values are stored as
     indices already). ``inputs`` defaults to :func:`~service.contract.model_inputs` of the schema
     and must agree with it (the codec's column order is the schema order).
+
+    ``redis_client`` is a :class:`~service.redis_client.FeatureStore` (reads get its deadline)
+    or any client with ``mget(keys)``. ``settings`` (failure mode, item cache) default to the
+    store's, else to the defaults.
     """
 
     def __init__(self, redis_client, schema: FeatureSchema, prefix: str,
-                 vocabs: Mapping[str, Sequence[str]], inputs: Sequence[ModelInput] | None = None):
+                 vocabs: Mapping[str, Sequence[str]], inputs: Sequence[ModelInput] | None = None,
+                 settings: Settings | None = None):
         self.redis = redis_client
+        settings = settings or getattr(redis_client, "settings", None) or Settings.model_construct()
+        self.degrade = settings.redis_failure_mode == "degrade"
+        self._with_deadline = isinstance(redis_client, FeatureStore)
+        cache = ItemCache(settings.item_cache_size, settings.item_cache_ttl_s)
+        self.cache: ItemCache | None = cache if cache.enabled else None
         self.schema = schema
         self.ns = namespace(prefix, schema)
+        self._meta_key = meta_key(self.ns)
         expected = model_inputs(schema)
         self.inputs = list(inputs) if inputs is not None else expected
         if self.inputs != expected:
@@ -114,13 +145,39 @@ class FeatureFetcher:
         # the context is checked first: a bad request must not cost a Redis round trip
         ctx_sparse, ctx_dense = self.context_arrays(context or {})
         ns = self.ns
-        keys = [user_key(ns, user_id)]
-        keys.extend([item_key(ns, i) for i in item_ids])
         t0 = time.perf_counter()
-        values = self.redis.mget(keys)
+        until = time.monotonic() + getattr(self.redis, "deadline_s", 0.0)
+        degraded = None
+        cache = self.cache
+        if cache is None:
+            keys = [user_key(ns, user_id)]
+            keys.extend([item_key(ns, i) for i in item_ids])
+            values, degraded = self._read(keys)
+            user_values, item_values, fetched, from_cache = values[:1], values[1:], None, 0
+        else:
+            item_values = cache.get_many(item_ids)
+            fetched = [j for j, v in enumerate(item_values) if v is None]
+            from_cache = len(item_ids) - len(fetched)
+            keys = [user_key(ns, user_id), self._meta_key]
+            keys.extend([item_key(ns, item_ids[j]) for j in fetched])
+            values, degraded = self._read(keys)
+            for j, v in zip(fetched, values[2:]):
+                item_values[j] = v
+            user_values, tag = values[:1], values[1]
+            if degraded is None and cache.retag(tag) and from_cache:
+                # features were reloaded: what came from the cache may be old, read it again
+                again = sorted(set(range(len(item_ids))).difference(fetched))
+                fresh, degraded = self._read([item_key(ns, item_ids[j]) for j in again], until)
+                if degraded is None:
+                    for j, v in zip(again, fresh):
+                        item_values[j] = v
+                    fetched, from_cache = list(range(len(item_ids))), 0
         t1 = time.perf_counter()
-        user = self.user_codec.decode(values[:1])
-        items = self.item_codec.decode(values[1:])
+        user = self.user_codec.decode(user_values)
+        items = self.item_codec.decode(item_values)
+        if cache is not None and degraded is None and fetched:
+            ok = (~(items.missing | items.corrupt)).tolist()
+            cache.put([(item_ids[j], item_values[j]) for j in fetched if ok[j]], tag)
         self._log_corrupt(user_id, item_ids, user, items)
         arrays = {
             ("user", "sparse"): user.sparse, ("user", "dense"): user.dense, ("user", "sequence"): user.seq,
@@ -137,7 +194,32 @@ class FeatureFetcher:
             user_corrupt=bool(user.corrupt[0]),
             items_corrupt=int(np.count_nonzero(items.corrupt)),
             timings={"fetch": t1 - t0, "assemble": t2 - t1},
+            degraded=degraded,
+            items_from_cache=from_cache,
         )
+
+    def _read(self, keys: list[str], until: float | None = None) -> tuple[list, str | None]:
+        """One MGET -> (values, None); when the store is unavailable and degrading is allowed ->
+        (what could be read, ``None`` elsewhere; the reason), else the error propagates. ``until``
+        (monotonic): the end of the request's budget when it is not the first read."""
+        try:
+            if self._with_deadline:
+                if until is not None:
+                    return self.redis.mget(keys, max(until - time.monotonic(), 0.001)), None
+                return self.redis.mget(keys), None
+            try:
+                return self.redis.mget(keys), None
+            except (redis.ConnectionError, redis.TimeoutError) as e:  # a plain redis-py client
+                raise StoreUnavailable("timeout" if isinstance(e, redis.TimeoutError) else "down", str(e)) from e
+        except StoreUnavailable as e:
+            if not self.degrade:
+                raise
+            log.debug("feature store unavailable (%s), degrading %s", e.reason, self.ns)
+            return (e.partial if e.partial is not None else [None] * len(keys)), e.reason
+
+    def cache_stats(self) -> dict[str, int]:
+        """Item cache counters: hits, misses, size, clears (zeros when the cache is off)."""
+        return self.cache.stats() if self.cache is not None else {"hits": 0, "misses": 0, "size": 0, "clears": 0}
 
     def context_arrays(self, context: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Context inputs (batch 1): sparse int64 [1, n] by vocabulary lookup, dense float32 [1, n].

@@ -5,6 +5,11 @@ response items is built in Python (and serialised with orjson). Each stage is ti
 ``time.perf_counter`` and the timings travel on the :class:`RankResult`.
 
 Duplicate item ids are scored once per occurrence (see :mod:`service.schemas`).
+
+When the feature store could not be read and ``MTRANK_REDIS_FAILURE_MODE=degrade``, the request
+is still ranked (schema defaults plus cached items, see :mod:`service.features`) and the response
+says so: ``"degraded": true, "degraded_reason": "timeout" | "down" | "circuit_open"``; both fields
+are always present (``false`` / ``null`` when healthy).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class RankResult:
     items_missing: int
     items_corrupt: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
+    degraded: str | None = None  # the reason the features were not (all) read from Redis
+    items_from_cache: int = 0
 
 
 class Ranker:
@@ -53,7 +60,7 @@ class Ranker:
         # weights naming tasks the model does not have fail here, at load time
         self.kinds = fusion.validate_weights(self.fusion_name, self.weights, manifest.tasks)
         self.fetcher = fetcher or FeatureFetcher(redis_client, manifest.feature_schema, settings.redis_prefix,
-                                                 bundle.vocabs, inputs=manifest.inputs)
+                                                 bundle.vocabs, inputs=manifest.inputs, settings=settings)
         self.tasks = list(manifest.outputs)
         self.variant = variant
         self._model_ref = {"name": manifest.name, "version": manifest.version}
@@ -77,17 +84,19 @@ class Ranker:
         idx = fusion.order(fused, request.top_k)
         t2 = time.perf_counter()
 
-        body = self._serialise(request, bucket, idx, fused, scores, feats.user_missing, feats.items_missing)
+        body = self._serialise(request, bucket, idx, fused, scores, feats.user_missing, feats.items_missing,
+                               feats.degraded)
         t3 = time.perf_counter()
         timings = {**feats.timings, "inference": t1 - t0, "fusion": t2 - t1, "serialise": t3 - t2,
                    "total": t3 - t_start}
         return RankResult(body=body, request_id=request.request_id, n_items=feats.n_items,
                           n_returned=int(idx.size), user_missing=feats.user_missing,
                           items_missing=feats.items_missing, items_corrupt=feats.items_corrupt,
-                          timings=timings)
+                          timings=timings, degraded=feats.degraded, items_from_cache=feats.items_from_cache)
 
     def _serialise(self, request: RankRequest, bucket: int | None, idx: np.ndarray, fused: np.ndarray,
-                   scores: dict[str, np.ndarray], user_missing: bool, items_missing: int) -> bytes:
+                   scores: dict[str, np.ndarray], user_missing: bool, items_missing: int,
+                   degraded: str | None = None) -> bytes:
         items = request.items
         ids = [items[i] for i in idx.tolist()]
         # orjson writes NaN/inf as null, as the response model documents
@@ -105,5 +114,7 @@ class Ranker:
             "model": self._model_ref,
             "items": ranked,
             "missing": {"user": user_missing, "items": items_missing},
+            "degraded": degraded is not None,
+            "degraded_reason": degraded,
         })
 

@@ -1,9 +1,36 @@
 """The feature store connection: one object the service reads features through.
 
 :class:`FeatureStore` wraps a redis-py client (a single Redis, or a Redis Cluster) and owns what
-the request path needs around it: the per-request deadline, the circuit breaker and, on a
-cluster, reads grouped per node. Everything that reads or writes features goes through
-:func:`make_store` so a URL or ``MTRANK_REDIS_CLUSTER`` switch is honoured everywhere.
+the request path needs around it. Everything that reads or writes features goes through
+:func:`make_store` / :func:`client_for_url` so a URL or ``MTRANK_REDIS_CLUSTER`` switch is
+honoured everywhere.
+
+Choices, and why:
+
+* **Two paths.** ``store.client`` is an ordinary redis-py client (``redis.Redis`` or
+  ``redis.cluster.RedisCluster``) with ``MTRANK_REDIS_TIMEOUT_MS`` timeouts and one immediate
+  retry, for the control path (meta checks, ``/readyz``, tools). :meth:`FeatureStore.mget`, the
+  request path, uses its own connection pool per node, without redis-py's retries, so nothing
+  it does can take longer than the budget.
+* **Deadline = socket timeouts.** The pools' connect/send timeouts are ``MTRANK_REDIS_DEADLINE_MS``
+  and every reply is read with ``read_response(timeout=<what is left of the budget>)``. On a
+  timeout redis-py closes the socket (``disconnect_on_error``), so a late reply can never be read
+  by the next request; the pool reconnects that connection when it is next used. No threads are
+  spent per request. (A byte-trickling server could stretch one read by one more timeout; Redis
+  does not trickle.)
+* **Circuit breaker per node**, small and local (:class:`Breaker`; the packaged breakers are
+  not thread-safe or want asyncio). ``MTRANK_BREAKER_FAILURES`` consecutive failures open it;
+  while open, reads of that node fail at once with ``circuit_open`` (no network). Probing is off
+  the request path: opening starts a tiny daemon thread that PINGs the node on a fresh connection
+  every ``MTRANK_BREAKER_PROBE_S`` (state ``half_open`` while the PING is out) and closes the
+  breaker on PONG, so service resumes ~probe_s after Redis answers, with no request paying for
+  the probe; the thread then exits.
+* **Cluster**: keys are grouped per node from a slot table copied out of the cluster client's
+  ``nodes_manager``, one MGET per hash slot (Redis refuses cross-slot MGETs even on one node),
+  pipelined on one connection per node; every node is written to first and then read, so the
+  nodes work concurrently and a read costs about the slowest node. A node that fails costs only
+  its keys: the others' values come back on :attr:`StoreUnavailable.partial`. MOVED/ASK or a
+  failed node schedule a background topology refresh.
 
 Failures surface as :class:`StoreUnavailable` (a ``redis.RedisError``) with a short ``reason``:
 ``timeout``, ``down`` or ``circuit_open``.
@@ -11,40 +38,333 @@ Failures surface as :class:`StoreUnavailable` (a ``redis.RedisError``) with a sh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError
+from redis.retry import Retry
 
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
+
+#: ordering used by :attr:`FeatureStore.state` when several breakers (cluster nodes) disagree
+_STATE_RANK = {"closed": 0, "half_open": 1, "open": 2}
+#: seconds between two topology refreshes of a cluster at most
+_REFRESH_EVERY_S = 1.0
+
 
 class StoreUnavailable(redis.RedisError):
-    """The feature store did not answer in time or at all; ``reason`` is a short code."""
+    """The feature store did not answer in time or at all; ``reason`` is a short code.
 
-    def __init__(self, reason: str, detail: str = ""):
+    ``partial``: on a cluster where only some nodes failed, the reply with ``None`` for the keys
+    of the failed nodes (else ``None``)."""
+
+    def __init__(self, reason: str, detail: str = "", partial: list | None = None):
         super().__init__(f"feature store unavailable ({reason}){': ' + detail if detail else ''}")
         self.reason = reason
+        self.partial = partial
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker of one Redis node, with a background PING probe.
+
+    ``probe`` raises when the node does not answer. ``allow()`` and ``success()`` (the healthy
+    request path) read one attribute and take no lock."""
+
+    def __init__(self, name: str, failures: int, probe_s: float, probe: Callable[[], object],
+                 stop: threading.Event, on_open: Callable[[], None] | None = None):
+        self.name = name
+        self.threshold = failures
+        self.probe_s = probe_s
+        self._probe = probe
+        self._stop = stop
+        self._on_open = on_open
+        self._lock = threading.Lock()
+        self.state = "closed"
+        self.failures = 0  # consecutive
+        self.last_error: str | None = None
+        self.opened_at: float | None = None
+
+    def allow(self) -> bool:
+        return self.state == "closed"
+
+    def success(self) -> None:
+        if self.failures:
+            with self._lock:
+                self.failures = 0
+
+    def failure(self, error: str) -> None:
+        with self._lock:
+            self.failures += 1
+            self.last_error = error
+            if self.state != "closed" or self.failures < self.threshold:
+                return
+            self.state = "open"
+            self.opened_at = time.monotonic()
+        log.warning("feature store %s: circuit open after %d consecutive failures (%s)", self.name,
+                    self.failures, error)
+        if self._on_open is not None:
+            self._on_open()
+        threading.Thread(target=self._probe_loop, name=f"mtrank-breaker-{self.name}", daemon=True).start()
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.probe_s):
+            with self._lock:
+                self.state = "half_open"
+            try:
+                self._probe()
+            except Exception as e:  # any failure keeps it open
+                with self._lock:
+                    self.state = "open"
+                    self.last_error = f"probe: {type(e).__name__}: {e}"
+                continue
+            with self._lock:
+                self.state = "closed"
+                self.failures = 0
+            log.warning("feature store %s: circuit closed (PING answered after %.2fs)", self.name,
+                        time.monotonic() - (self.opened_at or 0.0))
+            return
+
+
+class _Node:
+    """One Redis server of the request path: its pool (short timeouts) and breaker."""
+
+    __slots__ = ("name", "pool", "breaker")
+
+    def __init__(self, name: str, pool: redis.ConnectionPool, breaker: Breaker):
+        self.name = name
+        self.pool = pool
+        self.breaker = breaker
+
+
+def _fast_pool(pool: redis.ConnectionPool, timeout_s: float) -> redis.ConnectionPool:
+    """A pool like ``pool`` (same server, credentials, TLS, db) with ``timeout_s`` socket timeouts,
+    no retries and no CLIENT SETINFO round trips at connect."""
+    kw = dict(pool.connection_kwargs)
+    for k in ("lib_name", "lib_version", "retry_on_timeout", "retry_on_error", "cache", "himport_registry"):
+        kw.pop(k, None)
+    kw.update(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+              driver_info=None, health_check_interval=0)
+    return redis.ConnectionPool(connection_class=pool.connection_class, **kw)
+
+
+def _ping_once(pool: redis.ConnectionPool, timeout_s: float) -> None:
+    """PING on a new connection to the pool's server (never a pooled one: it may hold a stale reply)."""
+    conn = _fast_pool(pool, timeout_s).make_connection()
+    try:
+        conn.connect()
+        conn.send_command("PING")
+        if conn.read_response(timeout=timeout_s) not in (b"PONG", "PONG", True):
+            raise redis.ConnectionError("unexpected PING reply")
+    finally:
+        conn.disconnect()
 
 
 class FeatureStore:
-    """Feature reads with a deadline. (Interface first; breaker and cluster grouping follow.)"""
+    """Feature reads with a deadline, a circuit breaker per node and, on a cluster, reads grouped
+    per node. ``get``/``ping``/``close`` and :attr:`client` are the control path."""
 
     def __init__(self, client, settings: Settings):
         self.client = client
         self.settings = settings
+        self.deadline_s = settings.redis_deadline_ms / 1000.0
+        self.probe_timeout_s = max(self.deadline_s, min(settings.redis_timeout_s, 0.1))
+        self.is_cluster = isinstance(client, RedisCluster)
+        self._password = urlsplit(settings.redis_url).password if "://" in settings.redis_url else None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._nodes: dict[str, _Node] = {}
+        self._refresh_at = 0.0
+        self._refreshing = False
+        if self.is_cluster:
+            self._slot_table: list[str] = []
+            self._load_topology()
+        else:
+            self._single = self._node(redis_name(client.connection_pool), client.connection_pool)
+
+    # -- nodes and topology ----------------------------------------------------------------------
+    def _node(self, name: str, source_pool: redis.ConnectionPool) -> _Node:
+        node = self._nodes.get(name)
+        if node is None:
+            pool = _fast_pool(source_pool, self.deadline_s)
+            breaker = Breaker(name, self.settings.breaker_failures, self.settings.breaker_probe_s,
+                              probe=lambda: _ping_once(pool, self.probe_timeout_s), stop=self._stop,
+                              on_open=lambda: pool.disconnect(inuse_connections=False))
+            node = self._nodes[name] = _Node(name, pool, breaker)
+        return node
+
+    def _load_topology(self) -> None:
+        """Copy the cluster client's slot -> primary mapping into a plain list (no lock per key)."""
+        nm = self.client.nodes_manager
+        table = [""] * 16384
+        with self._lock:
+            for slot, nodes in list(nm.slots_cache.items()):
+                if nodes:
+                    primary = nodes[0]
+                    conn = primary.redis_connection or self.client.get_redis_connection(primary)
+                    self._node(primary.name, conn.connection_pool)
+                    table[slot] = primary.name
+            self._slot_table = table
+
+    def _schedule_refresh(self) -> None:
+        """Re-read the cluster topology in the background, at most once per second."""
+        now = time.monotonic()
+        with self._lock:
+            if self._refreshing or now < self._refresh_at or self._stop.is_set():
+                return
+            self._refreshing, self._refresh_at = True, now + _REFRESH_EVERY_S
+
+        def run():
+            try:
+                self.client.nodes_manager.initialize()
+                self._load_topology()
+            except Exception as e:  # keep the old table; the next failure schedules another try
+                log.warning("feature store: cluster topology refresh failed: %s", self._scrub(f"{type(e).__name__}: {e}"))
+            finally:
+                self._refreshing = False
+
+        threading.Thread(target=run, name="mtrank-cluster-refresh", daemon=True).start()
 
     # -- request path ---------------------------------------------------------------------------
     def mget(self, keys: Sequence[str], deadline_s: float | None = None) -> list[bytes | None]:
-        try:
-            return self.client.mget(keys)
-        except redis.TimeoutError as e:
-            raise StoreUnavailable("timeout", str(e)) from e
-        except redis.RedisError as e:
-            raise StoreUnavailable("down", f"{type(e).__name__}: {e}") from e
+        """Values of ``keys`` in order (``None`` = absent) within ``deadline_s`` seconds (default
+        ``MTRANK_REDIS_DEADLINE_MS``); raises :class:`StoreUnavailable` otherwise."""
+        until = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
+        if self.is_cluster:
+            return self._mget_cluster(keys, until)
+        node = self._single
+        if not node.breaker.allow():
+            raise StoreUnavailable("circuit_open", node.breaker.last_error or "")
+        conn = self._send(node, [("MGET", *keys)])
+        reply = self._recv(node, conn, 1, until)[0]
+        if isinstance(reply, Exception):  # an error reply (NOAUTH, OOM, ...): the server cannot serve us
+            raise self._failed(node, reply)
+        return reply
 
+    def _send(self, node: _Node, commands: list[tuple]):
+        """A connection of ``node`` with ``commands`` written on it (pipelined)."""
+        try:
+            conn = node.pool.get_connection()
+        except redis.RedisError as e:
+            raise self._failed(node, e) from None
+        try:
+            if len(commands) == 1:
+                conn.send_command(*commands[0])
+            else:
+                conn.send_packed_command(conn.pack_commands(commands))
+        except redis.RedisError as e:
+            node.pool.release(conn)
+            raise self._failed(node, e) from None
+        return conn
+
+    def _recv(self, node: _Node, conn, n: int, until: float) -> list:
+        """The ``n`` replies on ``conn``; a ``ResponseError`` reply is returned in place (the
+        connection stays in step), a timeout or a socket error raises (the socket is closed)."""
+        out: list = []
+        try:
+            for _ in range(n):
+                # at least 1 ms: replies already in the socket buffer are read even past the budget
+                left = max(until - time.monotonic(), 0.001)
+                try:
+                    out.append(conn.read_response(timeout=left))
+                except (redis.ConnectionError, redis.TimeoutError):
+                    raise
+                except redis.ResponseError as e:
+                    out.append(e)
+        except redis.RedisError as e:
+            conn.disconnect()
+            raise self._failed(node, e) from None
+        finally:
+            node.pool.release(conn)
+        node.breaker.success()
+        return out
+
+    def _failed(self, node: _Node, e: Exception) -> StoreUnavailable:
+        reason = "timeout" if isinstance(e, redis.TimeoutError) else "down"
+        detail = self._scrub(f"{node.name}: {type(e).__name__}: {e}")
+        node.breaker.failure(detail)
+        if self.is_cluster:
+            self._schedule_refresh()
+        return StoreUnavailable(reason, detail)
+
+    def _mget_cluster(self, keys: Sequence[str], until: float) -> list[bytes | None]:
+        table = self._slot_table
+        plan: dict[str, dict[int, list[int]]] = {}  # node -> slot -> positions
+        for pos, key in enumerate(keys):
+            slot = key_slot(key.encode())
+            plan.setdefault(table[slot], {}).setdefault(slot, []).append(pos)
+        out: list = [None] * len(keys)
+        errors: list[StoreUnavailable] = []
+        sent = []
+        for name, by_slot in plan.items():
+            node = self._nodes.get(name)
+            if node is None:
+                errors.append(StoreUnavailable("down", f"no node serves slot {next(iter(by_slot))}"))
+                self._schedule_refresh()
+                continue
+            if not node.breaker.allow():
+                errors.append(StoreUnavailable("circuit_open", node.breaker.last_error or ""))
+                continue
+            groups = list(by_slot.values())
+            try:
+                conn = self._send(node, [("MGET", *[keys[p] for p in g]) for g in groups])
+            except StoreUnavailable as e:
+                errors.append(e)
+                continue
+            sent.append((node, conn, groups))
+        for node, conn, groups in sent:  # every node is working by now: read them in turn
+            try:
+                replies = self._recv(node, conn, len(groups), until)
+            except StoreUnavailable as e:
+                errors.append(e)
+                continue
+            for g, reply in zip(groups, replies):
+                if isinstance(reply, Exception):
+                    if isinstance(reply, (MovedError, AskError)):
+                        self._schedule_refresh()
+                    errors.append(StoreUnavailable("down", self._scrub(f"{node.name}: {reply}")))
+                    continue
+                for p, v in zip(g, reply):
+                    out[p] = v
+        if errors:
+            first = errors[0]
+            raise StoreUnavailable(first.reason, str(first), partial=out)
+        return out
+
+    # -- state -----------------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        return True
+        """Every breaker is closed."""
+        return all(n.breaker.state == "closed" for n in list(self._nodes.values()))
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``half_open`` or ``open``: the worst of the nodes' breakers."""
+        states = [n.breaker.state for n in list(self._nodes.values())] or ["closed"]
+        return max(states, key=_STATE_RANK.__getitem__)
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest failure seen by any breaker (no password in it)."""
+        errs = [(n.breaker.opened_at or 0.0, n.breaker.last_error) for n in list(self._nodes.values())
+                if n.breaker.last_error]
+        return max(errs)[1] if errs else None
+
+    def breakers(self) -> dict[str, dict]:
+        """Per node: state, consecutive failures, last error (for metrics and admin views)."""
+        return {n.name: {"state": n.breaker.state, "failures": n.breaker.failures, "last_error": n.breaker.last_error}
+                for n in list(self._nodes.values())}
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
 
     # -- pass-through for the control path (meta checks, readiness) --------------------------------
     def get(self, key: str):
@@ -54,13 +374,33 @@ class FeatureStore:
         return self.client.ping()
 
     def close(self) -> None:
+        self._stop.set()
+        for n in list(self._nodes.values()):
+            n.pool.disconnect()
         self.client.close()
 
 
+def redis_name(pool: redis.ConnectionPool) -> str:
+    kw = pool.connection_kwargs
+    return f"{kw['host']}:{kw.get('port', 6379)}" if "host" in kw else str(kw.get("path", "redis"))
+
+
+def _plain_url(url: str) -> str:
+    """``redis+cluster://`` -> ``redis://``, ``rediss+cluster://`` -> ``rediss://`` (TLS kept)."""
+    scheme, sep, rest = url.partition("://")
+    return scheme.lower().removesuffix("+cluster") + sep + rest
+
+
 def make_client(settings: Settings):
-    """A redis-py client for ``settings.redis_url`` (timeouts from the settings)."""
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
-                                socket_connect_timeout=settings.redis_timeout_s)
+    """A redis-py client for ``settings.redis_url``: a ``RedisCluster`` when ``settings.cluster``
+    (this contacts the cluster to learn its slots), else a ``redis.Redis``. Timeouts from the
+    settings; one immediate retry (a pooled connection may have died with a restarted server)."""
+    url = _plain_url(settings.redis_url)
+    t = settings.redis_timeout_s
+    if settings.cluster:
+        return RedisCluster.from_url(url, socket_timeout=t, socket_connect_timeout=t, require_full_coverage=False,
+                                     retry=Retry(NoBackoff(), 1))
+    return redis.Redis.from_url(url, socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 1))
 
 
 def client_for_url(url: str, timeout_s: float = 5.0, cluster: bool | None = None):

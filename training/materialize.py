@@ -5,21 +5,32 @@ training), packed with ``service.codec`` and written with pipelined MSETs, one k
 under a namespace that carries the schema's fingerprint: loading features for a new schema
 writes new keys and never touches what a running model reads. Re-running overwrites the same
 keys with the same bytes (idempotent). No torch here.
+
+On a Redis Cluster (a ``redis.cluster.RedisCluster`` client, e.g. from a ``redis+cluster://`` URL)
+each batch is written with ``mset_nonatomic``: one MSET per hash slot, pipelined per node by the
+cluster client (a plain MSET across slots is refused by the cluster).
+
+The namespace meta key is written last, after every value, and carries a fresh ``load_id``:
+serving processes read it in their feature MGET and empty their item caches when it changes
+(see :mod:`service.features`), so a reload is picked up at the next request.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.cluster import RedisCluster
 from tqdm.auto import tqdm
 
 from service.codec import EntityCodec
 from service.contract import BundleManifest, MANIFEST_FILE, VOCAB_FILE
 from service.features import item_key, meta_key, namespace, user_key
+from service.redis_client import FeatureStore
 from training.data.dataset import encode_entities, read_raw
 
 
@@ -39,6 +50,8 @@ class LoadSummary:
 def load_features(data: str | Path, bundle_dir: str | Path, client: redis.Redis, prefix: str = "mtrank",
                   chunk: int = 2000, progress: bool = True) -> LoadSummary:
     t0 = time.perf_counter()
+    if isinstance(client, FeatureStore):  # the writes use the ordinary client, not the request path
+        client = client.client
     bundle_dir = Path(bundle_dir)
     manifest = BundleManifest.from_json((bundle_dir / MANIFEST_FILE).read_text())
     vocabs = json.loads((bundle_dir / VOCAB_FILE).read_text())
@@ -52,16 +65,24 @@ def load_features(data: str | Path, bundle_dir: str | Path, client: redis.Redis,
         keys = [key_of(ns, i) for i in table.ids]
         with tqdm(total=len(keys), desc=f"{entity} features", unit=entity, disable=not progress) as bar:
             for i in range(0, len(keys), chunk * 10):
-                pipe = client.pipeline(transaction=False)
-                for j in range(i, min(i + chunk * 10, len(keys)), chunk):
-                    pipe.mset(dict(zip(keys[j:j + chunk], values[j:j + chunk])))
-                pipe.execute()
+                _write(client, keys[i:i + chunk * 10], values[i:i + chunk * 10], chunk)
                 bar.update(min(chunk * 10, len(keys) - i))
         counts[entity] = len(keys)
         total_bytes += sum(len(v) for v in values)
     summary = LoadSummary(ns, counts["user"], counts["item"], total_bytes, round(time.perf_counter() - t0, 2))
     client.set(meta_key(ns), json.dumps({
         "schema_fingerprint": schema.fingerprint(), "model": manifest.name, "version": manifest.version,
-        "users": summary.users, "items": summary.items, "loaded_at": time.time(),
+        "users": summary.users, "items": summary.items, "loaded_at": time.time(), "load_id": uuid.uuid4().hex,
     }))
     return summary
+
+
+def _write(client, keys: list[str], values: list[bytes], chunk: int) -> None:
+    """Write one batch: MSETs of ``chunk`` keys in one pipeline, or per slot on a cluster."""
+    if isinstance(client, RedisCluster):
+        client.mset_nonatomic(dict(zip(keys, values)))
+        return
+    pipe = client.pipeline(transaction=False)
+    for j in range(0, len(keys), chunk):
+        pipe.mset(dict(zip(keys[j:j + chunk], values[j:j + chunk])))
+    pipe.execute()
