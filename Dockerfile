@@ -10,7 +10,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-RUN useradd --create-home --uid 10001 mtrank \
+# a fixed uid/gid (docker-compose.yml runs the service as 10001:10001); the code stays root-owned,
+# so the service user cannot change it
+RUN groupadd --gid 10001 mtrank && useradd --create-home --uid 10001 --gid 10001 mtrank \
  && mkdir -p /models /data && chown mtrank:mtrank /models /data
 
 FROM base AS trainer

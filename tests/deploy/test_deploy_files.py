@@ -1,42 +1,189 @@
 """Docker files: no Docker engine runs here, so check what can be checked without one: the
-compose file parses, wires Redis -> job -> service with health checks, runs commands the CLI
-really has, and the service image installs no torch and runs as a non-root user."""
+compose file parses, wires Redis -> job -> service replicas -> nginx with health checks, sets only
+MTRANK_* variables the service knows (with valid values), sizes workers and threads coherently,
+keeps secrets out of the files, runs commands the CLI really has; the service image installs no
+torch and runs as a non-root user. With a `docker compose` CLI, `docker compose config` too."""
 
+import fnmatch
 import re
 import shlex
-from pathlib import Path
+import shutil
+import subprocess
+from urllib.parse import urlsplit
 
-import yaml
+import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+from service.settings import Settings
+from tests.deploy.readers import (ROOT, TEST_ENV, duration_s, env_of, healthcheck_cmd, interpolate,
+                                  interpolation_vars, service_replicas)
 
 
-def test_compose_wires_redis_job_and_service():
-    c = compose()["services"]
-    assert set(c) >= {"redis", "job", "service"}
-    svc = c["service"]
-    assert svc["ports"] == ["8000:8000"]
-    assert svc["environment"]["MTRANK_PORT"] == "8000" and svc["environment"]["MTRANK_HOST"] == "0.0.0.0"
-    assert svc["depends_on"]["job"]["condition"] == "service_completed_successfully"
-    assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert "/readyz" in " ".join(svc["healthcheck"]["test"]) and "healthcheck" in c["redis"]
-    assert any(v.endswith(":ro") for v in svc["volumes"]), "the service reads the model store read-only"
-    for name in ("job", "service"):
-        env = c[name]["environment"]
-        assert env["MTRANK_REDIS_URL"].startswith("redis://redis:6379")
+def settings_from(env: dict[str, str], monkeypatch) -> Settings:
+    """Settings as the container would build them from exactly ``env``."""
+    import os
+
+    for k in [k for k in os.environ if k.upper().startswith("MTRANK_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return Settings(_env_file=None)
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+def test_compose_wires_redis_job_replicas_and_balancer(compose):
+    c = compose["services"]
+    assert set(c) >= {"redis", "job", "service", "nginx", "prometheus", "grafana"}
+    replicas = service_replicas(compose)
+    assert sum(replicas.values()) >= 2, f"at least two service replicas, got {replicas}"
+    for name in replicas:
+        svc = c[name]
+        env = env_of(svc)
+        assert env["MTRANK_HOST"] == "0.0.0.0" and env["MTRANK_PORT"] == "8000"
+        assert "ports" not in svc, "replicas publish no host port: clients go through nginx"
+        assert svc["depends_on"]["job"]["condition"] == "service_completed_successfully"
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert "/readyz" in healthcheck_cmd(svc)
+        assert svc.get("init") is True, "an init process reaps the uvicorn workers and forwards SIGTERM"
+    assert "healthcheck" in c["redis"]
+    nginx = c["nginx"]
+    assert nginx["ports"] == ["8000:80"]
+    assert all(nginx["depends_on"][n]["condition"] == "service_healthy" for n in replicas)
+    assert c["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    for name in ("nginx", "prometheus", "grafana"):
+        assert "healthcheck" in c[name], name
+    # the monitoring UIs listen on loopback only
+    for name, port in (("prometheus", 9090), ("grafana", 3000)):
+        assert c[name]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    for name in ("job", *replicas):
+        env = env_of(c[name])
+        url = urlsplit(env["MTRANK_REDIS_URL"])
+        assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
         assert env["MTRANK_MODEL_NAME"] == "demo"
-    assert c["service"]["build"]["target"] == "service" and c["job"]["build"]["target"] == "trainer"
+    assert all(c[n]["build"]["target"] == "service" for n in replicas) and c["job"]["build"]["target"] == "trainer"
 
 
-def test_compose_job_runs_real_cli_commands():
-    script = compose()["services"]["job"]["command"][0]
+def test_bind_mounted_files_exist(compose):
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith((".", "/")):
+                assert (ROOT / src).exists(), f"{name} mounts {src}, which is not in the repository"
+                assert vol.endswith(":ro"), f"{name}: config mount {vol} should be read-only"
+
+
+# -- settings -------------------------------------------------------------------------------------
+def test_every_mtrank_variable_is_a_setting_with_a_valid_value(compose, monkeypatch):
+    fields = {f"MTRANK_{name.upper()}" for name in Settings.model_fields}
+    for name, svc in compose["services"].items():
+        env = env_of(svc)
+        unknown = sorted(k for k in env if k.startswith("MTRANK_") and k not in fields)
+        assert not unknown, f"{name} sets {unknown}, which service/settings.py does not define"
+        mtrank = {k: v for k, v in env.items() if k.startswith("MTRANK_")}
+        if mtrank:
+            settings_from(mtrank, monkeypatch)  # raises on an invalid value
+
+
+def test_workers_threads_and_cpus_are_coherent(compose, monkeypatch):
+    """W workers x T onnxruntime threads fit the replica's cpus limit. T must be explicit under a cpus
+    limit: a quota does not change the cores a container sees, so cores / W would oversubscribe."""
+    for name in service_replicas(compose):
+        svc = compose["services"][name]
+        s = settings_from({k: v for k, v in env_of(svc).items() if k.startswith("MTRANK_")}, monkeypatch)
+        assert s.workers >= 2, "several uvicorn workers per replica"
+        cpus = (((svc.get("deploy") or {}).get("resources") or {}).get("limits") or {}).get("cpus") or svc.get("cpus")
+        assert cpus is not None, f"{name}: set a cpus limit to size workers against"
+        assert s.ort_intra_op_threads >= 1, f"{name}: set MTRANK_ORT_INTRA_OP_THREADS under a cpus limit"
+        assert s.workers * s.ort_intra_op_threads <= float(cpus), \
+            f"{name}: {s.workers} workers x {s.ort_intra_op_threads} threads > {cpus} cpus"
+
+
+def test_stop_grace_period_outlasts_the_drain(compose, monkeypatch):
+    for name in service_replicas(compose):
+        svc = compose["services"][name]
+        s = settings_from({k: v for k, v in env_of(svc).items() if k.startswith("MTRANK_")}, monkeypatch)
+        grace = duration_s(svc.get("stop_grace_period", "10s"))
+        assert grace >= s.shutdown_drain_s + 2, \
+            f"{name}: stop_grace_period {grace}s leaves no margin over MTRANK_SHUTDOWN_DRAIN_S {s.shutdown_drain_s}s"
+        assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
+
+
+# -- security -------------------------------------------------------------------------------------
+def test_model_store_is_read_only_and_the_service_is_not_root(compose, dockerfile_stages, monkeypatch):
+    uid = re.search(r"useradd [^\n]*--uid (\d+)", dockerfile_stages["base"])[1]
+    gid = re.search(r"groupadd [^\n]*--gid (\d+)", dockerfile_stages["base"])[1]
+    for name in service_replicas(compose):
+        svc = compose["services"][name]
+        store = settings_from({k: v for k, v in env_of(svc).items() if k.startswith("MTRANK_")},
+                              monkeypatch).model_store
+        mounts = [v for v in svc["volumes"] if v.split(":")[1] == store]
+        assert mounts and all(v.endswith(":ro") for v in mounts), f"{name} must mount {store} read-only"
+        assert str(svc["user"]) == f"{uid}:{gid}" and uid != "0", "the service runs as the image's user"
+        assert svc.get("read_only") is True and "/tmp" in svc.get("tmpfs", [])
+        assert svc.get("cap_drop") == ["ALL"]
+    assert any(v.startswith("models:/models") and not v.endswith(":ro") for v in compose["services"]["job"]["volumes"])
+
+
+def _interpolated(value: str) -> bool:
+    return bool(re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?][^}]*)?\}", value))
+
+
+def test_no_secret_is_written_in_the_files(compose):
+    """Passwords come from ${VARS} (.env); the ones compose needs are required (:?) and listed
+    in deploy/env.example, which itself holds no value."""
+    raw = compose["services"]
+    for name, svc in raw.items():
+        env = svc.get("environment") or {}
+        for key, value in env.items():
+            if "MTRANK_REDIS_URL" == key:
+                pw = urlsplit(interpolate(value, {k: "${" + k + "}" for k in TEST_ENV})).password
+                assert pw is None or _interpolated(pw), f"{name}: the Redis URL carries a literal password"
+            elif re.search(r"PASSWORD|TOKEN|SECRET", key):
+                assert _interpolated(str(value)), f"{name}: {key} is written in the file"
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "--requirepass \\\"$$REDIS_PASSWORD\\\"" in text
+    assert re.search(r"^\s*#.*rediss://:\$\{REDIS_PASSWORD\}@", text, re.M), "a commented TLS example"
+    assert re.search(r"^\s*#.*redis\+cluster://", text, re.M), "a commented Redis Cluster example"
+    example = {line.split("=", 1)[0]: line.split("=", 1)[1]
+               for line in (ROOT / "deploy" / "env.example").read_text().splitlines()
+               if line and not line.startswith("#")}
+    assert all(v == "" for v in example.values()), "env.example holds no values"
+    used = {var for var, _ in interpolation_vars(text)}
+    required = {var for var, op in interpolation_vars(text) if op in (":?", "?")}
+    assert required == set(TEST_ENV), required
+    assert used <= set(example), f"document {sorted(used - set(example))} in deploy/env.example"
+    with pytest.raises(KeyError, match="REDIS_PASSWORD"):
+        env_of(raw["service"], {"GRAFANA_ADMIN_PASSWORD": "x"})
+    with pytest.raises(KeyError, match="REDIS_PASSWORD"):
+        env_of(raw["service"], {"REDIS_PASSWORD": ""})
+
+
+def test_dockerignore_keeps_secrets_out_and_the_build_inputs_in(dockerfile_stages):
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        out = False
+        for p in patterns:
+            neg = p.startswith("!")
+            pat = p.lstrip("!").rstrip("/")
+            hit = fnmatch.fnmatch(path, pat) or path.startswith(pat + "/") or \
+                (pat.startswith("**/") and fnmatch.fnmatch(path.rsplit("/", 1)[-1], pat[3:]))
+            if hit:
+                out = not neg
+        return out
+
+    for path in (".env", ".env.local", ".git", ".venv", "model_store", "data", "deploy/env.example"):
+        assert ignored(path), f"{path} must not be in the build context"
+    sources = re.findall(r"^COPY ((?:\S+ )+)\S+$", "\n".join(dockerfile_stages.values()), re.M)
+    for src in " ".join(sources).split():
+        assert not ignored(src), f".dockerignore hides {src}, which the Dockerfile copies"
+
+
+# -- CLI, Dockerfile, README ----------------------------------------------------------------------
+def test_compose_job_runs_real_cli_commands(compose):
+    script = compose["services"]["job"]["command"][0]
     steps = [shlex.split(s) for s in script.split("&&")]
     assert [s[:2] for s in steps] == [["mtrank", "synth"], ["mtrank", "train"], ["mtrank", "features"]]
     runner = CliRunner()
@@ -48,13 +195,15 @@ def test_compose_job_runs_real_cli_commands():
             assert opt in r.output, f"{' '.join(sub)} has no option {opt}"
 
 
-def test_dockerfile_service_stage_has_no_torch_and_is_non_root():
-    text = (ROOT / "Dockerfile").read_text()
-    stages = dict(re.findall(r"FROM \S+ AS (\w+)\n(.*?)(?=\nFROM |\Z)", text, flags=re.S))
+def test_dockerfile_service_stage_has_no_torch_and_is_non_root(dockerfile_stages):
+    stages = dockerfile_stages
     assert set(stages) == {"base", "trainer", "service"}
     service = stages["service"]
     assert "torch" not in service.replace("'torch' not in sys.modules", "")
-    assert "pip install ." in service and "USER mtrank" in service
+    assert "pip install ." in service and "'.[train]'" not in service
+    users = re.findall(r"^USER (\S+)", service, re.M)
+    assert users and users[-1] not in ("root", "0", "0:0"), "the service stage ends as a non-root user"
+    assert users[-1] == "mtrank"
     assert 'CMD ["mtrank", "serve"]' in service and "EXPOSE 8000" in service
     assert "GPU" in service and ".[gpu]" in service
     assert "torch==2.13.0" in stages["trainer"]
@@ -67,3 +216,32 @@ def test_readme_commands_exist():
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "mtrank demo" in makefile and "pytest" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _compose_cli() -> list[str] | None:
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
+                return cmd
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
+
+
+def test_docker_compose_config_accepts_the_file(tmp_path):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no docker compose CLI on this machine")
+    base = [*cli, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
+    env_file = tmp_path / "env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in TEST_ENV.items()))
+    clean = {k: v for k, v in __import__("os").environ.items() if k not in TEST_ENV}
+    r = subprocess.run([*base, "--env-file", str(env_file), "config", "-q"], capture_output=True, text=True,
+                       timeout=60, env=clean)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "empty").write_text("")
+    r = subprocess.run([*base, "--env-file", str(tmp_path / "empty"), "config", "-q"], capture_output=True,
+                       text=True, timeout=60, env=clean)
+    assert r.returncode != 0 and "REDIS_PASSWORD" in r.stderr, "compose must refuse to run without the password"
