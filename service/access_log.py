@@ -1,20 +1,29 @@
-"""The structured access log of ``/rank``: one JSON object per line on the logger ``service.access``.
+"""Logging of the service: structured (JSON) or text lines, and the access line of ``/rank``.
 
-Fields: ``ts`` (unix seconds), ``request_id``, ``status``, ``variant``, ``bucket``, ``forced``
-(X-Mtrank-Variant honoured), ``model`` {name, version}, ``n_items``, ``n_returned``,
-``missing_user``, ``missing_items``, ``ms`` (per stage: fetch, assemble, inference, fusion,
-serialise, total), ``error`` (for a failed request: its kind, never a payload or a secret).
+``MTRANK_LOG_FORMAT=json`` (the default): every line is one JSON object with ``timestamp`` (UTC,
+ISO 8601, ms), ``level``, ``logger``, ``message``, the structured fields of the record (see
+:func:`fields`), and ``exception`` when there is a traceback. ``text``: ``time level logger:
+message`` followed by the fields as compact JSON.
 
-By default (see :func:`configure`) the lines go to stderr as bare JSON, one per line, so a log
-shipper can parse them as they are; the logger does not propagate to the root logger then.
+The access line, one per ``/rank`` answer (logger ``service.access``, message ``rank``), carries
+``request_id``, ``status``, ``variant``, ``bucket``, ``forced`` (X-Mtrank-Variant honoured),
+``model`` {name, version}, ``n_items``, ``n_returned``, ``missing_user``, ``missing_items``,
+``degraded`` (false or the reason), ``ms`` per stage (fetch, assemble, inference, fusion,
+serialise, total), ``duration_ms`` (the whole request inside the process) and, for a request that
+was not ranked, ``error`` (its kind; never a payload or a secret).
+
+Secrets: the formatters replace every registered secret (the Redis password, the admin token; see
+:func:`register_secrets`) with ``***`` in the final line, a last guard behind the code's own
+redaction (which never logs them in the first place).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
+from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import orjson
 import redis
@@ -22,17 +31,131 @@ import redis
 from service.features import ContextError
 
 log = logging.getLogger("service.access")
+_SECRETS: list[str] = []
+_MIN_SECRET = 4  # shorter "secrets" would blank ordinary words out of every line
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure(level: str | int = logging.INFO) -> None:
-    """Give ``service.access`` its own bare-JSON stderr handler, unless it has handlers already."""
+# -- secrets ----------------------------------------------------------------------------------------
+
+def register_secrets(*values: str | None) -> None:
+    """Values that must never appear in a log line (scrubbed by the formatters)."""
+    for v in values:
+        if v and len(v) >= _MIN_SECRET and v not in _SECRETS:
+            _SECRETS.append(v)
+            if unquote(v) != v and len(unquote(v)) >= _MIN_SECRET:
+                _SECRETS.append(unquote(v))
+    _SECRETS.sort(key=len, reverse=True)
+
+
+def register_settings_secrets(settings) -> None:
+    """The Redis URL's password (or lone user name, which is then the secret) and the admin token."""
+    try:
+        parts = urlsplit(settings.redis_url)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        if at:
+            user, colon, password = userinfo.partition(":")
+            register_secrets(password if colon else user)
+    except ValueError:
+        pass
+    if settings.admin_token is not None:
+        register_secrets(settings.admin_token.get_secret_value())
+
+
+def scrub(text: str) -> str:
+    for s in _SECRETS:
+        if s in text:
+            text = text.replace(s, "***")
+    return text
+
+
+# -- formatters -------------------------------------------------------------------------------------
+
+def fields(record: logging.LogRecord) -> dict[str, Any] | None:
+    """The structured fields of a record: ``logger.info(msg, extra={"fields": {...}})``."""
+    f = getattr(record, "fields", None)
+    return f if isinstance(f, dict) else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (orjson), secrets scrubbed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        rec: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        f = fields(record)
+        if f:
+            for k, v in f.items():
+                rec.setdefault(k, v)
+        if record.exc_info:
+            rec["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            rec["exception"] = record.exc_text
+        if record.stack_info:
+            rec["stack"] = self.formatStack(record.stack_info)
+        line = orjson.dumps(rec, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        return scrub(line) if _SECRETS else line
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message {fields as JSON}``, secrets scrubbed."""
+
+    def __init__(self, fmt: str | None = None, datefmt: str | None = None, style: str = "%", **kw):
+        super().__init__(fmt or TEXT_FORMAT, datefmt, style, **kw)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        f = fields(record)
+        if f:
+            line = f"{line} {orjson.dumps(f, default=str, option=orjson.OPT_NON_STR_KEYS).decode()}"
+        return scrub(line) if _SECRETS else line
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+def logging_config(fmt: str = "json", level: str = "INFO") -> dict:
+    """A :func:`logging.config.dictConfig` for ``mtrank serve`` (uvicorn's ``log_config``): the root,
+    uvicorn's loggers and ours all write ``fmt`` lines to stderr."""
+    cls = "service.access_log.JsonFormatter" if fmt == "json" else "service.access_log.TextFormatter"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"main": {"()": cls}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}},
+        "loggers": {
+            "uvicorn": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "uvicorn.error": {"level": level},
+            "uvicorn.access": {"handlers": ["stderr"], "level": level, "propagate": False},
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+    }
+
+
+def configure(level: str | int = "INFO", fmt: str = "json") -> None:
+    """Logging of an app made by :func:`service.app.create_app`: a stderr handler on the root logger
+    (unless someone - uvicorn's ``log_config``, pytest - configured one), ``fmt`` lines; uvicorn's
+    own handlers get the same formatter so that every line has one format."""
+    logging.getLogger("service").setLevel(level)
     log.setLevel(level)
-    if not log.handlers:
+    root = logging.getLogger()
+    if not root.handlers:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(h)
-        log.propagate = False
+        h.setFormatter(formatter(fmt))
+        root.addHandler(h)
+        root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        for h in logging.getLogger(name).handlers:
+            if type(h.formatter).__module__.startswith("uvicorn"):
+                h.setFormatter(formatter(fmt))
 
+
+# -- the access line of /rank -----------------------------------------------------------------------
 
 def status_of(exc: BaseException) -> int:
     """The HTTP status the app answers for an exception raised on the /rank path."""
@@ -49,19 +172,22 @@ def status_of(exc: BaseException) -> int:
 def rank_line(*, request_id: str | None, status: int, variant: str | None = None, bucket: int | None = None,
               forced: bool = False, model: dict | None = None, n_items: int | None = None,
               n_returned: int | None = None, missing_user: bool | None = None, missing_items: int | None = None,
-              timings: dict[str, float] | None = None, error: str | None = None) -> None:
+              timings: dict[str, float] | None = None, degraded: str | None = None,
+              duration_s: float | None = None, error: str | None = None) -> None:
     """Write one access line (skipped cheaply when the logger is off)."""
     if not log.isEnabledFor(logging.INFO):
         return
-    rec: dict[str, Any] = {"ts": round(time.time(), 6), "event": "rank", "request_id": request_id,
-                           "status": status, "variant": variant, "bucket": bucket, "forced": forced,
-                           "model": model, "n_items": n_items}
+    rec: dict[str, Any] = {"event": "rank", "request_id": request_id, "status": status, "variant": variant,
+                           "bucket": bucket, "forced": forced, "model": model, "n_items": n_items}
     if n_returned is not None:
         rec["n_returned"] = n_returned
         rec["missing_user"] = missing_user
         rec["missing_items"] = missing_items
+        rec["degraded"] = degraded or False
     if timings:
         rec["ms"] = {k: round(v * 1e3, 3) for k, v in timings.items()}
+    if duration_s is not None:
+        rec["duration_ms"] = round(duration_s * 1e3, 3)
     if error:
         rec["error"] = error
-    log.info(orjson.dumps(rec).decode())
+    log.info("rank", extra={"fields": rec})

@@ -7,44 +7,59 @@ rankers, hot swap), :mod:`service.ranking` (features, model, fusion) and :mod:`s
 * ``GET /healthz`` the process is alive
 * ``GET /readyz``  200 when a serving state exists and Redis answers PING, else 503 with reasons
 * ``GET /models``  the model of the first variant, plus every variant (no secrets)
+* ``GET /metrics`` Prometheus metrics (:mod:`service.metrics`; merged over the workers)
 * ``/admin/...``   the operator's API (only with MTRANK_ADMIN_TOKEN): ``POST /admin/reload``,
   ``GET /admin/models``, ``POST /admin/models/load`` and ``/admin/models/unload``
 
 Each ``/rank`` reads the current serving state once and uses nothing else, so a hot swap never
-mixes two worlds in one response. One JSON access-log line per ``/rank`` on ``service.access``.
+mixes two worlds in one response. In front of every route, :class:`~service.middleware.EdgeMiddleware`
+sets the request id (echoed in ``X-Request-Id``), enforces the body size limit (413), sheds load
+beyond the in-flight bound (503 + ``Retry-After``) and writes the metrics and the one access-log line
+per ``/rank`` (``service.access``). The ``/rank`` body is parsed by :mod:`service.limits` (strict
+JSON, the configured limits, errors that name the field and never echo the input). A sampled
+share of the ranked requests goes to the prediction log (:mod:`service.predlog`).
 
 Without a routing config, a bundle that fails to load does not stop the app: it starts, ``/readyz``
 says why it is not ready and ``/rank`` answers 503; an invalid MTRANK_ROUTING_CONFIG stops the
 start with an error naming the line. Errors: invalid requests -> 422 naming the field (FastAPI's
-``detail`` list with ``loc``), a body that is not JSON -> 415/422 with a message, a context entry
-the schema does not accept -> 422 naming the key, an unknown forced variant -> 422 naming the
-header, Redis unavailable -> 503; anything unexpected is logged with the request id and answered 500.
+``detail`` list with ``loc``), a body that is not JSON -> 415/422 with a message, a body over
+MTRANK_MAX_BODY_BYTES -> 413, a context entry the schema does not accept -> 422 naming the key, an
+unknown forced variant -> 422 naming the header, Redis unavailable -> 503, overload -> 503 with
+Retry-After; anything unexpected is logged with the request id and answered 500.
 """
 
-# no `from __future__ import annotations`: FastAPI must see the real request model of the closure
+# no `from __future__ import annotations`: FastAPI must see the real types of the route signatures
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from email.message import Message
 
+import anyio.to_thread
 import redis
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from service import access_log
+from service import access_log, limits, metrics
 from service.admin import ModelId, check_bearer
 from service.features import ContextError
+from service.middleware import EdgeMiddleware, RequestInfo
+from service.predlog import PredictionLog
 from service.redis_client import FeatureStore, make_store
-from service.schemas import RankResponse, rank_request_model
 from service.routing import RoutingConfigError
+from service.schemas import DUPLICATES_DOC, ErrorResponse, RankRequest, RankResponse, rank_request_model
 from service.serving import AdminError, NotReady, ServingManager, ServingState, UnknownVariant, Watcher
 from service.settings import Settings
 from service.store import Bundle
 
 log = logging.getLogger("service.app")
 FORCE_HEADER = "X-Mtrank-Variant"
+RANK_DESCRIPTION = f"""Score the candidate items for one user and return them sorted by the fused score.
+
+Limits: at most MTRANK_MAX_ITEMS items, ids of at most MTRANK_MAX_ID_LENGTH characters, top_k at
+most MTRANK_MAX_ITEMS, a body of at most MTRANK_MAX_BODY_BYTES (413), context keys of the model's
+feature schema only (422). {DUPLICATES_DOC} The request id (X-Request-Id header, else the body's
+request_id, else generated) is echoed in the X-Request-Id response header. Beyond the worker's
+in-flight bound the answer is 503 with Retry-After."""
 
 
 @dataclass
@@ -53,6 +68,7 @@ class AppState:
     redis_client: FeatureStore | None = None
     manager: ServingManager | None = None
     watcher: Watcher | None = None
+    predlog: PredictionLog | None = None
     load_error: str | None = None
 
     @property
@@ -71,16 +87,13 @@ class AppState:
             return self.load_error
         return (self.manager.not_ready if self.manager is not None else None) or "starting"
 
-
-def _configure_logging(level: str) -> None:
-    logging.getLogger("service").setLevel(level)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    access_log.configure(level)
+    def breaker_state(self) -> str | None:
+        c = self.redis_client
+        return getattr(c, "state", None) if c is not None else None
 
 
 def _start(state: AppState) -> None:
-    """Redis client, first serving state (raises on an invalid routing config), watcher."""
+    """Redis client, first serving state (raises on an invalid routing config), watcher, prediction log."""
     s = state.settings
     log.info("feature store %s (prefix %r, timeout %d ms)", s.redis_url_redacted, s.redis_prefix, s.redis_timeout_ms)
     client_error = None
@@ -111,64 +124,95 @@ def _start(state: AppState) -> None:
         state.watcher = Watcher(state.manager, s.store_poll_s).start()
     if s.admin_token is None:
         log.info("admin API disabled (MTRANK_ADMIN_TOKEN is not set)")
+    if s.predlog_rate > 0:
+        state.predlog = PredictionLog(s).start()
+        log.info("prediction log: %.3g of the ranked requests to stream %r (MAXLEN ~%d)", s.predlog_rate,
+                 s.predlog_stream, s.predlog_maxlen)
+    log.info("limits: %d ranks in flight per worker (then 503), %d items, ids of %d characters, bodies of %d bytes; "
+             "%d onnxruntime threads, %d workers", s.inflight_limit, s.max_items, s.max_id_length, s.max_body_bytes,
+             s.ort_threads, s.workers)
+
+
+def _stop(state: AppState) -> None:
+    if state.watcher is not None:
+        state.watcher.stop()
+    if state.predlog is not None:
+        state.predlog.close()
+    if state.redis_client is not None:
+        state.redis_client.close()
+    metrics.worker_exit()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    _configure_logging(settings.log_level)
+    access_log.configure(settings.log_level, settings.log_format)
+    access_log.register_settings_secrets(settings)
     state = AppState(settings=settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # the threadpool must hold every admitted rank: the in-flight bound, not anyio's 40, limits them
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.inflight_limit + 8)
         _start(state)
         try:
             yield
         finally:
-            if state.watcher is not None:
-                state.watcher.stop()
-            if state.redis_client is not None:
-                state.redis_client.close()
+            _stop(state)
 
     app = FastAPI(title="mtrank", summary="Online multi-task ranking", lifespan=lifespan)
     app.state.mtrank = state
-    RankRequestModel = rank_request_model(settings.max_items)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
+                       inflight_limit=settings.inflight_limit, cache_on=settings.item_cache_size > 0)
+    RankRequestModel = rank_request_model(settings.max_items, settings.max_id_length)
+    request_schema = RankRequestModel.model_json_schema()
+    assert "$defs" not in request_schema  # inlined below: no references to resolve
 
-    def require_json(request: Request) -> None:
-        ctype = request.headers.get("content-type")
-        if ctype is None:
-            raise HTTPException(415, "Content-Type must be application/json")
-        msg = Message()
-        msg["content-type"] = ctype
-        sub = msg.get_content_subtype()
-        if msg.get_content_maintype() != "application" or not (sub == "json" or sub.endswith("+json")):
-            raise HTTPException(415, f"Content-Type must be application/json, got {ctype!r}")
+    async def rank_body(request: Request) -> RankRequest:
+        """The body, parsed here (strict JSON, the configured limits) rather than by FastAPI."""
+        info: RequestInfo = request.state.info
+        try:
+            body = limits.parse_body(await request.body(), request.headers.get("content-type"), RankRequestModel)
+        except (HTTPException, RequestValidationError) as e:
+            info.error = type(e).__name__ if isinstance(e, RequestValidationError) else "UnsupportedMediaType"
+            raise
+        info.adopt_body_id(body)
+        info.n_items = len(body.items)
+        return body
 
-    @app.post("/rank", response_model=RankResponse, dependencies=[Depends(require_json)],
-              responses={415: {"description": "body is not JSON"}, 422: {"description": "invalid request"},
-                         503: {"description": "model not loaded or feature store unavailable"}})
-    def rank(body: RankRequestModel, request: Request,
+    errors = {"model": ErrorResponse}
+
+    @app.post("/rank", response_model=RankResponse, description=RANK_DESCRIPTION,
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": request_schema}}}},
+              responses={413: {**errors, "description": "body larger than MTRANK_MAX_BODY_BYTES"},
+                         415: {**errors, "description": "body is not JSON"},
+                         422: {"description": "invalid request (detail names the field)"},
+                         500: {**errors, "description": "unexpected error (logged with the request id)"},
+                         503: {**errors, "description": "model not loaded, feature store unavailable, or "
+                                                        "overloaded (then with Retry-After)"}})
+    def rank(request: Request, body: RankRequest = Depends(rank_body),
              x_mtrank_variant: str | None = Header(default=None, alias=FORCE_HEADER,
                                                    description="force a variant (QA; only when the config "
                                                                "allows it)")) -> Response:
+        info: RequestInfo = request.state.info
         request.state.request_id = body.request_id
         st = state.serving  # the one read of the serving state: this request's whole world
-        route = None
         try:
             if st is None:
                 raise NotReady(f"model not loaded: {state.not_ready}")
             route = st.route(body.user_id, x_mtrank_variant)
+            info.routed(route)
             result = route.variant.ranker.rank_result(body, route.bucket)
         except Exception as e:
-            access_log.rank_line(request_id=body.request_id, status=access_log.status_of(e),
-                                 variant=route.variant.name if route else None,
-                                 bucket=route.bucket if route else None, forced=bool(route and route.forced),
-                                 model=route.variant.ranker.model_ref if route else None,
-                                 n_items=len(body.items), error=type(e).__name__)
+            info.error = type(e).__name__
             raise
-        access_log.rank_line(request_id=body.request_id, status=200, variant=route.variant.name, bucket=route.bucket,
-                             forced=route.forced, model=route.variant.ranker.model_ref, n_items=result.n_items,
-                             n_returned=result.n_returned, missing_user=result.user_missing,
-                             missing_items=result.items_missing, timings=result.timings)
+        finally:
+            metrics.set_breaker(state.breaker_state())
+        info.result = result
+        if state.predlog is not None:
+            state.predlog.offer(body.user_id, info.variant, route.bucket, result.n_items, result.body,
+                                getattr(result, "degraded", None))
         return Response(content=result.body, media_type="application/json")
 
     @app.get("/healthz")
@@ -183,13 +227,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if state.redis_client is None:
             reasons.append("redis: no client")
         else:
+            if not getattr(state.redis_client, "healthy", True):
+                reasons.append(f"redis {settings.redis_url_redacted}: circuit breaker {state.breaker_state()}")
             try:
                 state.redis_client.ping()
             except redis.RedisError as e:
                 reasons.append(f"redis {settings.redis_url_redacted}: {type(e).__name__}: {e}")
+        metrics.set_breaker(state.breaker_state())
         if reasons:
             return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
         return JSONResponse({"ready": True})
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        metrics.set_breaker(state.breaker_state())
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/models")
     def models() -> JSONResponse:
@@ -249,10 +301,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        if request.url.path == "/rank":
-            access_log.rank_line(request_id=None, status=422, error="RequestValidationError")
-        return await request_validation_exception_handler(request, exc)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        info = getattr(request.state, "info", None)
+        if info is not None and info.error is None:
+            info.error = "RequestValidationError"
+        return JSONResponse({"detail": limits.public_errors(list(exc.errors()))}, status_code=422)
 
     @app.exception_handler(UnknownVariant)
     async def _unknown_variant(request: Request, exc: UnknownVariant) -> JSONResponse:
@@ -261,7 +314,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ContextError)
     async def _context_error(request: Request, exc: ContextError) -> JSONResponse:
-        return JSONResponse({"detail": [{"loc": ["body", "context", exc.key], "msg": exc.reason,
+        return JSONResponse({"detail": [{"loc": ["body", "context", exc.key[:200]], "msg": exc.reason[:1000],
                                          "type": "context_error"}]}, status_code=422)
 
     @app.exception_handler(NotReady)
@@ -270,14 +323,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(redis.RedisError)
     async def _redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
-        rid = getattr(request.state, "request_id", None)
+        info = getattr(request.state, "info", None)
+        rid = info.request_id if info is not None else None
         log.error("feature store error (request %s): %s: %s", rid, type(exc).__name__, exc)
         return JSONResponse({"detail": "feature store unavailable", "request_id": rid}, status_code=503)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        rid = getattr(request.state, "request_id", None)
-        log.exception("unexpected error on %s (request %s)", request.url.path, rid)
-        return JSONResponse({"detail": "internal error", "request_id": rid}, status_code=500)
 
     return app

@@ -120,13 +120,71 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
 
 @app.command()
 def serve(host: str = HOST, port: int = PORT,
-          workers: int = typer.Option(1, envvar="MTRANK_WORKERS", help="uvicorn worker processes."),
+          workers: Optional[int] = typer.Option(None, "--workers", envvar="MTRANK_WORKERS",
+                                                help="uvicorn worker processes (default 1). onnxruntime threads "
+                                                     "per worker default to cores / workers."),
           log_level: str = typer.Option("info", envvar="MTRANK_LOG_LEVEL")):
-    """Serve POST /rank with uvicorn (configuration from MTRANK_* environment variables)."""
+    """Serve POST /rank with uvicorn (configuration from MTRANK_* environment variables).
+
+    SIGTERM (or Ctrl-C): stop accepting, finish the requests in flight for at most
+    MTRANK_SHUTDOWN_DRAIN_S seconds, exit 0."""
+    import signal
+    import tempfile
+
     import uvicorn
 
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level.lower())
+    from service.access_log import logging_config
+    from service.settings import Settings
+
+    if workers is not None:
+        os.environ["MTRANK_WORKERS"] = str(workers)  # the workers read their Settings from the environment
+    settings = Settings()
+    n = settings.workers
+    os.environ["MTRANK_LOG_LEVEL"] = log_level.upper()
+    own_dir = None
+    if n > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # metrics of several processes: prometheus-client's multi-process mode, in a fresh directory
+        own_dir = tempfile.mkdtemp(prefix="mtrank-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    # uvicorn re-raises the signal it shut down on once it is done; a handler of ours receives it, so
+    # a drained shutdown exits 0 instead of dying of the signal
+    stopped: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopped.append(signum))
+    try:
+        uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=n,
+                    log_level=log_level.lower(), log_config=logging_config(settings.log_format, log_level.upper()),
+                    access_log=False, timeout_graceful_shutdown=settings.shutdown_drain_s)
+    finally:
+        if own_dir is not None:
+            import shutil
+
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+logs_app = typer.Typer(no_args_is_help=True, help="Prediction logs (the Redis Stream of ranked requests).")
+app.add_typer(logs_app, name="logs")
+
+
+@logs_app.command("export")
+def logs_export(out: Path = typer.Option(..., "--out", help="Parquet file to write."),
+                stream: str = typer.Option("mtrank:predictions", "--stream", envvar="MTRANK_PREDLOG_STREAM",
+                                           help="Stream key."),
+                since: Optional[str] = typer.Option(None, help="From: stream id, unix ms or ISO 8601 time (UTC)."),
+                until: Optional[str] = typer.Option(None, help="Up to (inclusive), same forms."),
+                redis_url: str = REDIS_URL,
+                page: int = typer.Option(1000, help="Entries per XRANGE call.")):
+    """Write the prediction log to Parquet: one row per ranked request, list columns for the items
+    and scores (and a task -> scores map)."""
+    from service.predlog import export
+    from service.redis_client import client_for_url
+
+    try:
+        rows = export(client_for_url(redis_url), stream, out, since=since, until=until, page=page)
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {rows} rows from stream {stream!r} (redis {_redact(redis_url)}) to {out}")
 
 
 def _self_check(base: str, data: Path, n_items: int = 500) -> None:

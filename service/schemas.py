@@ -1,5 +1,11 @@
 """Request and response models of the ranking API.
 
+Input limits (MTRANK_* settings; :func:`rank_request_model` builds the request model for them):
+``items`` holds 1 to ``max_items`` ids, every id (user and item) is 1 to ``max_id_length``
+characters, ``top_k`` is 1 to ``max_items``, ``request_id`` is 1 to 128 visible ASCII characters
+(it is echoed in the ``X-Request-Id`` header). Ids are strings; JSON integers are accepted and
+read as their decimal string; anything else (floats, booleans, null, objects) is refused.
+
 Duplicate item ids: every occurrence is scored and returned, at its own position. Occurrences of
 one id get identical features and so identical scores; the stable ordering keeps them in request
 order, and the response has one entry per requested position (``len(items)`` before ``top_k``).
@@ -9,33 +15,100 @@ Callers that do not want duplicates should dedupe before calling.
 from __future__ import annotations
 
 import uuid
+from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema, WrapValidator,
+                      create_model)
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+#: visible ASCII, no spaces: safe in a response header and in a log line
+REQUEST_ID_PATTERN = r"^[!-~]+$"
+REQUEST_ID_MAX = 128
+DEFAULT_MAX_ITEMS = 2000
+DEFAULT_MAX_ID_LENGTH = 128
+
+DUPLICATES_DOC = ("Duplicate ids are allowed: every occurrence is scored and returned at its own position "
+                  "(copies get identical scores and keep their request order).")
+
+
+def _int_to_str(v: Any, handler):
+    """One id: a JSON integer is read as its decimal string (not a bool)."""
+    return handler(str(v) if type(v) is int else v)
+
+
+def _ints_to_str(v: Any, handler):
+    """A list of ids, validated in one go by pydantic-core; only when that fails and the list holds
+    integers are they turned into strings and the list validated again (the errors are then those
+    of the converted list)."""
+    try:
+        return handler(v)
+    except ValidationError:
+        if type(v) is list and any(type(x) is int for x in v):
+            return handler([str(x) if type(x) is int else x for x in v])
+        raise
+
+
+def _id_schema(max_length: int) -> dict:
+    hi = min(2**64 - 1, 10**max_length - 1)
+    lo = max(-(2**63), -(10 ** (max_length - 1) - 1))
+    return {"anyOf": [{"type": "string", "minLength": 1, "maxLength": max_length},
+                      {"type": "integer", "minimum": lo, "maximum": hi}]}
+
+
+def id_type(max_length: int) -> Any:
+    """A string id of 1 to ``max_length`` characters, or an integer (of at most 64 bits) that is one.
+    Floats (also what a JSON integer above 64 bits becomes), booleans and null are refused."""
+    return Annotated[str, StringConstraints(strict=True, min_length=1, max_length=max_length),
+                     WrapValidator(_int_to_str), WithJsonSchema(_id_schema(max_length), mode="validation")]
+
+
+def id_list_type(max_length: int, max_items: int) -> Any:
+    element = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=max_length)]
+    schema = {"type": "array", "items": _id_schema(max_length), "minItems": 1, "maxItems": max_items}
+    return Annotated[list[element], Field(min_length=1, max_length=max_items), WrapValidator(_ints_to_str),
+                     WithJsonSchema(schema, mode="validation")]
+
+
+Id = id_type(DEFAULT_MAX_ID_LENGTH)
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=REQUEST_ID_MAX, pattern=REQUEST_ID_PATTERN)]
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 class RankRequest(BaseModel):
     """One ranking request. Integer ids are accepted and turned into strings."""
 
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid")
 
     user_id: Id
-    items: list[Id] = Field(min_length=1, description="candidate item ids, in request order")
+    items: id_list_type(DEFAULT_MAX_ID_LENGTH, DEFAULT_MAX_ITEMS) = Field(
+        description=f"candidate item ids, in request order. {DUPLICATES_DOC}")
     context: dict[str, Any] | None = Field(default=None,
-                                           description="request context fields of the schema (e.g. hour)")
-    top_k: int | None = Field(default=None, ge=1, description="return the best top_k items; default all")
-    request_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
-        default_factory=lambda: uuid.uuid4().hex, description="echoed back; generated (uuid4 hex) when absent")
+                                           description="request context fields of the model's feature schema "
+                                                       "(e.g. hour, device); an unknown key is refused (422)")
+    top_k: int | None = Field(default=None, ge=1, le=DEFAULT_MAX_ITEMS,
+                              description="return the best top_k items; default all")
+    request_id: RequestId = Field(default_factory=_new_request_id,
+                                  description="echoed back; the X-Request-Id header wins over it; generated "
+                                              "(uuid4 hex) when both are absent")
 
 
-def rank_request_model(max_items: int) -> type[RankRequest]:
-    """:class:`RankRequest` with ``items`` limited to ``max_items`` (shown in the OpenAPI docs)."""
+@lru_cache(maxsize=16)
+def rank_request_model(max_items: int = DEFAULT_MAX_ITEMS,
+                       max_id_length: int = DEFAULT_MAX_ID_LENGTH) -> type[RankRequest]:
+    """:class:`RankRequest` with the configured limits (shown in the OpenAPI schema)."""
+    ident = id_type(max_id_length)
     return create_model(
         "RankRequest",
         __base__=RankRequest,
-        items=(list[Id], Field(min_length=1, max_length=max_items, description="candidate item ids, in request order")),
+        user_id=(ident, Field(description=f"1 to {max_id_length} characters")),
+        items=(id_list_type(max_id_length, max_items), Field(
+                                  description=f"1 to {max_items} candidate item ids (each 1 to {max_id_length} "
+                                              f"characters), in request order. {DUPLICATES_DOC}")),
+        top_k=(int | None, Field(default=None, ge=1, le=max_items,
+                                 description=f"return the best top_k items (1 to {max_items}); default all")),
     )
 
 
@@ -62,3 +135,14 @@ class RankResponse(BaseModel):
     model: ModelRef = Field(description="the bundle that served the request")
     items: list[RankedItem] = Field(description="sorted by score desc, ties by request order, at most top_k")
     missing: Missing
+    degraded: bool = Field(default=False, description="the feature store did not answer in time: schema "
+                                                      "defaults (and cached items) were used")
+    degraded_reason: str | None = Field(default=None, description="why the response is degraded "
+                                                                   "(timeout, down, circuit_open)")
+
+
+class ErrorResponse(BaseModel):
+    """A request that was not ranked (413, 415, 503, 500)."""
+
+    detail: str
+    request_id: str | None = None

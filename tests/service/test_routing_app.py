@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service.access_log import JsonFormatter
 from service.app import create_app
 from service.routing import RoutingConfigError, bucket_of
 
@@ -122,7 +123,7 @@ def test_access_log_lines(routed):
 
     class Grab(logging.Handler):
         def emit(self, record):
-            records.append(record.getMessage())
+            records.append(JsonFormatter().format(record))
 
     h = Grab()
     logging.getLogger("service.access").addHandler(h)
@@ -136,6 +137,7 @@ def test_access_log_lines(routed):
         logging.getLogger("service.access").removeHandler(h)
     lines = [json.loads(m) for m in records]
     assert len(lines) == 3
+    assert all(x["logger"] == "service.access" and x["message"] == "rank" and x["level"] == "INFO" for x in lines)
     ok, ctx, invalid = lines
     assert ok["request_id"] == "r-ok" and ok["status"] == 200 and ok["variant"] == "treatment" and ok["forced"]
     assert ok["bucket"] == bucket_of("rt", "u0") and ok["model"] == {"name": "demo", "version": 2}
@@ -144,6 +146,7 @@ def test_access_log_lines(routed):
     assert ctx["status"] == 422 and ctx["request_id"] == "r-ctx" and ctx["error"] == "ContextError"
     assert ctx["variant"] == ("control" if bucket_of("rt", "u0") < 5000 else "treatment")
     assert invalid["status"] == 422 and invalid["error"] == "RequestValidationError"
+    assert ok["degraded"] is False and ok["duration_ms"] >= ok["ms"]["total"]
 
 
 def start_error(routed, text: str) -> str:

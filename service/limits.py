@@ -1,0 +1,129 @@
+"""Input limits and hostile input: what a request body and its headers may be, and the 4xx for
+everything else. Pure functions; the ASGI middleware (:mod:`service.middleware`) and the routes
+(:mod:`service.app`) call them.
+
+* Body size: at most ``MTRANK_MAX_BODY_BYTES``; a larger ``Content-Length`` is refused before the
+  body is read, a body without one (chunked) is counted as it streams and refused as soon as it
+  passes the limit (413 either way).
+* Content type: ``application/json`` or ``application/*+json`` (415 otherwise). The body is UTF-8
+  (RFC 8259), whatever a ``charset`` parameter says.
+* JSON: parsed by orjson, which is strict: NaN/Infinity, invalid UTF-8, lone surrogates, a byte
+  order mark, nesting deeper than 1024 and numbers beyond a double are syntax errors (422
+  ``json_invalid`` naming the position and showing the text around it).
+* Schema: :mod:`service.schemas` (items, id length, top_k, request id); errors are 422 with the
+  field's ``loc``, at most :data:`MAX_ERRORS` of them, and never echo the input back (an input can
+  be a megabyte, or nested a thousand levels deep).
+* Request ids: ``X-Request-Id`` is used when it is 1 to 128 visible ASCII characters; otherwise it
+  is ignored (the body's ``request_id`` or a generated one is used).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from email.message import Message
+from typing import Any
+
+import orjson
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from service.schemas import REQUEST_ID_MAX
+
+MAX_ERRORS = 20
+_RID = re.compile(rb"[!-~]{1,%d}" % REQUEST_ID_MAX)
+_ID_FIELDS = ("user_id", "items")
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"request body larger than {limit} bytes")
+        self.limit = limit
+
+
+def request_id_from_header(value: bytes | None) -> str | None:
+    """The ``X-Request-Id`` value when it is usable (1-128 visible ASCII characters), else None."""
+    if value is not None and _RID.fullmatch(value):
+        return value.decode("ascii")
+    return None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def content_length(value: bytes | None) -> int | None:
+    """The declared length, or None (absent). A malformed value never reaches the app (the HTTP
+    parser refuses it), but is treated as absent here to be safe: the streamed bytes are counted."""
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+def check_json_content_type(ctype: str | None) -> None:
+    """415 unless ``ctype`` is application/json or application/*+json."""
+    if ctype is None:
+        raise HTTPException(415, "Content-Type must be application/json")
+    msg = Message()
+    msg["content-type"] = ctype
+    sub = msg.get_content_subtype()
+    if msg.get_content_maintype() != "application" or not (sub == "json" or sub.endswith("+json")):
+        raise HTTPException(415, f"Content-Type must be application/json, got {ctype[:100]!r}")
+
+
+def _near(raw: bytes, pos: int, width: int = 24) -> str:
+    pos = max(0, min(pos, len(raw)))
+    return raw[max(0, pos - width): pos + width].decode("utf-8", "backslashreplace")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as Python objects, or RequestValidationError (422) naming the position."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        pos = int(getattr(e, "pos", 0) or 0)
+        reason = getattr(e, "msg", None) or str(e)
+        err = {"type": "json_invalid", "loc": ["body", pos],
+               "msg": f"JSON decode error: {reason} (line {getattr(e, 'lineno', 1)}, "
+                      f"column {getattr(e, 'colno', pos + 1)})",
+               "ctx": {"near": _near(raw, pos)}}
+        raise RequestValidationError([err]) from None
+
+
+def public_errors(errors: list[dict], prefix: tuple = ()) -> list[dict]:
+    """Validation errors as answered: ``type``, ``loc`` (with ``prefix``), ``msg``, simple ``ctx``;
+    never the input; at most MAX_ERRORS (plus one line saying how many more)."""
+    out = []
+    for e in errors[:MAX_ERRORS]:
+        loc = [*prefix, *e.get("loc", ())]
+        loc = [x if isinstance(x, (str, int)) else str(x) for x in loc]
+        msg = str(e.get("msg", ""))
+        field = loc[1] if len(loc) > 1 and loc[0] == "body" else None
+        if e.get("type") == "string_type" and field in _ID_FIELDS:
+            msg = "ids must be strings or integers (of at most 64 bits)"
+        d: dict[str, Any] = {"type": str(e.get("type", "value_error")), "loc": loc, "msg": msg}
+        ctx = e.get("ctx")
+        if ctx:
+            d["ctx"] = {str(k): v if isinstance(v, (str, int, bool)) or v is None else str(v)
+                        for k, v in ctx.items()}
+        out.append(d)
+    if len(errors) > MAX_ERRORS:
+        out.append({"type": "too_many_errors", "loc": list(prefix) or ["body"],
+                    "msg": f"{len(errors) - MAX_ERRORS} more errors not shown"})
+    return out
+
+
+def validate(model: type[BaseModel], obj: Any) -> BaseModel:
+    """``obj`` (parsed JSON) as ``model``, or RequestValidationError with ``body`` locs."""
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise RequestValidationError(public_errors(e.errors(include_url=False, include_input=False),
+                                                   prefix=("body",))) from None
+
+
+def parse_body(raw: bytes, ctype: str | None, model: type[BaseModel]) -> BaseModel:
+    """Content type, JSON and schema of one request body (415 / 422)."""
+    check_json_content_type(ctype)
+    return validate(model, parse_json(raw))

@@ -1,0 +1,183 @@
+"""Prometheus metrics of the service (prometheus-client), served on ``GET /metrics``.
+
+One process: the default registry. Several uvicorn workers: ``mtrank serve`` points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start; every worker then
+writes its values to memory-mapped files there and a scrape (answered by any one worker) merges
+them with :class:`prometheus_client.multiprocess.MultiProcessCollector`. A worker that exits
+marks itself dead (:func:`worker_exit`) so that its live gauges drop out.
+
+The hot path only touches label children bound once and cached (per variant/model/status, per
+stage), never ``.labels()`` with a fresh lookup per request.
+
+Names (see README "Operations"):
+
+=====================================  =========  ==========================  ==============================
+name                                   type       labels                      meaning
+=====================================  =========  ==========================  ==============================
+mtrank_rank_requests_total             counter    variant, model, version,    /rank answers
+                                                  status
+mtrank_rank_duration_seconds           histogram  status                      /rank wall time in the process
+mtrank_rank_stage_seconds              histogram  stage                       per stage of ranked requests
+mtrank_rank_candidates                 histogram                              items per ranked request
+mtrank_missing_features_total          counter    entity (user, item)         scored with defaults
+mtrank_corrupt_features_total          counter    entity (item)               undecodable values
+mtrank_rank_degraded_total             counter    reason                      degraded answers
+mtrank_rank_shed_total                 counter                                503 + Retry-After (overload)
+mtrank_rank_inflight                   gauge                                  /rank in flight (sum)
+mtrank_item_cache_hits_total           counter                                items from the in-process cache
+mtrank_item_cache_misses_total         counter                                items not from it
+mtrank_model_loads_total               counter    model, result               bundle load attempts
+mtrank_redis_breaker_state             gauge                                  0 closed, 1 half-open, 2 open
+mtrank_predlog_written_total           counter                                prediction-log records written
+mtrank_predlog_dropped_total           counter    reason                      records dropped
+=====================================  =========  ==========================  ==============================
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGES = ("fetch", "assemble", "inference", "fusion", "serialise", "total")
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0)
+CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "halfopen": 1, "open": 2}
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+RANK_REQUESTS = Counter("mtrank_rank_requests", "POST /rank answers by variant, model, model version and HTTP "
+                                                "status (variant/model empty when the request was not routed)",
+                        ["variant", "model", "version", "status"])
+RANK_DURATION = Histogram("mtrank_rank_duration_seconds", "POST /rank wall time inside the process, from the "
+                                                          "first byte of the request to the response, by status",
+                          ["status"], buckets=LATENCY_BUCKETS)
+RANK_STAGE = Histogram("mtrank_rank_stage_seconds", "time per stage of a ranked request: fetch (Redis), "
+                                                    "assemble, inference, fusion, serialise, total",
+                       ["stage"], buckets=LATENCY_BUCKETS)
+RANK_CANDIDATES = Histogram("mtrank_rank_candidates", "candidate items per ranked request", buckets=CANDIDATE_BUCKETS)
+MISSING = Counter("mtrank_missing_features", "entities scored with default features (absent or corrupt)",
+                  ["entity"])
+CORRUPT = Counter("mtrank_corrupt_features", "feature values that did not decode (scored with defaults)", ["entity"])
+DEGRADED = Counter("mtrank_rank_degraded", "responses answered degraded (feature store late or down)", ["reason"])
+SHED = Counter("mtrank_rank_shed", "POST /rank refused with 503 + Retry-After: the worker's in-flight bound was "
+                                   "reached")
+INFLIGHT = Gauge("mtrank_rank_inflight", "POST /rank requests in flight (summed over the live workers)",
+                 multiprocess_mode="livesum")
+CACHE_HITS = Counter("mtrank_item_cache_hits", "items whose features came from the in-process item cache")
+CACHE_MISSES = Counter("mtrank_item_cache_misses", "items whose features did not come from the item cache")
+MODEL_LOADS = Counter("mtrank_model_loads", "model bundle load attempts by result (loaded, refused)",
+                      ["model", "result"])
+BREAKER = Gauge("mtrank_redis_breaker_state", "feature-store circuit breaker: 0 closed, 1 half-open, 2 open "
+                                              "(the worst of the live workers)", multiprocess_mode="livemax")
+PREDLOG_WRITTEN = Counter("mtrank_predlog_written", "prediction-log records appended to the Redis Stream")
+PREDLOG_DROPPED = Counter("mtrank_predlog_dropped", "prediction-log records dropped: queue_full (the writer is "
+                                                    "behind) or redis (the stream's Redis failed)", ["reason"])
+
+_STAGE = {s: RANK_STAGE.labels(s) for s in STAGES}
+_MISSING_USER = MISSING.labels("user")
+_MISSING_ITEM = MISSING.labels("item")
+_CORRUPT_ITEM = CORRUPT.labels("item")
+_requests: dict[tuple, object] = {}
+_durations: dict[int, object] = {}
+_degraded: dict[str, object] = {}
+_dropped: dict[str, object] = {}
+_breaker_last: list[float | None] = [None]
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def count_request(variant: str | None, model: str | None, version: int | None, status: int) -> None:
+    key = (variant, model, version, status)
+    child = _requests.get(key)
+    if child is None:
+        child = _requests.setdefault(key, RANK_REQUESTS.labels(variant or "", model or "",
+                                                               "" if version is None else str(version), str(status)))
+    child.inc()
+
+
+def observe_duration(status: int, seconds: float) -> None:
+    child = _durations.get(status)
+    if child is None:
+        child = _durations.setdefault(status, RANK_DURATION.labels(str(status)))
+    child.observe(seconds)
+
+
+def observe_ranked(timings: dict[str, float], n_items: int, user_missing: bool, items_missing: int,
+                   items_corrupt: int, degraded: str | None, items_from_cache: int | None,
+                   cache_on: bool) -> None:
+    """Everything about one ranked (200) request."""
+    for stage, seconds in timings.items():
+        child = _STAGE.get(stage)
+        if child is not None:
+            child.observe(seconds)
+    RANK_CANDIDATES.observe(n_items)
+    if user_missing:
+        _MISSING_USER.inc()
+    if items_missing:
+        _MISSING_ITEM.inc(items_missing)
+    if items_corrupt:
+        _CORRUPT_ITEM.inc(items_corrupt)
+    if degraded:
+        child = _degraded.get(degraded)
+        if child is None:
+            child = _degraded.setdefault(degraded, DEGRADED.labels(degraded))
+        child.inc()
+    if cache_on and items_from_cache is not None:
+        if items_from_cache:
+            CACHE_HITS.inc(items_from_cache)
+        if n_items - items_from_cache:
+            CACHE_MISSES.inc(n_items - items_from_cache)
+
+
+def shed() -> None:
+    SHED.inc()
+
+
+def inflight(delta: int) -> None:
+    INFLIGHT.inc(delta)
+
+
+def set_breaker(state: str | None) -> None:
+    """The feature store breaker's state (``closed``, ``half_open``, ``open``); unknown -> closed."""
+    value = float(BREAKER_STATES.get(str(state).lower(), 0) if state is not None else 0)
+    if _breaker_last[0] != value:
+        _breaker_last[0] = value
+        BREAKER.set(value)
+
+
+def record_model_load(model: str, result: str) -> None:
+    """One bundle load attempt: ``result`` is ``loaded`` or ``refused`` (called by service.serving)."""
+    MODEL_LOADS.labels(model, result).inc()
+
+
+def predlog_written(n: int = 1) -> None:
+    PREDLOG_WRITTEN.inc(n)
+
+
+def predlog_dropped(reason: str, n: int = 1) -> None:
+    child = _dropped.get(reason)
+    if child is None:
+        child = _dropped.setdefault(reason, PREDLOG_DROPPED.labels(reason))
+    child.inc(n)
+
+
+def exposition() -> bytes:
+    """The text exposition of every metric (merged over the workers in multi-process mode)."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+def worker_exit() -> None:
+    """At a worker's exit in multi-process mode: drop its live gauges from the merged view."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())

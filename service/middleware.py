@@ -1,0 +1,208 @@
+"""The HTTP edge of the service: one pure ASGI middleware in front of every route.
+
+For every HTTP request it
+
+* picks the request id (``X-Request-Id`` when usable, else generated; ``/rank`` may replace a
+  generated one by its body's ``request_id``) and echoes it in the ``X-Request-Id`` response header
+  of every answer, errors included;
+* enforces ``MTRANK_MAX_BODY_BYTES`` (413 on ``Content-Length`` before reading, or as soon as a
+  streamed/chunked body passes the limit) and hands the buffered body to the app;
+* sheds load on ``POST /rank``: at most ``inflight_limit`` ranks in flight per worker, counted here,
+  in the event loop, before the threadpool; one more is answered 503 with ``Retry-After`` at once,
+  nothing queues behind the bound;
+* answers anything unexpected with a 500 carrying the request id (and logs it with the traceback);
+* writes the ``/rank`` bookkeeping when the answer is done: metrics (:mod:`service.metrics`) and
+  the access line (:mod:`service.access_log`), from the :class:`RequestInfo` the route filled in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service import access_log, metrics
+from service.limits import content_length, new_request_id, request_id_from_header
+
+log = logging.getLogger("service.http")
+RANK_PATH = "/rank"
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What one request learnt on its way (``request.state.info``); read by the middleware at the end."""
+
+    request_id: str
+    rid_from_header: bool
+    variant: str | None = None
+    bucket: int | None = None
+    forced: bool = False
+    model: dict | None = None
+    n_items: int | None = None
+    result: Any = None  # the RankResult of a ranked request
+    error: str | None = None
+
+    def adopt_body_id(self, body) -> None:
+        """Request id precedence: X-Request-Id header, else the body's request_id, else generated."""
+        if self.rid_from_header:
+            body.request_id = self.request_id
+        elif "request_id" in body.model_fields_set:
+            self.request_id = body.request_id
+        else:
+            body.request_id = self.request_id
+
+    def routed(self, route) -> None:
+        ranker = route.variant.ranker
+        self.variant = route.variant.name
+        self.bucket = route.bucket
+        self.forced = route.forced
+        self.model = ranker.model_ref
+
+
+def _json_response(status: int, body: dict, extra: list[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
+    data = orjson.dumps(body)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
+    return ({"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": data, "more_body": False})
+
+
+class EdgeMiddleware:
+    """See the module doc. ``inflight_limit``: concurrent /rank per worker; ``retry_after_s``: the
+    Retry-After of a shed request; ``cache_on``: count item-cache hits/misses."""
+
+    def __init__(self, app, *, max_body_bytes: int, inflight_limit: int, retry_after_s: int = 1,
+                 cache_on: bool = False):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.inflight_limit = inflight_limit
+        self.retry_after = str(retry_after_s).encode()
+        self.cache_on = cache_on
+        self.inflight = 0  # touched only in the event loop: no lock
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        rid_header = clen = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid_header = value
+            elif name == b"content-length":
+                clen = value
+        rid = request_id_from_header(rid_header)
+        info = RequestInfo(request_id=rid or new_request_id(), rid_from_header=rid is not None)
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["info"] = info
+        is_rank = scope["path"] == RANK_PATH and scope["method"] == "POST"
+        started: list[int] = []
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                started.append(message["status"])
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"x-request-id", info.request_id.encode("latin-1"))]}
+            await send(message)
+
+        try:
+            if scope["method"] in _BODY_METHODS:
+                receive = await self._buffer_body(scope, receive, send_with_id, clen, info)
+                if receive is None:  # answered 413, or the client went away
+                    return
+            if not is_rank:
+                await self.app(scope, receive, send_with_id)
+                return
+            if self.inflight >= self.inflight_limit:
+                metrics.shed()
+                info.error = "Overloaded"
+                for m in _json_response(503, {"detail": f"overloaded: {self.inflight} ranks in flight in this "
+                                                        "worker; retry later", "request_id": info.request_id},
+                                        [(b"retry-after", self.retry_after)]):
+                    await send_with_id(m)
+                return
+            self.inflight += 1
+            metrics.inflight(1)
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self.inflight -= 1
+                metrics.inflight(-1)
+        except Exception:
+            log.exception("unexpected error on %s (request %s)", scope["path"], info.request_id)
+            info.error = info.error or "InternalError"
+            if started:
+                raise  # the head is out: nothing better to do than to drop the connection
+            for m in _json_response(500, {"detail": "internal error", "request_id": info.request_id}):
+                await send_with_id(m)
+        finally:
+            if is_rank:
+                self._finish(info, started[0] if started else 499, time.perf_counter() - t0)
+
+    async def _buffer_body(self, scope, receive, send, clen: bytes | None, info: RequestInfo):
+        """The whole body, within the limit, replayed to the app; None when answered (413) or gone."""
+        limit = self.max_body_bytes
+        declared = content_length(clen)
+        too_large = declared is not None and declared > limit
+        chunks: list[bytes] = []
+        size = 0
+        while not too_large:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body = message.get("body", b"")
+            if body:
+                size += len(body)
+                if size > limit:
+                    too_large = True
+                    break
+                chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        if too_large:
+            info.error = "BodyTooLarge"
+            for m in _json_response(413, {"detail": f"request body larger than {limit} bytes (MTRANK_MAX_BODY_BYTES)",
+                                          "request_id": info.request_id}, [(b"connection", b"close")]):
+                await send(m)
+            return None
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()
+
+        return replay
+
+    def _finish(self, info: RequestInfo, status: int, seconds: float) -> None:
+        """Metrics and the access line of one /rank answer; never raises."""
+        try:
+            model = info.model
+            name, version = (model["name"], model["version"]) if model else (None, None)
+            metrics.count_request(info.variant, name, version, status)
+            metrics.observe_duration(status, seconds)
+            res = info.result
+            if res is not None and status == 200:
+                degraded = getattr(res, "degraded", None)
+                metrics.observe_ranked(res.timings, res.n_items, res.user_missing, res.items_missing,
+                                       res.items_corrupt, degraded, getattr(res, "items_from_cache", None),
+                                       self.cache_on)
+                access_log.rank_line(request_id=info.request_id, status=status, variant=info.variant,
+                                     bucket=info.bucket, forced=info.forced, model=model, n_items=res.n_items,
+                                     n_returned=res.n_returned, missing_user=res.user_missing,
+                                     missing_items=res.items_missing, timings=res.timings, degraded=degraded,
+                                     duration_s=seconds)
+            else:
+                access_log.rank_line(request_id=info.request_id, status=status, variant=info.variant,
+                                     bucket=info.bucket, forced=info.forced, model=model, n_items=info.n_items,
+                                     duration_s=seconds, error=info.error or f"HTTP {status}")
+        except Exception:  # bookkeeping must never break an answer
+            log.exception("recording /rank %s failed", info.request_id)
