@@ -1,0 +1,174 @@
+"""Training speed (issue 5): samples/s of our training loop for PLE next to torch-rechub's PLE, on
+the same synthetic data, split, batch size, losses and loop, in one run.
+
+    python bench/train_speed.py              # ~2-4 min on 2 cores; writes bench/results/train_speed.{md,json}
+    python bench/train_speed.py --quick      # seconds; writes to a temp dir
+
+Both models go through ``training.train.fit`` - the loop ``mtrank train`` runs (batch gather from
+the encoded data, forward, ESMM/MSE losses, backward, Adam) - torch-rechub's PLE behind the adapter
+of ``bench/rechub_peer.py`` (as in bench/quality.py). A forward pre-hook stamps the time at the
+start of every training step; samples/s = batch size x timed steps / (time from the start of the
+first timed step to the start of the step after the last one), after ``--warmup`` steps. The
+epoch is cut to ``warmup + steps + 1`` batches by the number of rows read; the validation pass at
+its end is not timed. ``--rounds`` alternate the two models (ours, peer, ours, peer, ...); the
+table shows the median and every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common import ROOT, git_info, machine_info, md_table, write_json  # noqa: E402
+
+FRACTIONS = (0.9, 0.05, 0.05)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny data, 3 + 5 steps, 1 round, output to a temp dir")
+    p.add_argument("--users", type=int, default=None, help="synthetic users (default 20,000: the demo's)")
+    p.add_argument("--items", type=int, default=None, help="synthetic items (default 50,000)")
+    p.add_argument("--batch-size", type=int, default=2048, help="as `mtrank train` (default 2048)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds per model (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--model-config", default="{}",
+                   help='JSON overrides for both PLEs, e.g. \'{"expert_hidden": [256, 128]}\' (keys: '
+                        'expert_hidden, tower_hidden, levels, shared_experts, task_experts, dropout)')
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mtrank-bench-train"))
+    p.add_argument("--out-dir", help="default bench/results (--quick: <workdir>/quick-results)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    quick = dict(users=1_000, items=2_000, warmup=2, steps=5, rounds=1)
+    full = dict(users=20_000, items=50_000, warmup=5, steps=30, rounds=3)
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.quick and a.batch_size == 2048:
+        a.batch_size = 512
+    if a.out_dir is None:
+        a.out_dir = str(Path(a.workdir) / "quick-results") if a.quick else str(ROOT / "bench" / "results")
+    return a
+
+
+def dataset(a):
+    """Synthetic data with enough rows for warm-up + steps + 1 batches of the train split."""
+    from training.data.dataset import prepare
+    from training.data.synth import SynthConfig, generate
+
+    rows = math.ceil((a.warmup + a.steps + 1) * a.batch_size / FRACTIONS[0]) + 16
+    exposures = max(rows, 20_000)
+    out = Path(a.workdir) / f"synth-{a.users}-{a.items}-{exposures}"
+    if not (out / "dataset.yaml").exists():
+        tmp = out.with_name(out.name + ".tmp")
+        generate(tmp, SynthConfig(n_users=a.users, n_items=a.items, n_exposures=exposures, seed=11), progress=False)
+        tmp.rename(out)
+    return prepare(out, max_rows=rows), out
+
+
+def time_fit(model, ds, a, seed: int) -> dict:
+    """One run of training.train.fit for exactly warmup + steps + 1 batches; the timed steps' rate."""
+    import torch
+
+    from training.train import TrainConfig, fit
+
+    stamps: list[float] = []
+
+    def hook(module, args):
+        if module.training:
+            stamps.append(time.perf_counter())
+
+    h = model.register_forward_pre_hook(hook)
+    cfg = TrainConfig(epochs=1, batch_size=a.batch_size, seed=seed, fractions=FRACTIONS, patience=1,
+                      threads=a.threads)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    try:
+        fit(ds, cfg, progress=False, model=model)
+    finally:
+        h.remove()
+    total = time.perf_counter() - t0
+    timed = stamps[a.warmup:a.warmup + a.steps + 1]
+    if len(timed) < 2:
+        raise RuntimeError(f"only {len(stamps)} training steps ran; need {a.warmup + a.steps + 1}")
+    steps = len(timed) - 1
+    secs = timed[-1] - timed[0]
+    return {"steps": steps, "seconds": secs, "samples_per_s": steps * a.batch_size / secs,
+            "ms_per_step": 1e3 * secs / steps, "fit_seconds": total, "steps_run": len(stamps)}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import torch
+
+    from rechub_peer import RechubConfig, RechubModel
+    from training.models import build_model
+
+    overrides = json.loads(a.model_config)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t_start = time.time()
+    ds, data_dir = dataset(a)
+    makers = {
+        "ours (training.train.fit, PLE)": lambda: build_model("ple", ds.schema, ds.tasks, **overrides),
+        "torch-rechub PLE (same loop)": lambda: RechubModel(ds.schema, ds.tasks, RechubConfig(model="ple", **overrides)),
+    }
+    runs = {k: [] for k in makers}
+    params = {}
+    for r in range(a.rounds):
+        for name, make in makers.items():
+            torch.manual_seed(a.seed + r)
+            model = make()
+            params[name] = sum(p.numel() for p in model.parameters())
+            res = time_fit(model, ds, a, a.seed + r)
+            runs[name].append(res)
+            print(f"round {r + 1}/{a.rounds} {name}: {res['samples_per_s']:,.0f} samples/s "
+                  f"({res['ms_per_step']:.1f} ms/step)", flush=True)
+    ours, peer = list(makers)
+    med = {k: statistics.median(x["samples_per_s"] for x in v) for k, v in runs.items()}
+    ratio = med[ours] / med[peer]
+    report = {
+        "benchmark": "train_speed", "mode": "quick" if a.quick else "full",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
+        "seconds": round(time.time() - t_start, 1), "machine": machine_info(), "git": git_info(),
+        "torch_threads": torch.get_num_threads(), "args": vars(a),
+        "data": {"path": str(data_dir), "users": a.users, "items": a.items, "rows": len(ds),
+                 "fields": {k: len(getattr(ds.schema, k)) for k in ("sparse", "dense", "sequence")}},
+        "models": {k: {"parameters": params[k], "runs": runs[k], "median_samples_per_s": med[k]} for k in makers},
+        "target": {"target": "ours / torch-rechub samples/s", "value": ratio, "op": ">=", "threshold": 1.0,
+                   "pass": ratio >= 1.0},
+    }
+    out = Path(a.out_dir)
+    write_json(out / "train_speed.json", report)
+    m = report["machine"]
+    md = [f"# Training speed ({report['mode']})", "",
+          f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['versions'].get('torch')} with "
+          f"{report['torch_threads']} threads, load average at start {', '.join(f'{x:.2f}' for x in m['loadavg'])}",
+          f"- commit {report['git']['commit'][:12]}{' (dirty)' if report['git']['dirty'] else ''}",
+          f"- data: synthetic, {a.users:,} users, {a.items:,} items, {report['data']['fields']} fields; batch "
+          f"{a.batch_size}; {a.warmup} warm-up + {a.steps} timed steps of training.train.fit per run, "
+          f"{a.rounds} alternating rounds; model overrides {overrides or 'none (PLE defaults)'}",
+          "",
+          md_table(["model", "parameters", "median samples/s", "ms/step (median run)", "rounds (samples/s)"],
+                   [[k, params[k], med[k], statistics.median(x["ms_per_step"] for x in runs[k]),
+                     ", ".join(f"{x['samples_per_s']:,.0f}" for x in runs[k])] for k in makers]),
+          "",
+          f"**ours / torch-rechub = {ratio:.2f}x** (target >= 1.0x: {'PASS' if ratio >= 1.0 else 'FAIL'})", ""]
+    (out / "train_speed.md").write_text("\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {out / 'train_speed.md'} and {out / 'train_speed.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
