@@ -168,3 +168,24 @@ def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 10.0) 
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
         return read_response(s, timeout)
+
+
+# -- Prometheus scrapes ----------------------------------------------------------------------------
+
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """``GET /metrics`` parsed: (sample name, sorted label items) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{base}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:500]
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    want = {k: str(v) for k, v in labels.items()}
+    return sum(v for (n, lab), v in samples.items() if n == name and want.items() <= dict(lab).items())
