@@ -1,7 +1,7 @@
 """Logging of the service: structured (JSON) or text lines, and the access line of ``/rank``.
 
 ``MTRANK_LOG_FORMAT=json`` (the default): every line is one JSON object with ``timestamp`` (UTC,
-ISO 8601, ms), ``level``, ``logger``, ``message``, the structured fields of the record (see
+ISO 8601, ms), ``level``, ``logger``, ``message``, ``pid`` (the worker), the structured fields of the record (see
 :func:`fields`), and ``exception`` when there is a traceback. ``text``: ``time level logger:
 message`` followed by the fields as compact JSON.
 
@@ -86,6 +86,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         f = fields(record)
         if f:

@@ -128,6 +128,7 @@ def serve(host: str = HOST, port: int = PORT,
 
     SIGTERM (or Ctrl-C): stop accepting, finish the requests in flight for at most
     MTRANK_SHUTDOWN_DRAIN_S seconds, exit 0."""
+    import logging.config
     import signal
     import tempfile
 
@@ -146,14 +147,22 @@ def serve(host: str = HOST, port: int = PORT,
         # metrics of several processes: prometheus-client's multi-process mode, in a fresh directory
         own_dir = tempfile.mkdtemp(prefix="mtrank-prometheus-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
-    # uvicorn re-raises the signal it shut down on once it is done; a handler of ours receives it, so
-    # a drained shutdown exits 0 instead of dying of the signal
-    stopped: list[int] = []
+    log_config = logging_config(settings.log_format, log_level.upper())
+    logging.config.dictConfig(log_config)  # uvicorn applies it again; this is for our own lines before
+    logging.getLogger("service.cli").info(
+        "serving on %s:%d with %d worker(s), %d onnxruntime thread(s) each%s", host, port, n, settings.ort_threads,
+        f"; metrics merged through PROMETHEUS_MULTIPROC_DIR={own_dir}" if own_dir else "")
+    # uvicorn re-raises the signal it shut down on once it is done (and restores the handlers it found):
+    # ours turns it into a clean exit, so a drained shutdown exits 0 instead of dying of the signal; a
+    # signal before uvicorn took over exits 0 at once
+    def _exit(signum, frame):
+        raise SystemExit(0)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stopped.append(signum))
+        signal.signal(sig, _exit)
     try:
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=n,
-                    log_level=log_level.lower(), log_config=logging_config(settings.log_format, log_level.upper()),
+                    log_level=log_level.lower(), log_config=log_config,
                     access_log=False, timeout_graceful_shutdown=settings.shutdown_drain_s)
     finally:
         if own_dir is not None:
