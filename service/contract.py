@@ -8,7 +8,10 @@ read it back. Two objects:
   to know about it (vocabulary size, normalisation stats, max length, defaults).
 * :class:`BundleManifest` - one exported model version: name, version, architecture, tasks,
   ONNX input/output names, the schema, test metrics, the sha256 of ``model.onnx``, when it was
-  made and with which library versions.
+  made and with which library versions; optionally other precisions of the same model
+  (``precisions["int8"]``: ``model.int8.onnx``, its sha256, how it was quantised and its metric
+  deltas against fp32 on the test split). A manifest without ``precisions`` (older bundles) has
+  the fp32 model only.
 
 Index 0 of every sparse/sequence vocabulary is reserved for "missing or out of vocabulary",
 which is also the padding value of sequences. Dense fields are stored and sent *raw*; the model
@@ -30,6 +33,10 @@ OOV_INDEX = 0
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 VOCAB_FILE = "vocab.json"
+#: the precisions a bundle can be served in: fp32 is ``model.onnx``; the others are optional files
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8")
+PRECISION_FILES = {"fp32": MODEL_FILE, "int8": "model.int8.onnx"}
 
 
 class _Strict(BaseModel):
@@ -151,6 +158,35 @@ class ModelInput(_Strict):
     width: int
 
 
+class PrecisionFile(_Strict):
+    """Another precision of the bundle's model (e.g. int8): its file, checksum and quality against fp32.
+
+    ``method`` says how it was made (e.g. ``dynamic/per-channel``); ``auc_delta`` is
+    ``AUC(int8) - AUC(fp32)`` per AUC metric of the test split (``ctr``, ``cvr``, ``ctcvr``);
+    ``metric_delta`` the same difference for every test metric (RMSE...); ``max_abs_diff`` the
+    largest output difference per task on those rows (probabilities; ``log1p`` for regression);
+    ``rows`` how many test rows were scored; ``within_tolerance`` whether every AUC moved by at
+    most ``tolerance``.
+    """
+
+    file: str
+    sha256: str
+    method: str
+    auc_delta: dict[str, float] = {}
+    metric_delta: dict[str, float] = {}
+    max_abs_diff: dict[str, float] = {}
+    rows: int = 0
+    tolerance: float = 0.001
+    within_tolerance: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrecisionFile":
+        if "/" in self.file or "\\" in self.file or self.file.startswith(".") or self.file in (
+                MODEL_FILE, MANIFEST_FILE, VOCAB_FILE):
+            raise ValueError(f"file {self.file!r} must be a plain file name other than the bundle's own files")
+        return self
+
+
 class BundleManifest(BaseModel):
     format_version: int = 1
     name: str
@@ -165,8 +201,17 @@ class BundleManifest(BaseModel):
     sha256: str
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     library_versions: dict[str, str] = {}
+    #: other precisions of the model (absent in older bundles: fp32 only)
+    precisions: dict[Literal["int8"], PrecisionFile] = {}
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def model_file(self, precision: str = "fp32") -> tuple[str, str]:
+        """``(file name, sha256)`` of the model in ``precision``; KeyError when the bundle lacks it."""
+        if precision == "fp32":
+            return MODEL_FILE, self.sha256
+        entry = self.precisions[precision]
+        return entry.file, entry.sha256
 
     @model_validator(mode="after")
     def _check(self) -> "BundleManifest":

@@ -34,10 +34,11 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, model_inputs,
+from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, VOCAB_FILE, BundleManifest, model_inputs,
                               sha256_file)
 from service.store import list_versions
 from training.models.blocks import EmbeddingLayer, MultiTaskModel
+from training.quantize import Int8Job, make_int8
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +189,17 @@ def library_versions() -> dict[str, str]:
 def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_config: dict,
                   metrics: dict[str, float], parity_inputs: dict[str, np.ndarray],
                   vocabs: dict[str, list[str]], extra_files: dict[str, str | Path] | None = None,
-                  atol: float = 1e-4) -> Path:
+                  atol: float = 1e-4, int8: Int8Job | None = None) -> Path:
     """Export ``model`` to ``<store>/<name>/<next version>/`` and return that path.
 
     ``parity_inputs``: arrays by ONNX input name, one user per row (>= 1000 rows recommended).
     ``extra_files``: ``{target file name: source path}`` copied into the bundle.
+    ``int8``: also write ``model.int8.onnx`` (:func:`training.quantize.make_int8`, scored on the
+    job's test rows) and record it in the manifest's ``precisions`` - before the bundle is published.
     The manifest's metrics get ``parity_max_abs_diff/<task>``; non-finite metrics (NaN, inf) are
     left out with a warning, since JSON cannot hold them.
     """
-    reserved = {MODEL_FILE, MANIFEST_FILE, VOCAB_FILE}
+    reserved = {MODEL_FILE, MANIFEST_FILE, VOCAB_FILE, *PRECISION_FILES.values()}
     for target in extra_files or {}:
         if target in reserved or Path(target).name != target or target.startswith("."):
             raise ValueError(f"extra file name {target!r} must be a plain file name other than {sorted(reserved)}")
@@ -214,6 +217,10 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
         onnx_path = tmp / MODEL_FILE
         _export_onnx(serving, {k: v[:EXAMPLE_ROWS] for k, v in inputs.items()}, onnx_path)
         diffs = check_parity(serving, onnx_path, inputs, atol)
+        precisions = {}
+        if int8 is not None:
+            precisions["int8"] = make_int8(tmp, model.tasks, int8.eval_inputs, int8.eval_labels, int8.calibration,
+                                           int8.config)
 
         (tmp / VOCAB_FILE).write_text(json.dumps(vocabs))
         for target, src in (extra_files or {}).items():
@@ -231,7 +238,7 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
                 name=name, version=version, architecture=model.arch, tasks=model.tasks,
                 inputs=model_inputs(model.schema), outputs=[t.name for t in model.tasks],
                 feature_schema=model.schema, metrics=all_metrics, train_config=train_config,
-                sha256=sha, library_versions=library_versions())
+                sha256=sha, library_versions=library_versions(), precisions=precisions)
             text = manifest.to_json()
             BundleManifest.from_json(text)  # never publish a manifest that does not load back
             (tmp / MANIFEST_FILE).write_text(text)

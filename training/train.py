@@ -18,6 +18,11 @@ test metrics are the towers' task losses only.
 Metrics on the test split: AUC of each unconditional binary task; for a conditional binary
 task the AUC on the condition's positive rows (CVR on clicks) and the AUC of the joint
 probability on all rows (CTCVR); RMSE and MAE of log1p(label) for regression tasks.
+
+Under ``torchrun --nproc_per_node N`` the same code trains with DistributedDataParallel: sharded
+batches, metrics gathered from all ranks, rank-0-only logging, report and export (the choices are
+in :mod:`training.distributed`). ``TrainConfig.int8`` adds an int8 model to the bundle
+(:mod:`training.quantize`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from service.contract import TaskSpec
+from training import distributed
 from training.data.dataset import EncodedDataset, prepare
 from training.models import build_model
 
@@ -58,14 +66,17 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = all cores
     loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
     model: dict = field(default_factory=dict)  # architecture config overrides
+    int8: bool = False  # also write an int8 model into the bundle (training.quantize), AUC deltas in the manifest
+    device: str = "cpu"  # cpu | cuda | auto; under torchrun, cuda trains with nccl (one GPU per rank), cpu with gloo
 
 
 def joint_name(task: TaskSpec, cond: TaskSpec) -> str:
     return "ctcvr" if (cond.name, task.name) == ("ctr", "cvr") else f"{cond.name}_{task.name}"
 
 
-def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+def _tensors(batch: dict[str, np.ndarray], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    return out if device is None or device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 def task_losses(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
@@ -92,15 +103,43 @@ def task_losses(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
     return losses
 
 
+class TrainStep(nn.Module):
+    """One step's forward: ``(inputs, labels) -> (total loss, task losses, auxiliary losses)``.
+
+    The module DistributedDataParallel wraps (its forward is what DDP hooks into), so the loss of a
+    model with auxiliary terms (``forward_with_aux``/``aux_losses``) goes through it as well."""
+
+    def __init__(self, model: nn.Module, tasks: list[TaskSpec], weights: dict[str, float]):
+        super().__init__()
+        self.model, self.tasks, self.weights = model, tasks, weights
+        self.has_aux = hasattr(model, "forward_with_aux")
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]):
+        if self.has_aux:
+            out, aux = self.model.forward_with_aux(inputs)
+            aux_losses = self.model.aux_losses(out, aux, labels)
+        else:
+            out, aux_losses = self.model(inputs), {}
+        losses = task_losses(out, labels, self.tasks)
+        total = sum(self.weights[k] * v for k, v in losses.items()) + sum(aux_losses.values())
+        return total, losses, aux_losses
+
+
+def _device_of(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict(model, ds: EncodedDataset, rows: np.ndarray, batch_size: int = 8192) -> dict[str, np.ndarray]:
     """Raw model outputs (logits / log1p predictions) for the given exposure rows."""
     model.eval()
+    device = _device_of(model)
     parts: dict[str, list[np.ndarray]] = {t.name: [] for t in ds.tasks}
     for i in range(0, len(rows), batch_size):
-        out = model(_tensors(ds.inputs(rows[i:i + batch_size])))
+        out = model(_tensors(ds.inputs(rows[i:i + batch_size]), device))
         for k in parts:
-            parts[k].append(out[k].numpy())
+            parts[k].append(out[k].cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
 
 
@@ -108,18 +147,31 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def evaluate(model, ds: EncodedDataset, rows: np.ndarray) -> dict[str, float]:
-    """Test-split metrics (see module docstring) plus the mean loss of each task."""
-    raw = predict(model, ds, rows)
-    by_name = {t.name: t for t in ds.tasks}
-    labels = {t.label: ds.label(t.label, rows) for t in ds.tasks}
+def evaluate(model, ds: EncodedDataset, rows: np.ndarray,
+             ctx: distributed.Context | None = None) -> dict[str, float]:
+    """Test-split metrics (see module docstring) plus the mean loss of each task.
+
+    With a parallel ``ctx`` each rank predicts every W-th row and the predictions are gathered:
+    every rank returns the metrics of all ``rows``."""
+    if ctx is not None and ctx.parallel:
+        rows = rows[ctx.rank::ctx.world]
+        raw = distributed.gather({**predict(model, ds, rows), "__rows__": rows}, ctx)
+        rows = raw.pop("__rows__")
+    else:
+        raw = predict(model, ds, rows)
+    return metrics_of(raw, {t.label: ds.label(t.label, rows) for t in ds.tasks}, ds.tasks)
+
+
+def metrics_of(raw: dict[str, np.ndarray], labels: dict[str, np.ndarray], tasks: list[TaskSpec]) -> dict[str, float]:
+    """The metrics of :func:`evaluate` from raw outputs (logits / log1p predictions) and labels."""
+    by_name = {t.name: t for t in tasks}
     m: dict[str, float] = {}
     with torch.no_grad():
-        losses = task_losses({k: torch.from_numpy(v) for k, v in raw.items()},
-                             {k: torch.from_numpy(v) for k, v in labels.items()}, ds.tasks)
+        losses = task_losses({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in raw.items()},
+                             {k: torch.from_numpy(v) for k, v in labels.items()}, tasks)
     for name, value in losses.items():
         m[f"loss/{name}"] = float(value)
-    for t in ds.tasks:
+    for t in tasks:
         y = labels[t.label]
         if t.kind == "binary":
             p = 1 / (1 + np.exp(-raw[t.name].astype(np.float64)))
@@ -143,39 +195,46 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None)
     """Train with early stopping on the validation loss; returns (model, history, split rows).
 
     ``model`` (optional) is a ready module with the MultiTaskModel interface (the benchmark passes
-    peer implementations); by default ``cfg.arch`` / ``cfg.model`` build one."""
+    peer implementations); by default ``cfg.arch`` / ``cfg.model`` build one. Inside a torchrun
+    process group (:func:`training.distributed.setup`) it trains data-parallel; only rank 0
+    shows progress."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    ctx = distributed.current(cfg.device)
+    progress = progress and ctx.main
     train_rows, val_rows, test_rows = ds.split(cfg.split, cfg.fractions, cfg.seed)
     if model is None:
         model = build_model(cfg.arch, ds.schema, ds.tasks, **cfg.model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    has_aux = hasattr(model, "forward_with_aux")
+    model.to(ctx.device)
     weights = {t.name: cfg.loss_weights.get(t.name, 1.0) for t in ds.tasks}
-    rng = np.random.default_rng(cfg.seed)
+    step = TrainStep(model, ds.tasks, weights)
+    if ctx.parallel:
+        torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs per rank; the weights come from rank 0
+        # static_graph: the same parameters take part in every step (some may never: DDP learns
+        # which at the first step instead of failing on them)
+        step = DistributedDataParallel(step, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                       static_graph=True)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)  # the same permutations on every rank
     history: list[dict] = []
     best, best_state, bad = math.inf, None, 0
-    n_batches = math.ceil(len(train_rows) / cfg.batch_size)
-    if len(train_rows) % cfg.batch_size == 1 and n_batches > 1:
+    batch = max(1, cfg.batch_size // ctx.world)  # per rank: cfg.batch_size is the global batch
+    n_rows = len(train_rows) // ctx.world
+    n_batches = math.ceil(n_rows / batch)
+    if n_rows % batch == 1 and n_batches > 1:
         n_batches -= 1  # a last batch of one row cannot be batch-normalised: leave it for next epoch
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        order = rng.permutation(train_rows)
+        order = distributed.shard(rng.permutation(train_rows), ctx)
         sums = {t.name: 0.0 for t in ds.tasks}
         aux_sums: dict[str, float] = {}
         t0 = time.perf_counter()
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for b in bar:
-            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            labels = {t.label: torch.from_numpy(ds.label(t.label, rows)) for t in ds.tasks}
-            if has_aux:
-                out, aux = model.forward_with_aux(_tensors(ds.inputs(rows)))
-                aux_losses = model.aux_losses(out, aux, labels)
-            else:
-                out, aux_losses = model(_tensors(ds.inputs(rows))), {}
-            losses = task_losses(out, labels, ds.tasks)
-            total = sum(weights[k] * v for k, v in losses.items()) + sum(aux_losses.values())
+            rows = order[b * batch:(b + 1) * batch]
+            labels = _tensors({t.label: ds.label(t.label, rows) for t in ds.tasks}, ctx.device)
+            total, losses, aux_losses = step(_tensors(ds.inputs(rows), ctx.device), labels)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -185,15 +244,19 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None)
                 aux_sums[k] = aux_sums.get(k, 0.0) + v.item()
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{total.item():.4f}")
-        val = evaluate(model, ds, val_rows)
+        distributed.sync_buffers(model, ctx)
+        val = evaluate(model, ds, val_rows, ctx)  # the same numbers on every rank
         val_total = sum(weights[t.name] * val[f"loss/{t.name}"] for t in ds.tasks)
         rec = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 2),
                "train": {k: v / n_batches for k, v in sums.items()}, "val": val, "val_total": val_total}
         if aux_sums:
             rec["train_aux"] = {k: v / n_batches for k, v in aux_sums.items()}
+        if ctx.parallel:
+            rec["ranks"] = ctx.world  # train losses are rank 0's batches; val over all rows
         history.append(rec)
         shown = "  ".join(f"{k}={v:.4f}" for k, v in val.items() if not k.startswith("loss/"))
-        log.info("epoch %d  %.1fs  val loss %.5f  %s", epoch, rec["seconds"], val_total, shown)
+        if ctx.main:
+            log.info("epoch %d  %.1fs  val loss %.5f  %s", epoch, rec["seconds"], val_total, shown)
         if progress:
             tqdm.write(f"epoch {epoch}: {rec['seconds']:.0f}s  val_loss={val_total:.5f}  {shown}")
         if val_total < best - 1e-5:
@@ -213,33 +276,66 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None)
 
 def train(data: str | Path, name: str, store: str | Path = "model_store", cfg: TrainConfig | None = None,
           progress: bool = True) -> tuple[Path, dict[str, float]]:
-    """Prepare the data, fit, evaluate on the test split, write the report, export the bundle."""
+    """Prepare the data, fit, evaluate on the test split, write the report, export the bundle.
+
+    Under torchrun every rank trains (data-parallel, :mod:`training.distributed`) and computes the
+    test metrics; rank 0 alone writes the report and the bundle, whose path every rank returns."""
+    cfg = cfg or TrainConfig()
+    ctx, owns_group = distributed.setup(cfg.device)
+    try:
+        return _train(data, name, store, cfg, progress and ctx.main, ctx)
+    finally:
+        distributed.teardown(owns_group)
+
+
+def _train(data, name, store, cfg: TrainConfig, progress: bool, ctx: distributed.Context):
     from training.export import export_bundle
+    from training.quantize import Int8Job
     from training.report import write_report
 
-    cfg = cfg or TrainConfig()
     t0 = time.perf_counter()
     ds = prepare(data, max_rows=cfg.max_rows)
     if progress:
         tqdm.write(f"data: {len(ds):,} exposures, {len(ds.users.ids):,} users, {len(ds.items.ids):,} items, "
-                   f"{len(ds.schema.all_fields())} fields  ({time.perf_counter() - t0:.1f}s)")
+                   f"{len(ds.schema.all_fields())} fields  ({time.perf_counter() - t0:.1f}s)"
+                   + (f"  [{ctx.world} ranks]" if ctx.parallel else ""))
     model, history, (train_rows, val_rows, test_rows) = fit(ds, cfg, progress)
-    metrics = evaluate(model, ds, test_rows)
+    metrics = evaluate(model, ds, test_rows, ctx)
     metrics = {k: v for k, v in metrics.items() if not k.startswith("loss/")} | \
               {f"test_{k.replace('/', '_')}": v for k, v in metrics.items() if k.startswith("loss/")}
     n_params = sum(p.numel() for p in model.parameters())
     info = {"rows": {"train": len(train_rows), "validation": len(val_rows), "test": len(test_rows)},
             "parameters": n_params, "seconds": round(time.perf_counter() - t0, 1)}
-    with tempfile.TemporaryDirectory() as tmp:
-        report_json, report_png = write_report(Path(tmp), cfg=asdict(cfg), model_config=asdict(model.config),
-                                               history=history, test_metrics=metrics, info=info)
-        parity_rows = test_rows[:2048]
-        bundle = export_bundle(
-            model, name=name, store=store,
-            train_config={"train": asdict(cfg), "model": asdict(model.config), **info},
-            metrics=metrics, parity_inputs=ds.inputs(parity_rows), vocabs=ds.vocabs,
-            extra_files={"report.json": report_json, "report.png": report_png},
-        )
+    if ctx.parallel:
+        info["ranks"] = ctx.world
+    bundle: Path | None = None
+    error: str | None = None
+    if ctx.main:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                report_json, report_png = write_report(Path(tmp), cfg=asdict(cfg), model_config=asdict(model.config),
+                                                       history=history, test_metrics=metrics, info=info)
+                parity_rows = test_rows[:2048]
+                int8 = None
+                if cfg.int8:
+                    int8 = Int8Job(eval_inputs=ds.inputs(test_rows),
+                                   eval_labels={t.label: ds.label(t.label, test_rows) for t in ds.tasks},
+                                   calibration=ds.inputs(val_rows[:1024]))
+                bundle = export_bundle(
+                    model, name=name, store=store,
+                    train_config={"train": asdict(cfg), "model": asdict(model.config), **info},
+                    metrics=metrics, parity_inputs=ds.inputs(parity_rows), vocabs=ds.vocabs,
+                    extra_files={"report.json": report_json, "report.png": report_png}, int8=int8,
+                )
+        except BaseException as e:
+            if not ctx.parallel:
+                raise
+            error = f"{type(e).__name__}: {e}"
+            distributed.broadcast((None, error), ctx)
+            raise
+    bundle, error = distributed.broadcast((bundle, error), ctx)
+    if error is not None:
+        raise RuntimeError(f"rank 0 failed to export the bundle: {error}")
     return bundle, metrics
 
 
