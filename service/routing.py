@@ -9,7 +9,8 @@ The config (YAML, ``MTRANK_ROUTING_CONFIG``) has a salt, a number of buckets (de
 percentages (given in order, they take consecutive ranges from bucket 0), so a user is in exactly
 one variant per layer. Layers hash with different salts, so they are independent of each other
 (orthogonal); the *ranking layer* is the one whose variant serves ``/rank``: a model (name and
-version, or ``latest``) and a fusion formula with its weights. A top-level ``variants:`` list is
+version, or ``latest``), the precision it runs in (``precision: fp32`` by default, or ``int8`` for
+the bundle's quantised model, when it has one) and a fusion formula with its weights. A top-level ``variants:`` list is
 shorthand for one layer, the ranking layer. See the README's "Experiments" section for an example.
 
 :func:`load_config` validates everything that can be checked without the model store and raises
@@ -35,6 +36,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
                       field_validator)
 
+from service.contract import PRECISIONS
 from service.fusion import FUSIONS
 
 DEFAULT_BUCKETS = 10_000
@@ -167,7 +169,20 @@ class VariantSpec(_Spec):
     buckets: tuple[int, int] | None = Field(default=None, description="inclusive [first, last] bucket")
     percent: float | None = Field(default=None, gt=0, le=100)
     model: ModelSpec | None = None
+    precision: str | None = Field(default=None, description="fp32 (default) | int8: which model file of the bundle")
     fusion: FusionSpec | None = None
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRECISIONS:
+            raise ValueError(f"unknown precision {v!r}; use one of {list(PRECISIONS)}")
+        return v
+
+    @property
+    def model_precision(self) -> str:
+        """The precision the variant's model runs in (``fp32`` unless configured)."""
+        return self.precision or "fp32"
 
 
 class LayerSpec(_Spec):
@@ -473,9 +488,10 @@ def check_config(cfg: RoutingConfig) -> list[ConfigIssue]:
             seen_variants[v.name] = vloc
             if is_ranking and v.model is None:
                 bad(vloc, f"variant {v.name!r} of the ranking layer needs a model: {{name: ..., version: ...}}")
-            if not is_ranking and (v.model is not None or v.fusion is not None):
-                bad(vloc + ("model" if v.model is not None else "fusion",),
-                    f"only variants of the ranking layer {cfg.ranking_layer!r} serve a model and fusion")
+            if not is_ranking and (v.model is not None or v.fusion is not None or v.precision is not None):
+                key = "model" if v.model is not None else "fusion" if v.fusion is not None else "precision"
+                bad(vloc + (key,), f"only variants of the ranking layer {cfg.ranking_layer!r} serve a model "
+                                   "(precision) and fusion")
             if v.fusion is not None and v.fusion.weights is not None:
                 issues.extend(check_weights(cfg, vloc + ("fusion", "weights"), v.fusion.weights))
         issues.extend(_check_partition(cfg, layer, lloc))

@@ -29,6 +29,13 @@ features (Redis down, or the features not loaded yet) the bundle still loads, wi
 that a service started before ``mtrank features load`` still comes up as it always did; such a
 bundle is used by ``latest`` only when no confirmed version exists, and is re-checked on each poll.
 A meta key naming another schema refuses the bundle always.
+
+Precisions: a ranking variant may ask for its model in ``precision: int8`` (the bundle's
+``model.int8.onnx``); loaded bundles are keyed by ``(name, version, precision)``, so one version
+may be held in fp32 and int8 at once (sharing one feature fetcher), and ``latest`` resolves per
+precision (the newest version that has a loadable model in that precision). A version whose
+bundle has no int8 model is refused for int8 only. Operator load/unload (``/admin/models``) act
+on ``(name, version)``: a load holds the fp32 model, an unload drops every precision.
 """
 
 from __future__ import annotations
@@ -56,7 +63,8 @@ from service.store import Bundle, BundleError, bundle_signature, list_versions, 
 
 log = logging.getLogger("service.serving")
 
-Key = tuple[str, int]  # (model name, version)
+Key = tuple[str, int, str]  # (model name, version, precision)
+ModelVersion = tuple[str, int]  # (model name, version): what operators load and unload
 #: batch sizes of the warm-up runs of every newly loaded bundle (capped at MTRANK_MAX_ITEMS)
 WARMUP_SIZES = (1, 16, 128, 512)
 
@@ -96,7 +104,7 @@ class LoadedBundle:
 
     @property
     def key(self) -> Key:
-        return (self.bundle.name, self.bundle.version)
+        return (self.bundle.name, self.bundle.version, self.bundle.precision)
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,11 @@ class Variant:
     @property
     def bundle(self) -> Bundle:
         return self.ranker.bundle
+
+    @property
+    def key(self) -> Key:
+        b = self.ranker.bundle
+        return (b.name, b.version, b.precision)
 
 
 @dataclass(frozen=True)
@@ -149,8 +162,10 @@ class ServingState:
         """The variant on bucket 0 (the only one without a routing config)."""
         return self.variants[0]
 
-    def users_of(self, key: Key) -> list[str]:
-        return [v.name for v in self.variants if (v.bundle.name, v.bundle.version) == key]
+    def users_of(self, key: Key | ModelVersion) -> list[str]:
+        """Variants served by ``key``; a ``(name, version)`` pair matches every precision of it."""
+        return [v.name for v in self.variants
+                if (v.bundle.name, v.bundle.version, v.bundle.precision)[:len(key)] == tuple(key)]
 
 
 @dataclass(frozen=True)
@@ -188,8 +203,9 @@ class AdminError(Exception):
         self.message = message
 
 
-def _k(key: Key) -> str:
-    return f"{key[0]} v{key[1]}"
+def _k(key: Key | ModelVersion) -> str:
+    """``demo v3`` (fp32, or a model version), ``demo v3 int8``."""
+    return f"{key[0]} v{key[1]}" + (f" {key[2]}" if len(key) > 2 and key[2] != "fp32" else "")
 
 
 class ServingManager:
@@ -206,11 +222,11 @@ class ServingManager:
         self.not_ready: str | None = "starting"
         self._lock = threading.Lock()  # rebuilds only; /rank never takes it
         self._held: dict[Key, LoadedBundle] = {}  # the bundles of the current state
-        self._fetchers: dict[Key, FeatureFetcher] = {}
+        self._fetchers: dict[ModelVersion, FeatureFetcher] = {}
         self._refused: dict[Key, Refusal] = {}
         self._attempted: set[Key] = set()  # versions tried by the rebuild in progress
-        self._admin_loaded: set[Key] = set()
-        self._held_out: set[Key] = set()
+        self._admin_loaded: set[ModelVersion] = set()
+        self._held_out: set[ModelVersion] = set()
         self._config: RoutingConfig | None = None  # the last valid config
         self._snapshot: tuple | None = None
         self._initial = True
@@ -262,26 +278,26 @@ class ServingManager:
 
     def load_model(self, name: str, version: int) -> dict[str, Any]:
         """Operator load of one version (kept until unloaded). AdminError 404/422 when it cannot."""
-        key = (name, version)
+        key, fp32 = (name, version), (name, version, "fp32")
         with self._lock:
-            if key in self._held:
+            if fp32 in self._held:
                 self._admin_loaded.add(key)
-                return {"loaded": False, "already": True, "bundle": self._describe_bundle(self._held[key])}
+                return {"loaded": False, "already": True, "bundle": self._describe_bundle(self._held[fp32])}
             if version not in list_versions(self.root, name):
                 raise AdminError(404, f"model {name!r} version {version} is not in the store")
             self._admin_loaded.add(key)
             was_out = key in self._held_out
             self._held_out.discard(key)
-            self._refused.pop(key, None)  # an explicit load retries a refused bundle
+            self._refused.pop(fp32, None)  # an explicit load retries a refused bundle
             report = self._rebuild("admin load")
-            if key not in self._held:
+            if fp32 not in self._held:
                 self._admin_loaded.discard(key)
                 if was_out:
                     self._held_out.add(key)
                 reason = report.refused.get(_k(key)) or report.error or "not loaded"
                 raise AdminError(422, f"{_k(key)} was not loaded: {reason}")
             return {"loaded": True, "already": False, "report": report.as_dict(),
-                    "bundle": self._describe_bundle(self._held[key])}
+                    "bundle": self._describe_bundle(self._held[fp32])}
 
     def unload_model(self, name: str, version: int) -> dict[str, Any]:
         """Operator unload: 404 when not loaded, 409 while a variant serves it. The version stays
@@ -289,7 +305,7 @@ class ServingManager:
         key = (name, version)
         with self._lock:
             st = self._state
-            if key not in self._held:
+            if not self._holds(key):
                 raise AdminError(404, f"{_k(key)} is not loaded")
             users = st.users_of(key) if st is not None else []
             if users:
@@ -298,10 +314,13 @@ class ServingManager:
             self._held_out.add(key)
             self._admin_loaded.discard(key)
             report = self._rebuild("admin unload")
-            if key in self._held:  # the config pins it after all (e.g. changed on disk meanwhile)
+            if self._holds(key):  # the config pins it after all (e.g. changed on disk meanwhile)
                 self._held_out.discard(key)
                 raise AdminError(409, f"{_k(key)} is still needed: {report.error or 'pinned by the config'}")
             return {"unloaded": True, "report": report.as_dict()}
+
+    def _holds(self, key: ModelVersion) -> bool:
+        return any(k[:2] == key for k in self._held)
 
     # -- the rebuild -----------------------------------------------------------------------------
 
@@ -349,37 +368,48 @@ class ServingManager:
         issues: list[ConfigIssue] = []
         lenient = self._initial
 
-        # 1. the bundles to hold
-        pinned: dict[str, set[int]] = {}
+        # 1. the bundles to hold: per model, in each precision its variants ask for (fp32 when
+        #    none names it), the pinned versions, the policy's versions and newest N; operator
+        #    loads in fp32
+        pinned: dict[tuple[str, str], set[int]] = {}
+        precisions: dict[str, set[str]] = {}
         for v in cfg.ranking.variants:
-            if v.model is not None and v.model.version != "latest":
-                pinned.setdefault(v.model.name, set()).add(v.model.version)
+            if v.model is not None:
+                precisions.setdefault(v.model.name, set()).add(v.model_precision)
+                if v.model.version != "latest":
+                    pinned.setdefault((v.model.name, v.model_precision), set()).add(v.model.version)
         names = sorted(cfg.model_names() | {n for n, _ in self._admin_loaded})
         for name in names:
             on_disk = list_versions(self.root, name)
             policy = cfg.policy_for(name, self.default_policy)
-            want = set(pinned.get(name, ()))
-            want |= {v for v in policy.versions if (name, v) not in self._held_out}
-            want |= {v for n, v in self._admin_loaded if n == name}
-            for version in sorted(want):
-                if version in on_disk:
-                    lb = self._get(name, version, lenient, report)
+            for precision in sorted(precisions.get(name) or {"fp32"}):
+                want = set(pinned.get((name, precision), ()))
+                want |= {v for v in policy.versions if (name, v) not in self._held_out}
+                for version in sorted(want):
+                    if version in on_disk:
+                        lb = self._get(name, version, precision, lenient, report)
+                        if lb is not None:
+                            held[lb.key] = lb
+                if policy.latest:
+                    # the newest N loadable versions whose features are confirmed; versions loaded
+                    # unconfirmed (only at start) do not count, but at most 2N are walked through
+                    confirmed = walked = 0
+                    for version in reversed(on_disk):
+                        if confirmed >= policy.latest or walked >= 2 * policy.latest:
+                            break
+                        if (name, version) in self._held_out:
+                            continue
+                        lb = held.get((name, version, precision)) or self._get(name, version, precision, lenient,
+                                                                                report)
+                        if lb is not None:
+                            held[lb.key] = lb
+                            confirmed += lb.features_confirmed
+                            walked += 1
+            for version in sorted(v for n, v in self._admin_loaded if n == name):
+                if version in on_disk and (name, version, "fp32") not in held:
+                    lb = self._get(name, version, "fp32", lenient, report)
                     if lb is not None:
                         held[lb.key] = lb
-            if policy.latest:
-                # the newest N loadable versions whose features are confirmed; versions loaded
-                # unconfirmed (only at start) do not count, but at most 2N are walked through
-                confirmed = walked = 0
-                for version in reversed(on_disk):
-                    if confirmed >= policy.latest or walked >= 2 * policy.latest:
-                        break
-                    if (name, version) in self._held_out:
-                        continue
-                    lb = held.get((name, version)) or self._get(name, version, lenient, report)
-                    if lb is not None:
-                        held[lb.key] = lb
-                        confirmed += lb.features_confirmed
-                        walked += 1
             if name in cfg.models:
                 li = ("models", name)
                 for version in policy.versions:
@@ -395,17 +425,19 @@ class ServingManager:
             m = spec.model
             assert m is not None  # checked by routing.check_config
             lb = None
+            precision = spec.model_precision
             if m.version == "latest":
-                cands = sorted((k for k in held if k[0] == m.name), key=lambda k: k[1])
+                cands = sorted((k for k in held if k[0] == m.name and k[2] == precision), key=lambda k: k[1])
                 good = [k for k in cands if held[k].features_confirmed]
                 pick = (good or cands or [None])[-1]
                 lb = held.get(pick) if pick else None
                 if lb is None:
-                    issues.append(cfg.issue(vloc + ("model",), self._why_missing(m.name, None)))
+                    issues.append(cfg.issue(vloc + ("model",), self._why_missing(m.name, None, precision)))
             else:
-                lb = held.get((m.name, m.version))
+                lb = held.get((m.name, m.version, precision))
                 if lb is None:
-                    issues.append(cfg.issue(vloc + ("model", "version"), self._why_missing(m.name, m.version)))
+                    loc = vloc + ("model", "version") if precision == "fp32" else vloc + ("precision",)
+                    issues.append(cfg.issue(loc, self._why_missing(m.name, m.version, precision)))
             if lb is not None:
                 fname, weights = self._fusion_of(spec)
                 try:
@@ -428,11 +460,12 @@ class ServingManager:
         variants = []
         for (spec, lb), first, last in zip(resolved, table.starts, table.ends):
             b = lb.bundle
-            fetcher = fetchers.get(lb.key) or self._fetchers.get(lb.key)
-            if fetcher is None or fetcher.schema is not b.manifest.feature_schema:
+            fkey = lb.key[:2]  # the precisions of one version share its schema, so its fetcher
+            fetcher = fetchers.get(fkey) or self._fetchers.get(fkey)
+            if fetcher is None or fetcher.schema != b.manifest.feature_schema:
                 fetcher = FeatureFetcher(self.redis, b.manifest.feature_schema, self.settings.redis_prefix,
                                          b.vocabs, inputs=b.manifest.inputs)
-            fetchers[lb.key] = fetcher
+            fetchers[fkey] = fetcher
             fname, weights = self._fusion_of(spec)
             ranker = Ranker(self.settings, b, self.redis, fusion_name=fname, weights=weights, fetcher=fetcher,
                             variant=spec.name)
@@ -456,7 +489,7 @@ class ServingManager:
         self.not_ready = None
         report.changed = True
         log.info("serving generation %d (%s, %s): %s%s", self.generation, report.trigger, cfg.source,
-                 "; ".join(f"{v.name} [{v.first}-{v.last}] -> {v.bundle.name} v{v.bundle.version} "
+                 "; ".join(f"{v.name} [{v.first}-{v.last}] -> {_k(v.key)} "
                            f"{v.ranker.fusion_name} {v.ranker.weights}" for v in variants),
                  f"; dropped {report.dropped}" if report.dropped else "")
 
@@ -466,7 +499,7 @@ class ServingManager:
         weights = f.weights if f is not None and f.weights is not None else self.settings.fusion_weights
         return name, {k: float(w) for k, w in weights.items()}
 
-    def _why_missing(self, name: str, version: int | None) -> str:
+    def _why_missing(self, name: str, version: int | None, precision: str = "fp32") -> str:
         on_disk = list_versions(self.root, name)
         if not on_disk:
             known = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
@@ -474,17 +507,20 @@ class ServingManager:
             return f"model {name!r} is not in the store {self.root} (models there: {known})"
         if version is not None and version not in on_disk:
             return f"model {name!r} version {version} is not in the store (versions there: {on_disk})"
-        keys = [(name, version)] if version is not None else [(name, v) for v in reversed(on_disk)]
+        keys = [(name, version, precision)] if version is not None else [(name, v, precision) for v in reversed(on_disk)]
         reasons = [f"v{k[1]}: {self._refused[k].reason}" for k in keys if k in self._refused]
-        held_out = [f"v{k[1]}" for k in keys if k in self._held_out]
+        held_out = [f"v{k[1]}" for k in keys if k[:2] in self._held_out]
         what = f"model {name!r} version {version}" if version is not None else f"no loadable version of model {name!r}"
+        if precision != "fp32":
+            what += f" in {precision}"
         detail = "; ".join(reasons + ([f"unloaded by an operator: {held_out}"] if held_out else []))
         return f"{what} could not be loaded: {detail or 'refused'}" if version is not None else f"{what}: {detail}"
 
     # -- loading one bundle ----------------------------------------------------------------------
 
-    def _get(self, name: str, version: int, lenient: bool, report: ReloadReport) -> LoadedBundle | None:
-        key = (name, version)
+    def _get(self, name: str, version: int, precision: str, lenient: bool,
+             report: ReloadReport) -> LoadedBundle | None:
+        key = (name, version, precision)
         self._attempted.add(key)
         path = self.root / name / str(version)
         cur = self._held.get(key)
@@ -511,7 +547,7 @@ class ServingManager:
             bundle = load_bundle(self.root, name, version, providers=self.settings.provider_list,
                                  strict=self.settings.providers_strict,
                                  intra_op_threads=self.settings.ort_threads,
-                                 warmup=self.warmup_sizes, verify=verify)
+                                 warmup=self.warmup_sizes, verify=verify, precision=precision)
         except BundleError as e:
             transient = isinstance(e, FeatureCheckError) and e.transient
             reason = str(e)
@@ -580,11 +616,12 @@ class ServingManager:
     def _describe_bundle(self, lb: LoadedBundle) -> dict[str, Any]:
         b = lb.bundle
         st = self._state
-        return {"name": b.name, "version": b.version, "architecture": b.manifest.architecture,
-                "path": str(b.path), "sha256": b.manifest.sha256, "provider": b.provider,
+        return {"name": b.name, "version": b.version, "precision": b.precision,
+                "architecture": b.manifest.architecture, "path": str(b.path),
+                "sha256": b.manifest.model_file(b.precision)[1], "provider": b.provider,
                 "tasks": b.tasks, "features_confirmed": lb.features_confirmed,
                 "loaded_at": lb.loaded_at, "used_by": st.users_of(lb.key) if st is not None else [],
-                "operator_loaded": lb.key in self._admin_loaded}
+                "operator_loaded": lb.key[:2] in self._admin_loaded and b.precision == "fp32"}
 
     def describe(self) -> dict[str, Any]:
         with self._lock:  # a consistent view (waits for a rebuild in progress)
@@ -598,7 +635,8 @@ class ServingManager:
             "not_ready": self.not_ready if st is None else None,
             "routing_config": st.config.source if st is not None else self.config_path,
             "bundles": [self._describe_bundle(lb) for _, lb in sorted(self._held.items())],
-            "refused": [{"name": k[0], "version": k[1], "reason": r.reason, "retried_each_poll": r.transient}
+            "refused": [{"name": k[0], "version": k[1], "precision": k[2], "reason": r.reason,
+                         "retried_each_poll": r.transient}
                         for k, r in sorted(self._refused.items())],
             "unloaded_by_operator": [{"name": n, "version": v} for n, v in sorted(self._held_out)],
             "last_reload": self.last_report.as_dict() if self.last_report else None,
@@ -610,7 +648,7 @@ class ServingManager:
                 "salt": cfg.salt, "buckets": cfg.buckets, "allow_force": cfg.allow_force,
                 "ranking_layer": cfg.ranking_layer,
                 "variants": [{"name": v.name, "buckets": [v.first, v.last], "model_spec": v.model_spec,
-                              "model": v.ranker.model_ref,
+                              "model": v.ranker.model_ref, "precision": v.bundle.precision,
                               "fusion": {"name": v.ranker.fusion_name, "weights": v.ranker.weights}}
                              for v in st.variants],
             }

@@ -1,7 +1,10 @@
 """Model bundles on disk and their onnxruntime sessions.
 
 Layout: ``<store_root>/<name>/<version>/{model.onnx, manifest.json, vocab.json}`` with integer
-version directory names (anything else, such as ``.tmp-*`` staging directories, is ignored).
+version directory names (anything else, such as ``.tmp-*`` staging directories, is ignored). A
+bundle may also hold other precisions of its model (``model.int8.onnx``, listed with its own
+sha256 in the manifest's ``precisions``); :func:`load_bundle` loads the one asked for (``fp32``,
+the default, is ``model.onnx``).
 
 :func:`load_bundle` picks the newest version (or the pinned one), validates the manifest,
 verifies ``model.onnx`` against the manifest's sha256 *before* handing it to onnxruntime, checks
@@ -28,7 +31,8 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from service.contract import MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, model_inputs, sha256_file
+from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, PRECISIONS, VOCAB_FILE, BundleManifest,
+                              model_inputs, sha256_file)
 from service.settings import PROVIDER_ALIASES
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,11 @@ class Bundle:
     vocabs: dict[str, list[str]]
     provider: str  # the active (first) provider of the session
     requested_providers: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # which of the bundle's model files the session runs
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file(self.precision)[0]
 
     @property
     def name(self) -> str:
@@ -133,13 +142,17 @@ def resolve_providers(requested: str | Sequence[str], strict: bool = False) -> l
 def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = None,
                 providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
                 intra_op_threads: int = 0, warmup: bool | Sequence[int] = True,
-                verify: Callable[[BundleManifest], None] | None = None) -> Bundle:
+                verify: Callable[[BundleManifest], None] | None = None, precision: str = "fp32") -> Bundle:
     """Load and check one bundle (see the module doc).
 
     ``verify(manifest)`` runs after the manifest checks and before the checksum and the session
     (for example the feature check of :mod:`service.serving`); it raises :class:`BundleError` to
     refuse the bundle. ``warmup``: ``True`` runs one batch of 2 items, a list of batch sizes runs
-    one batch of each (:func:`warm_up`), ``False`` none."""
+    one batch of each (:func:`warm_up`), ``False`` none. ``precision``: ``fp32`` (``model.onnx``)
+    or another precision the manifest lists (``int8``): that file is checked against its own
+    sha256 and run instead; a bundle without it is refused."""
+    if precision not in PRECISIONS:
+        raise BundleError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
     path = bundle_dir(store_root, name, version)
     version = int(path.name)
 
@@ -155,13 +168,20 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
                           f"directory is {name!r} v{version}")
     if manifest.inputs != model_inputs(manifest.feature_schema):
         raise BundleError(f"{path}: manifest inputs do not match its feature schema")
+    if precision != "fp32" and precision not in manifest.precisions:
+        raise BundleError(f"{path}: no {precision} model in this bundle (its manifest lists "
+                          f"{['fp32', *manifest.precisions]}); export it with int8 on")
+    model_file, want_sha = manifest.model_file(precision)
+    model_path = path / model_file
+    if not model_path.is_file():
+        raise BundleError(f"{path}: missing {model_file} (the {precision} model its manifest lists)")
     if verify is not None:
         verify(manifest)
 
-    digest = sha256_file(path / MODEL_FILE)
-    if digest != manifest.sha256:
-        raise BundleError(f"{path / MODEL_FILE}: sha256 mismatch: file is {digest}, "
-                          f"manifest says {manifest.sha256} (corrupt or partial copy)")
+    digest = sha256_file(model_path)
+    if digest != want_sha:
+        raise BundleError(f"{model_path}: sha256 mismatch: file is {digest}, "
+                          f"manifest says {want_sha} (corrupt or partial copy)")
 
     vocabs = _read_vocabs(path / VOCAB_FILE, manifest)
 
@@ -176,9 +196,9 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(path / MODEL_FILE), sess_options=opts, providers=chosen)
+        session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
     except Exception as e:  # onnxruntime raises its own exception types
-        raise BundleError(f"{path / MODEL_FILE}: onnxruntime could not load it: {e}") from e
+        raise BundleError(f"{model_path}: onnxruntime could not load it: {e}") from e
     active = session.get_providers()[0]
     if strict and active != chosen[0]:
         # onnxruntime silently falls back when a provider fails to initialise (e.g. missing CUDA libs)
@@ -188,10 +208,11 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
 
     _check_session(session, manifest, path)
     bundle = Bundle(manifest=manifest, path=path, session=session, vocabs=vocabs, provider=active,
-                    requested_providers=provider_names(providers))
+                    requested_providers=provider_names(providers), precision=precision)
     if warmup:
         warm_up(bundle, (2,) if warmup is True else warmup)
-    log.info("loaded bundle %s v%d from %s on %s", name, version, path, active)
+    log.info("loaded bundle %s v%d%s from %s on %s", name, version, "" if precision == "fp32" else f" ({precision})",
+             path, active)
     return bundle
 
 
@@ -202,19 +223,20 @@ def warm_up(bundle: Bundle, sizes: Sequence[int] = (1, 16, 128)) -> None:
         try:
             out = bundle.run(default_inputs(bundle.manifest, n_items=n))
         except Exception as e:
-            raise BundleError(f"{bundle.path / MODEL_FILE}: warm-up run with {n} items failed: {e}") from e
+            raise BundleError(f"{bundle.model_path}: warm-up run with {n} items failed: {e}") from e
         for task, v in out.items():
             if v.shape != (n,):
-                raise BundleError(f"{bundle.path / MODEL_FILE}: warm-up output {task!r} has shape {v.shape}, "
+                raise BundleError(f"{bundle.model_path}: warm-up output {task!r} has shape {v.shape}, "
                                   f"expected ({n},)")
             if not np.all(np.isfinite(v)):
-                raise BundleError(f"{bundle.path / MODEL_FILE}: warm-up output {task!r} is not finite")
+                raise BundleError(f"{bundle.model_path}: warm-up output {task!r} is not finite")
 
 
 def bundle_signature(path: str | os.PathLike) -> tuple:
-    """(size, mtime_ns) of the bundle's files (None for a missing one): changes when a file does."""
+    """(size, mtime_ns) of the bundle's files, every precision's model included (None for a missing
+    one): changes when a file does."""
     out = []
-    for f in (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE):
+    for f in (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, *(f for p, f in PRECISION_FILES.items() if p != "fp32")):
         try:
             st = os.stat(Path(path) / f)
             out.append((st.st_size, st.st_mtime_ns))

@@ -226,11 +226,76 @@ def test_serving_state_is_immutable_and_replaced_whole(app_client, store_root):
         new = manager.state
         assert new is not old and new.generation == old.generation + 1
         # a request that read the old reference keeps a complete old world
-        assert old.primary.bundle.version == 1 and dict(old.bundles).keys() == {("demo", 1)}
-        assert new.primary.bundle.version == 2 and dict(new.bundles).keys() == {("demo", 2)}
+        assert old.primary.bundle.version == 1 and dict(old.bundles).keys() == {("demo", 1, "fp32")}
+        assert new.primary.bundle.version == 2 and dict(new.bundles).keys() == {("demo", 2, "fp32")}
         route = old.route("u1")
         assert route.variant.ranker.bundle.version == 1
         with pytest.raises(TypeError):
-            old.bundles[("demo", 3)] = None  # read-only mapping
+            old.bundles[("demo", 3, "fp32")] = None  # read-only mapping
         with pytest.raises(AttributeError):
             old.generation = 7  # frozen
+
+
+# --- precisions: variants in fp32 and int8 -------------------------------------------------------
+
+PRECISION_CONFIG = """\
+salt: p8
+allow_force: true
+variants:
+  - name: control
+    percent: 50
+    model: {name: demo, version: latest}
+  - name: fast
+    percent: 50
+    model: {name: demo, version: %s}
+    precision: int8
+"""
+
+
+def served_as(c, variant: str) -> tuple[int, list[float]]:
+    r = c.post("/rank", json=BODY, headers={"X-Mtrank-Variant": variant})
+    assert r.status_code == 200, r.text
+    return r.json()["model"]["version"], sorted(it["scores"]["ctr"] for it in r.json()["items"])
+
+
+def test_int8_variant_latest_is_the_newest_version_with_an_int8_model(app_client, store_root, tmp_path):
+    from tests.service.test_svc_store import add_int8
+
+    add_int8(store_root / "demo" / "1")
+    publish_bundle(store_root, version=2)  # fp32 only
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(PRECISION_CONFIG % "latest")
+    with app_client(routing_config=str(cfg)) as c:
+        assert served_as(c, "control")[0] == 2
+        assert served_as(c, "fast")[0] == 1  # v2 has no int8 model
+        m = admin_models(c)
+        held = {(b["version"], b["precision"]) for b in m["bundles"]}
+        assert held == {(1, "int8"), (2, "fp32")}
+        refused = {(r["version"], r["precision"]): r["reason"] for r in m["refused"]}
+        assert "no int8 model in this bundle" in refused[(2, "int8")]
+        assert {v["name"]: v["precision"] for v in m["routing"]["variants"]} == {"control": "fp32", "fast": "int8"}
+
+        # a new version with both precisions: each variant moves to it, in its own precision
+        v3 = publish_bundle(store_root, version=3)
+        add_int8(v3)
+        rep = reload(c)
+        assert rep["ok"] and sorted(rep["loaded"]) == ["demo v3", "demo v3 int8"]
+        (v_c, fp32), (v_f, int8) = served_as(c, "control"), served_as(c, "fast")
+        assert v_c == v_f == 3
+        assert fp32 != int8 and fp32 == pytest.approx(int8, abs=0.05)  # the same model, two precisions
+        assert {(b["version"], b["precision"]) for b in admin_models(c)["bundles"]} == {(3, "fp32"), (3, "int8")}
+
+
+def test_int8_pinned_to_a_version_without_it_is_refused_naming_the_line(app_client, store_root, tmp_path):
+    from tests.service.test_svc_store import add_int8
+
+    add_int8(store_root / "demo" / "1")
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(PRECISION_CONFIG % "1")
+    with app_client(routing_config=str(cfg)) as c:
+        assert served_as(c, "fast")[0] == 1
+        publish_bundle(store_root, version=2)  # fp32 only
+        cfg.write_text(PRECISION_CONFIG % "2")
+        rep = reload(c)
+        assert not rep["ok"] and "line 10" in rep["error"] and "no int8 model" in rep["error"]
+        assert served_as(c, "fast")[0] == 1  # the old state keeps serving

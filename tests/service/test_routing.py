@@ -314,3 +314,14 @@ def test_implicit_config_is_one_default_variant():
                                      ("a..b", False), ("x" * 129, False), ("ok%2f", False)])
 def test_safe_names(name, ok):
     assert is_safe_name(name) is ok
+
+
+def test_variant_precision():
+    cfg = parse_config(BASE + "  - {name: a, percent: 50, model: {name: m}}\n"
+                              "  - {name: b, percent: 50, model: {name: m}, precision: int8}\n")
+    assert [(v.precision, v.model_precision) for v in cfg.ranking.variants] == [(None, "fp32"), ("int8", "int8")]
+    one_error(BASE + "  - name: a\n    percent: 100\n    model: {name: m}\n    precision: int4\n", 6,
+              "unknown precision 'int4'", "fp32", "int8")
+    one_error("salt: s\nlayers:\n  - name: ranking\n    variants: [{name: a, percent: 100, model: {name: m}}]\n"
+              "  - name: ui\n    variants:\n      - name: b\n        percent: 100\n        precision: int8\n", 9,
+              "only variants of the ranking")

@@ -121,3 +121,60 @@ def test_cuda_used_when_available(tmp_path, bundle_factory):
     inp["item_sparse"][:, 0] = np.arange(64) % 20
     for k, v in b.run(inp).items():
         np.testing.assert_allclose(v, cpu.run(inp)[k], rtol=1e-4, atol=1e-5)
+
+
+# --- precisions: the int8 model of a bundle ---------------------------------------------------
+
+def add_int8(d, corrupt: bool = False):
+    """Quantise the bundle's model.onnx into model.int8.onnx and list it in the manifest."""
+    from service.contract import PRECISION_FILES, BundleManifest, PrecisionFile
+    from training.quantize import quantize_model
+
+    target = d / PRECISION_FILES["int8"]
+    quantize_model(d / MODEL_FILE, target, "dynamic")
+    m = BundleManifest.from_json((d / MANIFEST_FILE).read_text())
+    entry = PrecisionFile(file=target.name, sha256=sha256_file(target), method="dynamic", auc_delta={"ctr": -0.0002})
+    (d / MANIFEST_FILE).write_text(m.model_copy(update={"precisions": {"int8": entry}}).to_json())
+    if corrupt:
+        with open(target, "ab") as f:
+            f.write(b"\0")
+    return target
+
+
+def test_int8_precision_loads_its_own_file(tmp_path, bundle_factory):
+    d = bundle_factory(tmp_path, version=1)
+    add_int8(d)
+    b32, b8 = load_bundle(tmp_path, "demo"), load_bundle(tmp_path, "demo", precision="int8", warmup=[1, 16])
+    assert (b32.precision, b8.precision) == ("fp32", "int8")
+    assert b8.model_path == d / "model.int8.onnx" and b32.model_path == d / MODEL_FILE
+    inputs = default_inputs(b32.manifest, 5)
+    got, want = b8.run(inputs), b32.run(inputs)
+    for t in want:
+        assert got[t].shape == (5,)
+        np.testing.assert_allclose(got[t], want[t], atol=0.05)  # int8: close, not equal
+    assert any(not np.array_equal(got[t], want[t]) for t in want)
+
+
+def test_int8_refused_when_missing_corrupt_or_unknown(tmp_path, bundle_factory):
+    d = bundle_factory(tmp_path, version=1)
+    with pytest.raises(BundleError, match=r"no int8 model in this bundle .*\['fp32'\]"):
+        load_bundle(tmp_path, "demo", precision="int8")
+    with pytest.raises(BundleError, match="unknown precision 'int4'"):
+        load_bundle(tmp_path, "demo", precision="int4")
+    target = add_int8(d, corrupt=True)
+    with pytest.raises(BundleError, match="sha256 mismatch") as e:
+        load_bundle(tmp_path, "demo", precision="int8")
+    assert str(target) in str(e.value)
+    load_bundle(tmp_path, "demo")  # fp32 is unaffected by a bad int8 file
+    target.unlink()
+    with pytest.raises(BundleError, match="missing model.int8.onnx"):
+        load_bundle(tmp_path, "demo", precision="int8")
+
+
+def test_manifest_without_precisions_still_loads(tmp_path, bundle_factory):
+    d = bundle_factory(tmp_path, version=1)
+    raw = json.loads((d / MANIFEST_FILE).read_text())
+    raw.pop("precisions", None)  # a manifest written before precisions existed
+    (d / MANIFEST_FILE).write_text(json.dumps(raw))
+    b = load_bundle(tmp_path, "demo")
+    assert b.manifest.precisions == {} and b.precision == "fp32"
