@@ -27,13 +27,20 @@ One run, on one trained PLE and one Redis with the same features loaded:
    * ``ours``: ``mtrank serve`` with its defaults (workers, threads, cache, logs), fp32 bundle
      (which is the user-side-once graph once the export does that: see ``export`` in the JSON).
    * ``ours-nocache``: the same with ``MTRANK_ITEM_CACHE_SIZE=0`` (n/a while the service has no cache).
-   * ``ours-int8``: a routing config whose variant says ``precision: int8`` (n/a without an int8 bundle).
-   * ``floor-int8``: the floor on the int8 variant (n/a likewise).
+   * ``ours-int8``: a routing config whose one variant says ``precision: int8``. Without an int8
+     file in the bundle: n/a. If the service refuses the key: a copy of the bundle with
+     ``model.int8.onnx`` as its model (``bench_int8``), and the description says so.
+   * ``floor-int8``: the floor on the int8 variant (same fallbacks).
+   * ``floor-unsplit``: the floor on the same trained model exported without the user-side split
+     (``ServingModel(request_once=False)``): the fp32 baseline of the "int8 + user side once"
+     target. n/a when the export has no such switch.
 5. **Load**: wrk (``bench/wrk/rank.lua``) on loopback, 1 thread, closed loop at each concurrency
-   for ``--duration`` seconds after a ``--warmup`` per server and N. Per cell: req/s, latency
+   for ``--duration`` seconds after a ``--warmup`` per server and N. Per cell: req/s (2xx answers
+   that were not degraded; the JSON also has all 2xx and all answers), latency
    p50/p90/p99/p99.9 (wrk's histogram), non-2xx and socket errors, "degraded" answers; CPU seconds
    per request of the server's process tree, of redis-server and of wrk (``/proc/<pid>/stat``
-   utime+stime before/after; wrk by ``getrusage(RUSAGE_CHILDREN)``), and the CPU the rest of the
+   utime+stime before/after; wrk by ``getrusage(RUSAGE_CHILDREN)``) per useful answer (2xx, not
+   degraded), and the CPU the rest of the
    machine used meanwhile (``/proc/stat``: a busy machine shows up there); the per-stage means
    from the service's own timers (``/metrics`` ``mtrank_rank_stage_seconds`` when it exists, else
    the JSON access log); item-cache hit rate when the service exposes one.
@@ -50,6 +57,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -72,11 +80,18 @@ from bench.common import (ROOT, OwnedRedis, cpu_seconds, free_port, git_info, ma
 
 BENCH = Path(__file__).resolve().parent
 LUA = BENCH / "wrk" / "rank.lua"
+WRK_TIMEOUT = "30s"  # a slower answer counts as a timeout (a socket error) and is left out of wrk's latencies
 STAGES = ("fetch", "assemble", "inference", "fusion", "serialise")
 MODEL_NAME = "bench"
+INT8_NAME = "bench_int8"  # fallback copy of the bundle with the int8 file as its model (see int8_bundle)
+UNSPLIT_NAME = "bench_unsplit"  # the fp32 model exported without the user-side split (see export_unsplit)
 MODEL_CFG = {"levels": 2, "shared_experts": 2, "task_experts": 1, "expert_hidden": [256, 128]}
-ALL_SYSTEMS = ("floor", "floor-int8", "naive", "ours", "ours-nocache", "ours-int8")
-WIDEN_VERSION = 1  # bump when widen() changes: the data cache key holds it
+ALL_SYSTEMS = ("floor", "floor-unsplit", "floor-int8", "naive", "ours", "ours-nocache", "ours-int8")
+WIDEN_VERSION = 1
+BUILD_VERSION = 2  # bump when build_model() changes what it writes: the model cache key holds it
+#: rows per onnxruntime run when scoring the test split: about a serving batch. Dynamic int8
+#: quantises activations with one scale per batch, so its outputs depend on the batch they are in
+EVAL_BATCH = 512  # bump when widen() changes: the data cache key holds it
 
 FULL = dict(users=100_000, items=200_000, exposures=1_000_000, train_rows=600_000, train_threads=0,
             sizes="100,500,1000",
@@ -179,7 +194,7 @@ def model_dir_of(workdir: Path, a) -> Path:
     the export or the models retrains)."""
     src = _sources_hash(["training/**/*.py", "service/contract.py", "service/codec.py"])
     key = _hash({"data": data_dir_of(workdir, a).name, "rows": a.train_rows, "model": MODEL_CFG, "src": src,
-                 "seed": a.seed})
+                 "seed": a.seed, "build": BUILD_VERSION})
     return workdir / f"model-{key}"
 
 
@@ -268,8 +283,9 @@ def build_model(workdir: Path, data_dir: Path, a) -> tuple[Path, dict]:
     params = sum(p.numel() for p in model.parameters())
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     quality = onnx_quality(Path(bundle), ds, test_rows)
+    unsplit = export_unsplit(model, ds, test_rows, Path(bundle), out / "model.unsplit.onnx")
     info = {"bundle": str(Path(bundle).relative_to(out)), "version": int(Path(bundle).name),
-            "train_seconds": round(seconds, 1),
+            "train_seconds": round(seconds, 1), "unsplit": unsplit,
             "precisions": manifest.get("precisions") or {},
             "train_rows": a.train_rows, "parameters": params, "config": dataclasses.asdict(model.config),
             "int8_flags_set": int8_flags, "torch_metrics": metrics, "quality": quality,
@@ -278,6 +294,31 @@ def build_model(workdir: Path, data_dir: Path, a) -> tuple[Path, dict]:
             "torch_threads": torch.get_num_threads()}
     (out / "bench-model.json").write_text(json.dumps(info, indent=2, default=str))
     return _publish(out, final, "bench-model.json", a.rebuild)
+
+
+def export_unsplit(model, ds, rows: np.ndarray, bundle: Path, path: Path) -> dict:
+    """The fp32 model exported as it was before the export split the user side off
+    (``ServingModel(model, request_once=False)``), for the floor's baseline; checked against the
+    bundle's model.onnx on one user x 500 items. ``{"file": None, ...}`` when the export has no
+    such switch (then the bundle itself is the baseline)."""
+    try:
+        import onnxruntime as ort
+
+        from training.export import EXAMPLE_ROWS, ServingModel, _export_onnx
+
+        if "request_once" not in inspect.signature(ServingModel).parameters:
+            return {"file": None, "reason": "training.export.ServingModel has no request_once switch"}
+        feed = ds.inputs(rows[:EXAMPLE_ROWS])
+        _export_onnx(ServingModel(model, request_once=False).eval(), feed, path)
+        probe = ds.inputs(rows[:500])
+        probe = {k: (v[:1] if k.startswith(("user_", "context_")) else v) for k, v in probe.items()}
+        outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, probe)
+                for p in (bundle / "model.onnx", path)]
+        diff = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                   for x, y in zip(*outs))
+        return {"file": path.name, "bytes": path.stat().st_size, "max_abs_diff_vs_bundle": diff}
+    except Exception as e:  # noqa: BLE001 - an optional baseline
+        return {"file": None, "reason": f"{type(e).__name__}: {e}"}
 
 
 def _aucs(ds, rows, out: dict[str, np.ndarray]) -> dict[str, float]:
@@ -310,7 +351,7 @@ def onnx_quality(bundle: Path, ds, rows: np.ndarray) -> dict:
     """Per-task AUC of model.onnx and (if present) model.int8.onnx on the test rows (onnxruntime)."""
     import onnxruntime as ort
 
-    res: dict = {"rows": int(len(rows)), "fp32": None, "int8": None, "delta": None, "int8_file": None}
+    res: dict = {"rows": int(len(rows)), "batch_rows": EVAL_BATCH, "fp32": None, "int8": None, "delta": None, "int8_file": None}
     files = {"fp32": bundle / "model.onnx"}
     int8 = bundle / "model.int8.onnx"
     if int8.exists():
@@ -323,8 +364,8 @@ def onnx_quality(bundle: Path, ds, rows: np.ndarray) -> dict:
             sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
             names = [o.name for o in sess.get_outputs()]
             parts = {n: [] for n in names}
-            for i in range(0, len(rows), 4096):
-                feed = ds.inputs(rows[i:i + 4096])
+            for i in range(0, len(rows), EVAL_BATCH):
+                feed = ds.inputs(rows[i:i + EVAL_BATCH])
                 for n, v in zip(names, sess.run(names, feed)):
                     parts[n].append(np.asarray(v).reshape(-1))
             res[tag] = _aucs(ds, rows, {n: np.concatenate(v) for n, v in parts.items()})
@@ -383,12 +424,12 @@ def _settings(**kw):
     return Settings(**{k: v for k, v in kw.items() if k in known})
 
 
-def floor_ranker(store: Path, redis_url: str, routing_config: str | None = None):
+def floor_ranker(store: Path, redis_url: str, routing_config: str | None = None, model_name: str = MODEL_NAME):
     """The service's own ranker for the first variant, built the way the service builds it (its
     ServingManager), with 1 onnxruntime thread, no item cache and no effective deadline."""
     from service.serving import ServingManager
 
-    s = _settings(redis_url=redis_url, model_store=str(store), model_name=MODEL_NAME, ort_intra_op_threads=1,
+    s = _settings(redis_url=redis_url, model_store=str(store), model_name=model_name, ort_intra_op_threads=1,
                   workers=1, item_cache_size=0, redis_deadline_ms=60_000, redis_timeout_ms=10_000,
                   store_poll_s=0, log_level="WARNING", routing_config=routing_config, predlog_rate=0.0)
     try:
@@ -403,6 +444,18 @@ def floor_ranker(store: Path, redis_url: str, routing_config: str | None = None)
     if st is None:
         raise RuntimeError(f"the floor's serving state did not load: {manager.not_ready}")
     return st.primary.ranker, st.primary
+
+
+def short_reason(e: BaseException | str | None) -> str:
+    """One line out of an exception (or a server's log): a routing config's "line N (...): why" if
+    there is one, else the first line."""
+    text = str(e) if e is not None else "unknown"
+    m = re.findall(r"line \d+ \([^)]*\): [^\n\\\"]+", text)
+    if m:
+        return "routing config refused: " + "; ".join(dict.fromkeys(m))
+    first = text.strip().splitlines()[0] if text.strip() else text
+    name = type(e).__name__ if isinstance(e, BaseException) else ""
+    return (f"{name}: " if name else "") + first[:300]
 
 
 def floor_cell(system: str, ranker, bodies: list[dict], n: int, duration: float, warmup: float,
@@ -431,12 +484,13 @@ def floor_cell(system: str, ranker, bodies: list[dict], n: int, duration: float,
             degraded += 1
         i += 1
     wall = time.perf_counter() - t0
+    good = len(lat) - degraded
     cpu1, r1, busy1 = time.process_time(), cpu_seconds([redis_pid]), machine_busy()
     ms = np.asarray(lat) * 1e3
     cpu_server, cpu_redis = cpu1 - cpu0, r1 - r0
     busy = (busy1[0] - busy0[0]) / wall
     return {"system": system, "n": n, "c": 1, "duration_s": round(wall, 3), "requests": len(lat),
-            "rps": len(lat) / wall, "rps_x2": 2 * len(lat) / wall,
+            "rps": good / wall, "rps_x2": 2 * good / wall, "rps_2xx": len(lat) / wall,
             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "p999_ms": float(np.percentile(ms, 99.9)),
             "mean_ms": float(ms.mean()), "max_ms": float(ms.max()), "non2xx": 0, "socket_errors": 0,
@@ -524,7 +578,7 @@ class Server:
 
 def run_wrk(base: str, bodies: Path, c: int, seconds: float, offset: int = 0) -> tuple[dict, float]:
     """One closed-loop wrk run; (its JSON summary, wrk's CPU seconds)."""
-    cmd = ["wrk", "-t1", f"-c{c}", f"-d{max(1, int(round(seconds)))}s", "--timeout", "10s", "-s", str(LUA),
+    cmd = ["wrk", "-t1", f"-c{c}", f"-d{max(1, int(round(seconds)))}s", "--timeout", WRK_TIMEOUT, "-s", str(LUA),
            base, "--", str(bodies), str(offset)]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
@@ -620,7 +674,6 @@ def http_cell(system: str, server: Server, bodies: Path, n: int, c: int, duratio
         stages, source = log_stages, "access_log"
     if hit_rate is None:
         hit_rate = log_rate
-    reqs = max(1, res["requests"])
     secs = res["duration_us"] / 1e6 or wall
     statuses = {int(k): v for k, v in res.get("statuses", {}).items()}
     non2xx = sum(v for k, v in statuses.items() if not 200 <= k < 300)
@@ -629,13 +682,15 @@ def http_cell(system: str, server: Server, bodies: Path, n: int, c: int, duratio
     cpu_server, cpu_redis = cpu1 - cpu0, r1 - r0
     busy = (busy1[0] - busy0[0]) / wall
     ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
+    degraded = max(res.get("degraded", 0), log_degraded)
+    reqs = max(1, ok - degraded)  # CPU per useful answer: rejected and degraded ones cost, but do not count
     return {"system": system, "n": n, "c": c, "duration_s": round(secs, 3), "requests": res["requests"],
-            "rps": ok / secs, "rps_all": res["requests"] / secs,
+            "rps": (ok - degraded) / secs, "rps_2xx": ok / secs, "rps_all": res["requests"] / secs,
             "p50_ms": _ms(pct.get("50")), "p90_ms": _ms(pct.get("90")), "p99_ms": _ms(pct.get("99")),
             "p999_ms": _ms(pct.get("99.9")), "mean_ms": _ms(res["latency_us"]["mean"]),
             "max_ms": _ms(res["latency_us"]["max"]), "statuses": statuses, "non2xx": non2xx,
             "socket_errors": sock, "errors": res["errors"],
-            "degraded": max(res.get("degraded", 0), log_degraded),
+            "degraded": degraded,
             "cpu_ms_per_req": {"server": 1e3 * cpu_server / reqs, "redis": 1e3 * cpu_redis / reqs,
                                "client": 1e3 * wrk_cpu / reqs},
             "busy_cores": busy, "other_cores": max(0.0, busy - (cpu_server + cpu_redis + wrk_cpu) / wall),
@@ -781,14 +836,29 @@ def targets(report: dict, n: int, p99_bound: float | None) -> list[dict]:
         f"{_f(naive_b and naive_b['rps'])} req/s (c={naive_b and naive_b['c']}); bound = "
         + ("--p99-bound-ms" if p99_bound else "naive's p99 at its best throughput"))
     i8 = _best(cells, "ours-int8", n)
-    add(f"int8 (+ user side once) throughput / fp32 floor x2 at N={n}", i8["rps"] / f2 if i8 and f2 else None, ">=",
-        2.5, f"ours-int8 {_f(i8 and i8['rps'])} req/s, floor x2 {_f(f2)} req/s; export "
-        f"{report.get('export', {}).get('commit', '')[:10]}" if i8 else "n/a: no int8 variant ran")
+    unsplit = _cell(cells, "floor-unsplit", n, 1)
+    base = unsplit or floor
+    b2 = base["rps_x2"] if base else None
+    add(f"int8 + user side once throughput / fp32 floor x2 at N={n}", i8["rps"] / b2 if i8 and b2 else None, ">=",
+        2.5, (f"ours-int8 {_f(i8['rps'])} req/s (c={i8['c']}), {base['system']} x2 {_f(b2)} req/s"
+              + ("" if unsplit else " (the floor's bundle already has the split: no unsplit baseline)")) if i8 and base
+        else "n/a: no int8 variant ran")
+    if unsplit and floor:
+        add(f"user side once, in-process: floor / floor-unsplit throughput at N={n}", floor["rps"] / unsplit["rps"],
+            ">=", 1.0, f"{_f(floor['rps'], 1)} vs {_f(unsplit['rps'], 1)} /s; export "
+            f"{report.get('export', {}).get('commit', '')[:10]}")
+    fi8 = _cell(cells, "floor-int8", n, 1)
+    if fi8 and base:
+        add(f"int8 + user side once, in-process: floor-int8 / {base['system']} throughput at N={n}",
+            fi8["rps"] / base["rps"], ">=", 2.5, f"{_f(fi8['rps'], 1)} vs {_f(base['rps'], 1)} /s (single process)")
     q = report.get("model", {}).get("quality", {}) or {}
     d = q.get("delta")
     worst = max((abs(v) for v in d.values() if v == v), default=None) if d else None
+    recorded = ((report.get("model", {}).get("precisions") or {}).get("int8") or {}).get("auc_delta")
     add("int8 AUC |delta| vs fp32, test split", worst, "<=", 0.001,
-        (", ".join(f"{k} {v:+.4f}" for k, v in d.items()) if d else "n/a: the bundle has no model.int8.onnx"))
+        (", ".join(f"{k} {v:+.4f}" for k, v in d.items()) + f" ({q.get('rows', 0):,} rows, onnxruntime, "
+         f"{q.get('batch_rows')} rows a batch)" if d else "n/a: the bundle has no model.int8.onnx")
+        + (f"; the manifest records {', '.join(f'{k} {v:+.4f}' for k, v in recorded.items())}" if recorded else ""))
     mem = report.get("memory", {}).get("ours")
     if mem and mem.get("budget_mb"):
         worst_rss = max(mem["after"]["rss_mb_per_worker"] or [0])
@@ -846,14 +916,19 @@ def render(report: dict) -> str:
                            for t in report["targets"]], digits=3))
     lines += ["", "## Load (req/s, latency ms, CPU ms per request)", "",
               "floor: in-process single process (`x2` column = scaled to 2 cores); others: wrk on loopback, "
-              "closed loop with c connections. CPU: server process tree, redis-server, wrk; `other` = cores "
-              "busy with anything else on the machine during the cell (noise).", ""]
+              "closed loop with c connections. req/s counts 2xx answers that were not degraded. `errors` = "
+              "non-2xx answers + socket errors (timeouts); a `*` marks cells where they exceed 1%: wrk's "
+              "latencies then include those (fast) error answers. CPU: server process tree, redis-server, wrk; "
+              "`other` = cores busy with anything else on the machine during the cell (noise: ~0 on a quiet "
+              "machine).", ""]
     rows = []
     for c in sorted(report["cells"], key=lambda x: (x["n"], ALL_SYSTEMS.index(x["system"])
                                                    if x["system"] in ALL_SYSTEMS else 99, x["c"])):
         cpu = c["cpu_ms_per_req"]
-        rows.append([c["n"], c["system"], c["c"], c["rps"], c.get("rps_x2"), c["p50_ms"], c["p90_ms"], c["p99_ms"],
-                     c["p999_ms"], c["non2xx"] + c.get("socket_errors", 0), c.get("degraded", 0),
+        errs = c["non2xx"] + c.get("socket_errors", 0)
+        mark = "*" if errs > 0.01 * max(1, c["requests"]) else ""
+        rows.append([c["n"], c["system"], f"{c['c']}{mark}", c["rps"], c.get("rps_x2"), c["p50_ms"], c["p90_ms"],
+                     c["p99_ms"], c["p999_ms"], errs, c.get("degraded", 0),
                      cpu["server"], cpu["redis"], cpu["client"], c.get("other_cores")])
     lines.append(md_table(["N", "system", "c", "req/s", "x2", "p50", "p90", "p99", "p99.9", "errors", "degraded",
                            "CPU server", "CPU redis", "CPU wrk", "other cores"], rows,
@@ -895,7 +970,14 @@ def render(report: dict) -> str:
                   f"workers) first window {soak.get('first_mb')} MB, last window {soak.get('last_mb')} MB, "
                   f"growth {soak.get('growth_mb')} MB (window {soak.get('window_s')} s)."]
     if report.get("errors"):
-        lines += ["", "## Errors", ""] + [f"- {e}" for e in report["errors"]]
+        lines += ["", "## Errors (whole tracebacks in the JSON)", ""]
+        for e in report["errors"]:
+            name, _, rest = e.partition(":")
+            why = short_reason(rest)
+            if not why.startswith("routing"):
+                exc = [x for x in rest.splitlines() if re.match(r"[\w.]+(Error|Exception|Exit)\b", x)]
+                why = exc[-1][:300] if exc else why
+            lines.append(f"- {name}: {why}")
     return "\n".join(lines) + "\n"
 
 
@@ -1008,7 +1090,9 @@ def main(argv=None) -> int:
         f"item cache in the service: {has_cache}")
 
     systems = report["systems"]
-    why_not = {"floor-int8": None if has_int8 else "the bundle has no model.int8.onnx",
+    why_not = {"floor-unsplit": None if (model_info.get("unsplit") or {}).get("file") else
+               (model_info.get("unsplit") or {}).get("reason", "no unsplit export"),
+               "floor-int8": None if has_int8 else "the bundle has no model.int8.onnx",
                "ours-int8": None if has_int8 else "the bundle has no model.int8.onnx",
                "ours-nocache": None if has_cache else "the service has no item cache yet (MTRANK_ITEM_CACHE_SIZE "
                                                       "is only a setting)"}
@@ -1041,11 +1125,13 @@ def main(argv=None) -> int:
         bodies = make_bodies(data_dir, a.sizes, a.bodies, a.zipf, a.seed, run_dir)
 
         # ---- floor (in-process) ------------------------------------------------------------
-        for sysname in ("floor", "floor-int8"):
+        for sysname in ("floor", "floor-unsplit", "floor-int8"):
             if sysname not in a.systems or sysname in systems:
                 continue
             try:
                 cfgs = int8_routing_configs(run_dir) if sysname == "floor-int8" else [None]
+                if sysname == "floor-unsplit":
+                    cfgs = []
                 ranker, variant, err = None, None, None
                 for cfg in cfgs:
                     try:
@@ -1053,11 +1139,27 @@ def main(argv=None) -> int:
                         break
                     except Exception as e:  # noqa: BLE001 - try the next config layout
                         err = e
-                if ranker is None:
+                desc = "in-process Ranker (built by the service's ServingManager), 1 ORT thread, no item cache, " \
+                       "one process"
+                if ranker is None and sysname == "floor-int8":
+                    # the service cannot be asked for int8 yet: a bundle whose model is the int8 file
+                    int8 = int8_bundle(store, bundle)
+                    ranker, variant = floor_ranker(store, rds.url, None, model_name=int8.parent.name)
+                    desc += (f"; bundle {int8.parent.name}: a copy with model.int8.onnx as its model.onnx, made by "
+                             f"the benchmark because the service refused `precision: int8` ({short_reason(err)})")
+                elif ranker is None and sysname == "floor-unsplit":
+                    unsplit = copy_bundle(store, bundle, UNSPLIT_NAME, model_dir / model_info["unsplit"]["file"])
+                    ranker, variant = floor_ranker(store, rds.url, None, model_name=unsplit.parent.name)
+                    desc += (f"; bundle {unsplit.parent.name}: the same trained model exported with "
+                             f"ServingModel(request_once=False), i.e. without computing the user side once")
+                elif ranker is None:
                     raise err
-                systems[sysname] = {"ran": True, "description": "in-process Ranker (ServingManager), 1 ORT thread, "
-                                    "no item cache, one process", "variant": getattr(variant, "name", None),
-                                    "provider": getattr(variant.bundle, "provider", None)}
+                precision = getattr(variant.bundle, "precision", None)
+                if sysname == "floor-int8" and precision not in (None, "int8"):
+                    raise RuntimeError(f"asked for int8, the ranker's bundle says precision {precision!r}")
+                systems[sysname] = {"ran": True, "description": desc, "variant": getattr(variant, "name", None),
+                                    "provider": getattr(variant.bundle, "provider", None), "precision": precision,
+                                    "bundle": str(getattr(variant.bundle, "path", ""))}
                 for n in a.sizes:
                     log(f"{sysname} N={n}")
                     cell = floor_cell(sysname, ranker, read_bodies(bodies[n]), n, a.duration, a.warmup, rds.pid)
@@ -1065,7 +1167,7 @@ def main(argv=None) -> int:
                     log(f"  {cell['rps']:.1f}/s p50 {cell['p50_ms']:.2f} ms p99 {cell['p99_ms']:.2f} ms")
                 del ranker, variant
             except Exception as e:  # noqa: BLE001
-                systems[sysname] = {"ran": False, "reason": f"{type(e).__name__}: {e}"}
+                systems[sysname] = {"ran": False, "reason": short_reason(e)}
                 report["errors"].append(f"{sysname}: {traceback.format_exc(limit=3)}")
             save()
 
@@ -1075,7 +1177,7 @@ def main(argv=None) -> int:
         for sysname in http_systems:
             server = None
             try:
-                server, desc = _start_system(sysname, a, store, rds.url, run_dir, model_dir)
+                server, desc = _start_system(sysname, a, store, rds.url, run_dir, model_dir, bundle)
                 servers.append(server)
                 systems[sysname] = {"ran": True, "description": desc}
                 warm_mem = None
@@ -1100,7 +1202,7 @@ def main(argv=None) -> int:
                         pass
                 report["memory"][sysname] = mem
             except Exception as e:  # noqa: BLE001
-                systems[sysname] = {"ran": False, "reason": f"{type(e).__name__}: {e}"}
+                systems[sysname] = {"ran": False, "reason": short_reason(e)}
                 report["errors"].append(f"{sysname}: {traceback.format_exc(limit=3)}"
                                         + (f"\nserver log tail:\n{server.tail()}" if server else ""))
                 log(f"{sysname} failed: {e}")
@@ -1147,7 +1249,37 @@ def _budget(bundle: Path, sysname: str, item_size: int) -> dict:
             "budget_note": "cache budget = MTRANK_ITEM_CACHE_SIZE x packed item value bytes"}
 
 
-def _start_system(sysname: str, a, store: Path, redis_url: str, run_dir: Path, model_dir: Path) -> tuple[Server, str]:
+def copy_bundle(store: Path, bundle: Path, name: str, model_file: Path) -> Path:
+    """``<store>/<name>/<v>``: a copy of the bundle whose model.onnx is ``model_file`` (manifest name and
+    sha256 to match): the int8 file for a service or floor that cannot be asked for int8 yet, or the
+    export without the user-side split (the fp32 baseline before that change)."""
+    from service.contract import sha256_file
+
+    dst = store / name / bundle.name
+    if (dst / "manifest.json").exists():
+        return dst
+    tmp = store / name / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle, tmp, ignore=shutil.ignore_patterns("model.*.onnx"))
+    shutil.copyfile(model_file, tmp / "model.onnx")
+    m = json.loads((tmp / "manifest.json").read_text())
+    m["name"], m["sha256"] = name, sha256_file(tmp / "model.onnx")
+    if "precisions" in m:
+        m["precisions"] = {}
+    (tmp / "manifest.json").write_text(json.dumps(m, indent=2))
+    try:
+        os.rename(tmp, dst)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def int8_bundle(store: Path, bundle: Path) -> Path:
+    return copy_bundle(store, bundle, INT8_NAME, bundle / "model.int8.onnx")
+
+
+def _start_system(sysname: str, a, store: Path, redis_url: str, run_dir: Path, model_dir: Path,
+                  bundle: Path) -> tuple[Server, str]:
     if sysname == "naive":
         server = start_naive(model_dir / "model.pt", redis_url, run_dir, a.naive_workers, a.naive_threads)
         server.wait_ready()
@@ -1171,7 +1303,14 @@ def _start_system(sysname: str, a, store: Path, redis_url: str, run_dir: Path, m
             except Exception as e:  # noqa: BLE001 - that layout was refused: try the next
                 err = e
                 server.stop()
-        raise RuntimeError(f"no int8 routing config was accepted: {err}")
+        # the service cannot be asked for int8 yet: serve the int8 file as a bundle of its own
+        int8 = int8_bundle(store, bundle)
+        server = start_ours(sysname, store, redis_url, run_dir, {**extra, "MTRANK_MODEL_NAME": int8.parent.name},
+                            a.workers)
+        server.wait_ready()
+        return server, desc + (f", MTRANK_MODEL_NAME={int8.parent.name}: a copy of the bundle with model.int8.onnx "
+                               f"as its model.onnx, made by the benchmark because the service refused "
+                               f"`precision: int8` ({short_reason(err)})")
     if a.workers:
         desc += f", MTRANK_WORKERS={a.workers}"
     server = start_ours(sysname, store, redis_url, run_dir, extra, a.workers)
@@ -1187,7 +1326,7 @@ def soak(a, store: Path, rds: OwnedRedis, run_dir: Path, bodies: dict, model_dir
     try:
         server.wait_ready()
         run_wrk(server.base, bodies[n], c, a.warmup)
-        cmd = ["wrk", "-t1", f"-c{c}", f"-d{int(a.soak)}s", "--timeout", "10s", "-s", str(LUA), server.base, "--",
+        cmd = ["wrk", "-t1", f"-c{c}", f"-d{int(a.soak)}s", "--timeout", WRK_TIMEOUT, "-s", str(LUA), server.base, "--",
                str(bodies[n])]
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
