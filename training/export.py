@@ -6,11 +6,17 @@ and renamed into place in one step, so a reader never sees half a bundle. Before
 parity gate compares onnxruntime with PyTorch on the given rows and on a broadcast case (one
 user, all the items); a bundle that disagrees by more than ``atol`` is not published.
 
-The exported graph computes the request side once (``request_once``, see
-:mod:`training.models.blocks`): the user's and the context's columns of every first layer are
-multiplied at batch 1 and broadcast-added to the items' part at batch N. The parity gate's
-reference is the model exactly as trained (plain ``[N, D]`` tensors), so the gate checks that
-rewrite too.
+Two rewrites make the exported graph cheaper than the model as trained, with the same maths:
+
+* the request side once (``request_once``, see :mod:`training.models.blocks`): the user's and
+  the context's columns of every first layer are multiplied at batch 1 and broadcast-added to
+  the items' part at batch N;
+* BatchNorm folded (:func:`fold_batch_norms`): in eval mode a BatchNorm is a fixed affine map per
+  channel, so it is folded into the weights and bias of the layer before it - no BatchNorm node,
+  and no transposes around the experts' per-(expert, channel) statistics.
+
+The parity gate's reference is the model exactly as trained (plain ``[N, D]`` tensors, BatchNorm
+as a layer), so the gate checks both rewrites.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from torch import Tensor, nn
 from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, VOCAB_FILE, BundleManifest, model_inputs,
                               sha256_file)
 from service.store import list_versions
-from training.models.blocks import EmbeddingLayer, MultiTaskModel
+from training.models.blocks import MLP, EmbeddingLayer, Experts, MultiTaskModel
 from training.quantize import Int8Job, make_int8
 
 log = logging.getLogger(__name__)
@@ -112,7 +118,44 @@ def _as_arrays(model: MultiTaskModel, inputs: dict[str, np.ndarray]) -> dict[str
     return out
 
 
+@torch.no_grad()
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm that follows a linear layer into it, in place; returns ``model``.
+
+    ``BN(x W + b) = x (W s) + ((b - mean) s + beta)`` with ``s = gamma / sqrt(var + eps)`` per
+    channel: in an :class:`MLP` a ``Linear`` followed by ``BatchNorm1d`` (the BatchNorm becomes an
+    Identity); in :class:`Experts` each layer's ``[E*h]`` statistics fold into its ``[E, in, h]``
+    weights (``norms`` becomes None). Computed in float64. Only for inference: the running
+    statistics are baked in."""
+    def scale_shift(bn: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
+        s = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            s = s * bn.weight.double()
+        shift = -bn.running_mean.double() * s + (bn.bias.double() if bn.bias is not None else 0.0)
+        return s, shift
+
+    for m in list(model.modules()):
+        if isinstance(m, MLP):
+            for i in range(len(m) - 1):
+                lin, bn = m[i], m[i + 1]
+                if isinstance(lin, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and bn.track_running_stats:
+                    s, shift = scale_shift(bn)
+                    lin.weight.copy_((lin.weight.double() * s[:, None]).float())
+                    lin.bias.copy_((lin.bias.double() * s + shift).float())
+                    m[i + 1] = nn.Identity()
+        elif isinstance(m, Experts) and m.norms is not None:
+            for w, b, bn in zip(m.weights, m.biases, m.norms):
+                s, shift = (t.view(m.n_experts, 1, -1) for t in scale_shift(bn))  # [E, 1, h]
+                w.copy_((w.double() * s).float())
+                b.copy_((b.double() * s + shift).float())
+            m.norms = None
+    return model
+
+
 def _export_onnx(serving: ServingModel, example: dict[str, np.ndarray], path: Path) -> None:
+    """Trace ``serving`` into ``path``: the model's BatchNorms folded (on a copy) and the request
+    side once as ``serving`` says."""
+    serving = ServingModel(fold_batch_norms(copy.deepcopy(serving.model).eval()), serving.request_once)
     schema_inputs = model_inputs(serving.model.schema)
     axis = {"user": "user_batch", "context": "context_batch", "item": "n"}
     dynamic_axes = {mi.name: {0: axis[mi.entity]} for mi in schema_inputs}

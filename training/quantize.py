@@ -48,6 +48,9 @@ from service.contract import PRECISION_FILES, PrecisionFile, TaskSpec, sha256_fi
 
 log = logging.getLogger(__name__)
 
+#: rows per onnxruntime run when scoring: about a serving batch. Dynamic int8 quantises the
+#: activations with one scale per run, so its error depends on what is in the batch.
+EVAL_BATCH = 512
 METHODS = ("dynamic", "dynamic/per-channel", "dynamic/per-channel/fp32-heads", "static/per-channel")
 OPS = ["MatMul", "Gemm"]
 
@@ -58,7 +61,7 @@ class QuantizeConfig:
     tolerance: float = 0.001  # largest AUC drop (any AUC metric of the test split) that is accepted
     calibration_rows: int = 1024  # held-out rows for the static method's activation ranges
     max_eval_rows: int = 200_000  # test rows scored for the deltas (the first ones)
-    batch_rows: int = 8192  # rows per onnxruntime run while scoring
+    batch_rows: int = EVAL_BATCH  # rows per onnxruntime run while scoring
     extra: dict = field(default_factory=dict)  # extra_options passed to onnxruntime's quantiser
 
 
@@ -127,7 +130,7 @@ def quantize_model(src: str | Path, dst: str | Path, method: str,
 
 
 def run_onnx(path: str | Path, inputs: dict[str, np.ndarray], tasks: list[TaskSpec],
-             batch_rows: int = 8192) -> dict[str, np.ndarray]:
+             batch_rows: int = EVAL_BATCH) -> dict[str, np.ndarray]:
     """The model's outputs ``{task: float32 [rows]}`` (probabilities / values, as served), in batches."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

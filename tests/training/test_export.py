@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -232,3 +233,33 @@ def test_first_layers_compute_the_user_side_at_batch_one(name, tmp_path, capsys)
             times[label] = (time.perf_counter() - t0) / 20 * 1e3
         with capsys.disabled():
             print(f"\n[tiny PLE, ORT 1 thread, N=500] " + ", ".join(f"{k}: {v:.2f} ms" for k, v in times.items()))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batch_norm_folding_is_exact_and_leaves_no_batch_norm(name, tmp_path):
+    """With non-trivial running statistics: the folded model equals the model as trained, the
+    exported graph has no BatchNormalization node, and the parity gate (against the unfolded
+    model) passes."""
+    arch, kw = CONFIGS[name]
+    torch.manual_seed(0)
+    model = build_model(arch, tiny_schema(), TASKS, **kw)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert bns
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 3)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    rows = {k: torch.from_numpy(v) for k, v in parity_rows(model.schema, 64).items()}
+    folded = export_mod.fold_batch_norms(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    with torch.no_grad():
+        want, got = model(rows), folded(rows)
+    for t in TASKS:
+        torch.testing.assert_close(got[t.name], want[t.name], atol=1e-5, rtol=1e-5)
+    path = export(model, tmp_path / "store")
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path / MODEL_FILE)).graph.node}
+    m = BundleManifest.from_json((path / MANIFEST_FILE).read_text())
+    assert max(v for k, v in m.metrics.items() if k.startswith("parity_max_abs_diff")) <= 1e-4
