@@ -92,6 +92,7 @@ class Breaker:
         self.failures = 0  # consecutive
         self.last_error: str | None = None
         self.opened_at: float | None = None
+        self.retired = False  # the node left the cluster: stop probing it
 
     def allow(self) -> bool:
         return self.state == "closed"
@@ -116,7 +117,7 @@ class Breaker:
         threading.Thread(target=self._probe_loop, name=f"mtrank-breaker-{self.name}", daemon=True).start()
 
     def _probe_loop(self) -> None:
-        while not self._stop.wait(self.probe_s):
+        while not self._stop.wait(self.probe_s) and not self.retired:
             with self._lock:
                 self.state = "half_open"
             try:
@@ -213,6 +214,10 @@ class FeatureStore:
                     self._node(primary.name, conn.connection_pool)
                     table[slot] = primary.name
             self._slot_table = table
+            for name in set(self._nodes) - set(table):  # gone (e.g. replaced by a promoted replica)
+                node = self._nodes.pop(name)
+                node.breaker.retired = True
+                node.pool.disconnect()
 
     def _schedule_refresh(self) -> None:
         """Re-read the cluster topology in the background, at most once per second."""

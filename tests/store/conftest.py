@@ -137,9 +137,31 @@ def load_world(world: World, client, prefix: str) -> None:
     load_features(world.data, world.bundle_dir, client, prefix=prefix, chunk=64, progress=False)
 
 
+#: latency slack over the deadline on this shared 2-core machine (other test runs and a benchmark
+#: compete for the CPU; healthy answers alone show 50-150 ms hiccups there): p99 within deadline +
+#: 50 ms; every single answer within deadline + 200 ms, which still fails any read that waits for
+#: a stalled Redis (1-2 s here)
+P99_SLACK_S = 0.050
+MAX_SLACK_S = 0.200
+
+
+def assert_latencies(latencies, deadline_s: float) -> None:
+    lat = sorted(latencies)
+    assert lat, "no samples"
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if len(lat) >= 100 else lat[-1]
+    assert lat[-1] <= deadline_s + MAX_SLACK_S, f"max {lat[-1] * 1e3:.1f} ms"
+    assert p99 <= deadline_s + P99_SLACK_S, f"p99 {p99 * 1e3:.1f} ms (max {lat[-1] * 1e3:.1f} ms)"
+
+
+#: the read budget of tests that need every healthy read to succeed: on this shared 2-core machine
+#: redis-server itself is sometimes not scheduled for more than the default 15 ms
+RELAXED_DEADLINE_MS = 500
+
+
 def store_settings(url: str, prefix: str, world: World, **kw) -> Settings:
     base = dict(redis_url=url, redis_prefix=prefix, model_store=str(world.store), model_name="demo",
-                providers="cpu", redis_timeout_ms=1000, ort_intra_op_threads=1, store_poll_s=0)
+                providers="cpu", redis_timeout_ms=1000, ort_intra_op_threads=1, store_poll_s=0,
+                redis_deadline_ms=RELAXED_DEADLINE_MS)
     base.update(kw)
     return Settings(**base)
 

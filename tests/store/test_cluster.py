@@ -17,7 +17,7 @@ import redis
 from redis.crc import key_slot
 
 from service.features import item_key, namespace
-from service.redis_client import client_for_url, make_client
+from service.redis_client import StoreUnavailable, client_for_url, make_client
 from service.settings import Settings
 from tests.store.conftest import RedisProc, load_world, store_settings
 
@@ -133,6 +133,45 @@ def test_scores_equal_a_single_redis(loaded, world, rig, own_redis, cache):
             assert ja["items"] == jb["items"]
     if cache:
         assert on_cluster.ranker.fetcher.cache_stats()["hits"] > 0
+
+
+def test_a_moved_slot_is_followed_after_one_degraded_read(loaded, world, rig):
+    """Reshard one slot live (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE): the next read of its keys
+    meets MOVED, is answered degraded for those keys only and refreshes the topology in the
+    background; within a second reads are whole again, from the new owner."""
+    rg = rig(store_settings(loaded.url, PREFIX, world, redis_deadline_ms=500, item_cache_size=0))
+    st = rg.store
+    ns = namespace(PREFIX, rg.ranker.bundle.manifest.feature_schema)
+    keys = [item_key(ns, i) for i in world.items[:60]]
+    want = st.mget(keys)
+    key = keys[0]
+    src = loaded.node_of(key)
+    dst = next(p for p in loaded.procs if p is not src)
+    slot = key_slot(key.encode())
+    ids = {p.port: p.client().execute_command("CLUSTER", "MYID").decode() for p in (src, dst)}
+    dst.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src.port])
+    src.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst.port])
+    moving = src.client().execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+    src.client().execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *moving)
+    for p in loaded.procs:
+        p.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst.port])
+    loaded.ranges = {p.port: _slot_ranges(p) for p in loaded.procs}
+    assert loaded.node_of(key) is dst
+
+    with pytest.raises(StoreUnavailable) as e:
+        st.mget(keys)
+    part = e.value.partial
+    assert part[0] is None and [v for k, v in zip(keys, part) if key_slot(k.encode()) != slot] == [
+        v for k, v in zip(keys, want) if key_slot(k.encode()) != slot]
+    t0 = time.monotonic()
+    while True:
+        try:
+            assert st.mget(keys) == want
+            break
+        except StoreUnavailable:
+            assert time.monotonic() - t0 < 1.0
+            time.sleep(0.02)
+    assert st.healthy  # MOVED is not a node failure
 
 
 def test_one_master_killed_degrades_instead_of_failing(loaded, world, rig):
