@@ -139,3 +139,49 @@ def test_inputs_must_match_schema(client, schema, key_prefix, vocabs):
         FeatureFetcher(client, schema, key_prefix, vocabs, inputs=bad)
     with pytest.raises(ValueError, match="hour"):
         FeatureFetcher(client, schema, key_prefix, {})
+
+
+def test_store_backed_fetch_is_one_mget_with_the_meta_key(redis_url, schema, key_prefix, features, vocabs):
+    from service.redis_client import make_store
+    from service.settings import Settings
+
+    store = make_store(Settings(redis_url=redis_url, redis_deadline_ms=2000))
+    try:
+        fetcher = FeatureFetcher(store, schema, key_prefix, vocabs)
+        c = store.client
+        calls = c.info("commandstats")["cmdstat_mget"]["calls"]
+        first = fetcher.fetch("u1", ["i3", "i0", "nope"])
+        again = fetcher.fetch("u1", ["i3", "i0", "nope"])
+        assert c.info("commandstats")["cmdstat_mget"]["calls"] - calls == 2
+        assert fetcher.cache.tag == c.get(meta_key(namespace(key_prefix, schema))) is not None
+        assert first.degraded is None and first.items_from_cache == 0 and first.items_missing == 1
+        assert again.items_from_cache == 2 and again.items_missing == 1
+        np.testing.assert_array_equal(again.inputs["item_sparse"], first.inputs["item_sparse"])
+        assert fetcher.cache_stats()["hits"] == 2
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("mode", ["degrade", "fail"])
+def test_unreachable_store_degrades_or_raises(schema, key_prefix, vocabs, mode):
+    import socket
+
+    from service.redis_client import StoreUnavailable, make_store
+    from service.settings import Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    store = make_store(Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_failure_mode=mode))
+    try:
+        fetcher = FeatureFetcher(store, schema, key_prefix, vocabs)
+        if mode == "fail":
+            with pytest.raises(StoreUnavailable) as e:
+                fetcher.fetch("u1", ["i1"])
+            assert e.value.reason == "down" and isinstance(e.value, redis.RedisError)
+            return
+        f = fetcher.fetch("u1", ["i1", "i2"], {"hour": "3"})
+        assert f.degraded == "down" and f.user_missing and f.items_missing == 2
+        assert f.inputs["user_sparse"].tolist() == [[0, 0]] and f.inputs["context_sparse"].tolist() == [[4]]
+    finally:
+        store.close()
