@@ -254,8 +254,11 @@ class Experts(nn.Module):
     """``n_experts`` same-shaped MLPs with stacked weights ``[E, in, out]`` per layer.
 
     Input ``[N, in]`` or :class:`Parts` (every expert sees the same input) or ``[N, E, in]`` (one
-    input per expert); output ``[N, E, hidden[-1]]``. Each layer is one batched matmul over all experts, followed by
-    [BatchNorm per expert and channel], ReLU and dropout (the same layer recipe as :class:`MLP`).
+    input per expert); output ``[N, E, hidden[-1]]``. Each layer is one batched matmul over all
+    experts, followed by [BatchNorm per expert and channel], ReLU and dropout (the same layer
+    recipe as :class:`MLP`). With :class:`Parts` (serving export) the first layer is one 2-D
+    ``[N, in] @ [in, E*h]`` product instead - the same maths as one plain GEMM, which onnxruntime
+    runs faster and can quantise per output channel.
     """
 
     def __init__(self, n_experts: int, in_dim: int, hidden: list[int], dropout: float = 0.0,
