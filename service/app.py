@@ -46,7 +46,8 @@ from service.middleware import EdgeMiddleware, RequestInfo
 from service.predlog import PredictionLog
 from service.redis_client import FeatureStore, make_store
 from service.routing import RoutingConfigError
-from service.schemas import DUPLICATES_DOC, ErrorResponse, RankRequest, RankResponse, rank_request_model
+from service.schemas import (DUPLICATES_DOC, ErrorResponse, RankRequest, RankResponse, Readiness,
+                             ValidationErrorResponse, rank_request_model)
 from service.serving import AdminError, NotReady, ServingManager, ServingState, UnknownVariant, Watcher
 from service.settings import Settings
 from service.store import Bundle
@@ -187,7 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                              "content": {"application/json": {"schema": request_schema}}}},
               responses={413: {**errors, "description": "body larger than MTRANK_MAX_BODY_BYTES"},
                          415: {**errors, "description": "body is not JSON"},
-                         422: {"description": "invalid request (detail names the field)"},
+                         422: {"model": ValidationErrorResponse,
+                               "description": "invalid request (detail names the field)"},
                          500: {**errors, "description": "unexpected error (logged with the request id)"},
                          503: {**errors, "description": "model not loaded, feature store unavailable, or "
                                                         "overloaded (then with Retry-After)"}})
@@ -219,7 +221,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Readiness,
+             responses={503: {"model": Readiness, "description": "not ready: the reasons say why"}})
     def readyz() -> JSONResponse:
         reasons = []
         if state.serving is None:
@@ -243,7 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.set_breaker(state.breaker_state())
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
-    @app.get("/models")
+    @app.get("/models", responses={503: {"model": ErrorResponse, "description": "no model loaded"}})
     def models() -> JSONResponse:
         st = state.serving
         if st is None:

@@ -105,8 +105,6 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
                   store: Path = STORE, redis_url: str = REDIS_URL, prefix: str = PREFIX,
                   quiet: bool = typer.Option(False)):
     """Materialise the user and item features of a bundle's schema into Redis."""
-    import redis
-
     from service.store import bundle_dir
     from training.materialize import load_features
 
@@ -192,7 +190,7 @@ def logs_export(out: Path = typer.Option(..., "--out", help="Parquet file to wri
         rows = export(client_for_url(redis_url), stream, out, since=since, until=until, page=page)
     except ValueError as e:
         typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {rows} rows from stream {stream!r} (redis {_redact(redis_url)}) to {out}")
 
 

@@ -63,7 +63,7 @@ class PredictionLog:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    def start(self) -> "PredictionLog":
+    def start(self) -> PredictionLog:
         if self.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mtrank-predlog", daemon=True)
             self._thread.start()

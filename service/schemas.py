@@ -146,3 +146,22 @@ class ErrorResponse(BaseModel):
 
     detail: str
     request_id: str | None = None
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="where: body/header, then the field path (or the byte offset of "
+                                             "a JSON syntax error)")
+    msg: str
+    type: str
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorResponse(BaseModel):
+    """422: what is wrong, by field; the input itself is never echoed."""
+
+    detail: list[ValidationIssue]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reasons: list[str] | None = None

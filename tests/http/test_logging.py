@@ -146,3 +146,22 @@ def test_formatters_and_the_secret_guard():
     assert first["level"] == "INFO" and first["logger"] == "tests.http.formatters"
     assert "INFO tests.http.formatters: connecting with ***" in out and '{"request_id":"r-1","n":3}' in out
     assert "ValueError: boom ***" in out
+
+
+def test_unexpected_error_is_500_with_the_request_id(app_client, caplog):
+    """A fault inside the model run (injected: the session's run raises) -> 500 that names the request
+    id in the body and the header; logged with the traceback; counted in the access line."""
+    with app_client() as c:
+        def boom(inputs):
+            raise RuntimeError("kaboom")
+
+        c.app.state.mtrank.bundle.run = boom
+        with caplog.at_level(logging.INFO):
+            r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]}, headers={"X-Request-Id": "rid-500"})
+            assert c.get("/healthz").status_code == 200
+    assert r.status_code == 500 and r.json() == {"detail": "internal error", "request_id": "rid-500"}
+    assert r.headers["x-request-id"] == "rid-500" and "kaboom" not in r.text
+    err = [x for x in caplog.records if x.levelno == logging.ERROR and "rid-500" in x.getMessage()]
+    assert err and err[0].exc_info is not None
+    access = [x.fields for x in caplog.records if x.name == "service.access"]
+    assert access[-1]["status"] == 500 and access[-1]["error"] == "RuntimeError"

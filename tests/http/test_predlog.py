@@ -48,7 +48,7 @@ def test_records_reach_the_stream_and_export_to_parquet(env_for, serve_factory, 
     assert "wrote 12 rows" in export(redis_url, stream, out)
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 12
-    for row, (body, resp) in zip(rows, sent):
+    for row, (body, resp) in zip(rows, sent, strict=True):
         assert row["request_id"] == body["request_id"] and row["user_id"] == body["user_id"]
         assert row["variant"] == "default" and row["model"] == "demo" and row["version"] == 1
         assert row["n_candidates"] == 6 and row["bucket"] == resp["bucket"] and row["degraded"] is None
