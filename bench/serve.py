@@ -114,12 +114,29 @@ def _hash(obj) -> str:
 
 
 def _sources_hash(patterns: list[str]) -> str:
+    """Hash of the code in the files (Python: its syntax tree without docstrings, so comment and
+    docstring edits keep the cache)."""
+    import ast
+
     h = hashlib.sha256()
     for pat in patterns:
         for p in sorted(ROOT.glob(pat)):
-            if p.is_file():
-                h.update(p.relative_to(ROOT).as_posix().encode())
-                h.update(p.read_bytes())
+            if not p.is_file():
+                continue
+            h.update(p.relative_to(ROOT).as_posix().encode())
+            data = p.read_bytes()
+            if p.suffix == ".py":
+                try:
+                    tree = ast.parse(data)
+                    for node in ast.walk(tree):
+                        body = getattr(node, "body", None)
+                        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                            node.body = body[1:] or [ast.Pass()]
+                    data = ast.dump(tree).encode()
+                except SyntaxError:
+                    pass
+            h.update(data)
     return h.hexdigest()[:16]
 
 
@@ -201,6 +218,7 @@ def model_dir_of(workdir: Path, a) -> Path:
 def build_data(workdir: Path, a) -> tuple[Path, dict]:
     final = data_dir_of(workdir, a)
     if (final / "bench-data.json").exists() and not a.rebuild:
+        os.utime(final)  # in use: keep it from prune_cache
         return final, json.loads((final / "bench-data.json").read_text())
     from training.data import synth
 
@@ -235,6 +253,19 @@ def _publish(tmp: Path, final: Path, marker: str, replace: bool) -> tuple[Path, 
     return final, json.loads((final / marker).read_text())
 
 
+def prune_cache(workdir: Path, days: float = 3.0) -> None:
+    """Drop cache entries (and scratch dirs of killed runs) untouched for ``days``: every change to
+    the training code makes a new model entry."""
+    cutoff = time.time() - days * 86400
+    for p in workdir.iterdir():
+        if p.is_dir() and p.name.startswith(("data-", "model-", "run-", ".tmp-")):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+
 def _flag_fields(names) -> list[str]:
     """Names of switches that look like "make an int8 / quantised bundle too"."""
     return [n for n in names if re.search(r"int8|quant", n, re.I)]
@@ -245,6 +276,7 @@ def build_model(workdir: Path, data_dir: Path, a) -> tuple[Path, dict]:
     for the naive peer; measure fp32 / int8 AUC with onnxruntime on the test split."""
     final = model_dir_of(workdir, a)
     if (final / "bench-model.json").exists() and not a.rebuild:
+        os.utime(final)
         return final, json.loads((final / "bench-model.json").read_text())
     import torch
 
@@ -274,7 +306,7 @@ def build_model(workdir: Path, data_dir: Path, a) -> tuple[Path, dict]:
     t0 = time.perf_counter()
     tt.fit = fit_and_keep
     try:
-        bundle, metrics = tt.train(data_dir, name=MODEL_NAME, store=store, cfg=cfg, progress=False)
+        bundle, metrics = tt.train(data_dir, name=MODEL_NAME, store=store, cfg=cfg, progress=not a.quick)
     finally:
         tt.fit = real_fit
     seconds = time.perf_counter() - t0
@@ -438,12 +470,24 @@ def floor_ranker(store: Path, redis_url: str, routing_config: str | None = None,
     except ImportError:
         import redis
         client = redis.Redis.from_url(redis_url)
+    _OPEN.append(client)
     manager = ServingManager(s, client)
     manager.start()
     st = manager.state
     if st is None:
         raise RuntimeError(f"the floor's serving state did not load: {manager.not_ready}")
     return st.primary.ranker, st.primary
+
+
+_OPEN: list = []  # feature-store clients of the floors, closed once the floors are done
+
+
+def close_floors() -> None:
+    while _OPEN:
+        try:
+            _OPEN.pop().close()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
 
 
 def short_reason(e: BaseException | str | None) -> str:
@@ -907,7 +951,8 @@ def render(report: dict) -> str:
     lines.append("")
     lines.append("## Systems")
     lines.append("")
-    for name, s in report["systems"].items():
+    for name in sorted(report["systems"], key=lambda x: ALL_SYSTEMS.index(x) if x in ALL_SYSTEMS else 99):
+        s = report["systems"][name]
         lines.append(f"- **{name}**: " + (s.get("description", "") if s.get("ran") else f"n/a ({s.get('reason')})"))
     lines += ["", "## Targets (issue 5)", ""]
     lines.append(md_table(["target", "value", "needs", "pass", "detail"],
@@ -1057,6 +1102,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    prune_cache(workdir)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     out_dir = Path(a.out_dir)
     report: dict = {"benchmark": "serve", "mode": "quick" if a.quick else "full",
@@ -1166,6 +1212,7 @@ def main(argv=None) -> int:
                     report["cells"].append(cell)
                     log(f"  {cell['rps']:.1f}/s p50 {cell['p50_ms']:.2f} ms p99 {cell['p99_ms']:.2f} ms")
                 del ranker, variant
+                close_floors()
             except Exception as e:  # noqa: BLE001
                 systems[sysname] = {"ran": False, "reason": short_reason(e)}
                 report["errors"].append(f"{sysname}: {traceback.format_exc(limit=3)}")
