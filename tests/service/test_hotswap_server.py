@@ -48,7 +48,8 @@ def write_atomic(path: Path, text: str) -> None:
 def server_env(redis_url, prefix, store_root, config: Path | None, poll: float = 0.2) -> dict:
     env = {"MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": prefix, "MTRANK_MODEL_STORE": str(store_root),
            "MTRANK_MODEL_NAME": "demo", "MTRANK_ORT_INTRA_OP_THREADS": "1", "MTRANK_STORE_POLL_S": str(poll),
-           "MTRANK_ADMIN_TOKEN": TOKEN, "MTRANK_REDIS_TIMEOUT_MS": "2000"}
+           "MTRANK_ADMIN_TOKEN": TOKEN, "MTRANK_REDIS_TIMEOUT_MS": "2000",
+           "MTRANK_REDIS_DEADLINE_MS": "2000"}  # a loaded CI machine must not turn answers degraded
     if config is not None:
         env["MTRANK_ROUTING_CONFIG"] = str(config)
     return env

@@ -85,14 +85,19 @@ def test_health_ready_models(client, redis_url):
 
 
 def test_not_ready_when_redis_down(make_settings, features):
-    s = make_settings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", redis_timeout_ms=200)
-    with TestClient(create_app(s)) as c:
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    with TestClient(create_app(make_settings(redis_url=url, redis_timeout_ms=200, redis_failure_mode="fail"))) as c:
         r = c.get("/readyz")
         assert r.status_code == 503
         assert r.json()["ready"] is False and "redis" in r.json()["reasons"][0]
         r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
         assert r.status_code == 503 and r.json()["detail"] == "feature store unavailable"
         assert c.get("/healthz").status_code == 200
+    # the default failure mode answers with default features instead, marked degraded
+    with TestClient(create_app(make_settings(redis_url=url, redis_timeout_ms=200))) as c:
+        assert c.get("/readyz").status_code == 503
+        r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
+        assert r.status_code == 200 and r.json()["degraded"] is True and r.json()["degraded_reason"]
 
 
 @pytest.mark.parametrize("down", [False, True])
