@@ -138,7 +138,7 @@ class Breaker:
 class _Node:
     """One Redis server of the request path: its pool (short timeouts) and breaker."""
 
-    __slots__ = ("name", "pool", "breaker")
+    __slots__ = ("breaker", "name", "pool")
 
     def __init__(self, name: str, pool: redis.ConnectionPool, breaker: Breaker):
         self.name = name

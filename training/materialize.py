@@ -28,7 +28,7 @@ from redis.cluster import RedisCluster
 from tqdm.auto import tqdm
 
 from service.codec import EntityCodec
-from service.contract import BundleManifest, MANIFEST_FILE, VOCAB_FILE
+from service.contract import MANIFEST_FILE, VOCAB_FILE, BundleManifest
 from service.features import item_key, meta_key, namespace, user_key
 from service.redis_client import FeatureStore
 from training.data.dataset import encode_entities, read_raw

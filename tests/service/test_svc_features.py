@@ -6,7 +6,14 @@ import redis
 
 from service.codec import HEADER, EntityCodec
 from service.contract import model_inputs
-from service.features import (ContextError, FeatureFetcher, item_key, meta_key, namespace, user_key)
+from service.features import (
+    ContextError,
+    FeatureFetcher,
+    item_key,
+    meta_key,
+    namespace,
+    user_key,
+)
 
 
 class CountingRedis:

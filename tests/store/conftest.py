@@ -9,12 +9,15 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service.ranking import Ranker
 from service.redis_client import make_store
@@ -48,7 +51,7 @@ class RedisProc:
     def client(self, **kw) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kw)
 
-    def start(self, timeout: float = 10.0) -> "RedisProc":
+    def start(self, timeout: float = 10.0) -> RedisProc:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server is not on PATH")
@@ -80,6 +83,25 @@ class RedisProc:
     def _password(self) -> str | None:
         a = list(self.args)
         return a[a.index("--requirepass") + 1] if "--requirepass" in a else None
+
+    def debug_sleep(self, seconds: float) -> threading.Thread:
+        """``DEBUG SLEEP seconds`` from a thread (needs ``--enable-debug-command yes``); returns once
+        the server has stopped answering (a 50 ms PING goes unanswered). Join the thread to wait
+        for it to wake up."""
+        sleeper = threading.Thread(target=lambda: self.client().execute_command("DEBUG", "SLEEP", seconds))
+        sleeper.start()
+        pinger = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
+        give_up = time.monotonic() + seconds * 0.8
+        try:
+            while time.monotonic() < give_up:
+                try:
+                    pinger.ping()
+                    time.sleep(0.005)
+                except redis.TimeoutError:
+                    return sleeper
+        finally:
+            pinger.close()
+        raise AssertionError("DEBUG SLEEP did not stall the server")
 
     def snapshot(self) -> None:
         self.client(password=self._password()).save()

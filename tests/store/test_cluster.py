@@ -42,7 +42,7 @@ class Cluster:
 
 
 def _slot_ranges(p: RedisProc) -> list[tuple[int, int]]:
-    me = [n for n in p.client().cluster("nodes").values() if "myself" in n["flags"]][0]
+    me = next(n for n in p.client().cluster("nodes").values() if "myself" in n["flags"])
     return [(int(r[0]), int(r[-1])) for r in me["slots"]]
 
 

@@ -17,7 +17,12 @@ import redis
 from service.features import namespace, user_key
 from service.redis_client import StoreUnavailable, make_store
 from service.settings import Settings
-from tests.store.conftest import RELAXED_DEADLINE_MS, assert_latencies, load_world, store_settings
+from tests.store.conftest import (
+    RELAXED_DEADLINE_MS,
+    assert_latencies,
+    load_world,
+    store_settings,
+)
 
 DEADLINE_S = 0.015
 
@@ -77,9 +82,8 @@ def test_stalled_redis_costs_the_deadline_then_fails_fast_then_recovers(own_redi
             c.execute_command("CLIENT", "PAUSE", "2000")
             stall_s = 2.0
         else:
-            threading.Thread(target=lambda: r.client().execute_command("DEBUG", "SLEEP", "1"), daemon=True).start()
+            r.debug_sleep(1)
             stall_s = 1.0
-            time.sleep(0.05)  # the server is asleep now
         t_stall = time.monotonic()
         got = reasons_of(st, keys, 12, pause=0.01)
         assert [g[0] for g in got[:3]] == ["timeout"] * 3, got

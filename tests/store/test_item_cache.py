@@ -149,7 +149,7 @@ def fetcher_rig(own_redis, world):
 
 
 def test_fetcher_reads_only_uncached_items_in_one_mget(fetcher_rig, world):
-    r, st, f = fetcher_rig
+    r, _, f = fetcher_rig
     c = r.client()
     items = world.items[:100]
     a = f.fetch(world.users[0], items)
@@ -167,7 +167,7 @@ def test_fetcher_reads_only_uncached_items_in_one_mget(fetcher_rig, world):
 
 
 def test_corrupt_values_are_not_cached(fetcher_rig, world):
-    r, st, f = fetcher_rig
+    r, _, f = fetcher_rig
     ns = namespace("ic", f.schema)
     r.client().set(item_key(ns, world.items[5]), b"garbage")
     f.fetch(world.users[0], world.items[:10])
@@ -176,7 +176,7 @@ def test_corrupt_values_are_not_cached(fetcher_rig, world):
 
 
 def test_a_features_load_invalidates_the_cache(fetcher_rig, world):
-    r, st, f = fetcher_rig
+    r, _, f = fetcher_rig
     c = r.client()
     ns = namespace("ic", f.schema)
     x = world.items[3]

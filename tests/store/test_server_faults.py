@@ -51,7 +51,7 @@ class Load:
                     self._raw.append((t0, t1, status, body))
                 time.sleep(0.003)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
         return self
@@ -165,15 +165,14 @@ def test_server_under_client_pause_and_debug_sleep(own_redis, world, tmp_path):
         assert httpx.post(f"{srv.base}/rank", json=payload, timeout=10).json()["degraded"] is False
         with Load(srv.base, payload) as load:
             time.sleep(0.3)
-            t0 = time.monotonic()
+            sent = time.monotonic()
             r.client().execute_command("CLIENT", "PAUSE", "2000")
-            windows.append((t0, t0 + 2.0))
+            windows.append((time.monotonic(), sent + 2.0))  # paused from the reply on, until sent + 2 s
             time.sleep(3.0)
-            sleeper = threading.Thread(target=lambda: r.client().execute_command("DEBUG", "SLEEP", "1"))
-            t0 = time.monotonic()
-            sleeper.start()
+            sleeper = r.debug_sleep(1)
+            asleep = time.monotonic() - 0.05
             sleeper.join()  # returns when the server wakes up
-            windows.append((t0, time.monotonic()))
+            windows.append((asleep, time.monotonic()))
             time.sleep(1.5)
     finally:
         srv.stop()
