@@ -634,6 +634,19 @@ def run_wrk(base: str, bodies: Path, c: int, seconds: float, offset: int = 0) ->
     raise RuntimeError(f"wrk gave no summary (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
 
 
+def wait_idle(pid: int, timeout: float = 120.0, window: float = 0.5, quiet_cores: float = 0.1) -> float:
+    """Wait until the server's process tree is idle (below ``quiet_cores`` of CPU over ``window``):
+    wrk leaves requests in flight when it stops, and a server still working them off would slow the
+    next cell (and shed its first requests). Returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        c0 = cpu_seconds(process_tree(pid))
+        time.sleep(window)
+        if (cpu_seconds(process_tree(pid)) - c0) / window < quiet_cores:
+            break
+    return time.monotonic() - t0
+
+
 def _stage_delta(m0, m1) -> tuple[dict | None, float | None, float | None]:
     """(stage means in ms, item-cache hit rate, Δcount) from two /metrics scrapes."""
     if m0 is None or m1 is None:
@@ -702,6 +715,7 @@ def _access_log_stats(lines: list[str]) -> tuple[dict | None, float | None, int,
 
 def http_cell(system: str, server: Server, bodies: Path, n: int, c: int, duration: float, redis_pid: int,
               offset: int = 0) -> dict:
+    idle_wait = wait_idle(server.pid)
     m0 = server.scrape()
     off0 = server.log_size()
     pids = process_tree(server.pid)
@@ -722,7 +736,9 @@ def http_cell(system: str, server: Server, bodies: Path, n: int, c: int, duratio
     statuses = {int(k): v for k, v in res.get("statuses", {}).items()}
     non2xx = sum(v for k, v in statuses.items() if not 200 <= k < 300)
     sock = sum(res["errors"][k] for k in ("connect", "read", "write", "timeout"))
-    pct = res["latency_us"]["percentiles"]
+    pct = res["latency_us"]["percentiles"] if res["requests"] else {}
+    if not res["requests"]:
+        res["latency_us"].update(mean=None, max=None)
     cpu_server, cpu_redis = cpu1 - cpu0, r1 - r0
     busy = (busy1[0] - busy0[0]) / wall
     ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
@@ -738,7 +754,8 @@ def http_cell(system: str, server: Server, bodies: Path, n: int, c: int, duratio
             "cpu_ms_per_req": {"server": 1e3 * cpu_server / reqs, "redis": 1e3 * cpu_redis / reqs,
                                "client": 1e3 * wrk_cpu / reqs},
             "busy_cores": busy, "other_cores": max(0.0, busy - (cpu_server + cpu_redis + wrk_cpu) / wall),
-            "stages_ms": stages, "stage_source": source, "access_lines": log_n, "cache_hit_rate": hit_rate}
+            "stages_ms": stages, "stage_source": source, "access_lines": log_n, "cache_hit_rate": hit_rate,
+            "idle_wait_s": round(idle_wait, 2)}
 
 
 def _ms(us) -> float | None:
@@ -1203,6 +1220,8 @@ def main(argv=None) -> int:
                 precision = getattr(variant.bundle, "precision", None)
                 if sysname == "floor-int8" and precision not in (None, "int8"):
                     raise RuntimeError(f"asked for int8, the ranker's bundle says precision {precision!r}")
+                if precision:
+                    desc += f"; bundle precision {precision}"
                 systems[sysname] = {"ran": True, "description": desc, "variant": getattr(variant, "name", None),
                                     "provider": getattr(variant.bundle, "provider", None), "precision": precision,
                                     "bundle": str(getattr(variant.bundle, "path", ""))}
@@ -1346,7 +1365,8 @@ def _start_system(sysname: str, a, store: Path, redis_url: str, run_dir: Path, m
                                 a.workers)
             try:
                 server.wait_ready(timeout=120)
-                return server, desc + f", routing config with precision: int8 ({cfg.read_text().strip()!r})"
+                where = "the variant" if "    precision" in cfg.read_text() else "the variant's model"
+                return server, desc + f", MTRANK_ROUTING_CONFIG: one variant (100%) with `precision: int8` on {where}"
             except Exception as e:  # noqa: BLE001 - that layout was refused: try the next
                 err = e
                 server.stop()
@@ -1373,6 +1393,7 @@ def soak(a, store: Path, rds: OwnedRedis, run_dir: Path, bodies: dict, model_dir
     try:
         server.wait_ready()
         run_wrk(server.base, bodies[n], c, a.warmup)
+        wait_idle(server.pid)
         cmd = ["wrk", "-t1", f"-c{c}", f"-d{int(a.soak)}s", "--timeout", WRK_TIMEOUT, "-s", str(LUA), server.base, "--",
                str(bodies[n])]
         t0 = time.monotonic()
