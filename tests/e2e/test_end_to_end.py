@@ -52,7 +52,7 @@ def world(tmp_path_factory, redis_server):
 
 def make_client(w, **overrides) -> TestClient:
     s = Settings(redis_url=w["redis_url"], redis_prefix=w["prefix"], model_store=str(w["store"]),
-                 model_name="e2e", fusion_weights=WEIGHTS, **overrides)
+                 model_name="e2e", fusion_weights=WEIGHTS, **{"redis_deadline_ms": 2000, **overrides})
     return TestClient(create_app(s))
 
 

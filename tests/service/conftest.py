@@ -412,7 +412,7 @@ def server_factory(tmp_path):
 def make_settings(redis_url, key_prefix, store_root):
     def make(**overrides) -> Settings:
         kw = dict(redis_url=redis_url, redis_prefix=key_prefix, model_store=str(store_root), model_name="demo",
-                  providers="cpu", redis_timeout_ms=2000)
+                  providers="cpu", redis_timeout_ms=2000, redis_deadline_ms=2000)
         kw.update(overrides)
         return Settings(**kw)
     return make

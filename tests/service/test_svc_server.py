@@ -32,7 +32,7 @@ def test_uvicorn_factory_serves_rank(tmp_path, store_root, features, redis_url, 
     env.update({
         "MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": key_prefix, "MTRANK_MODEL_STORE": str(store_root),
         "MTRANK_MODEL_NAME": "demo", "MTRANK_PROVIDERS": "cuda,cpu", "MTRANK_FUSION_WEIGHTS": '{"ctr": 1, "cvr": 1}',
-        "MTRANK_ORT_INTRA_OP_THREADS": "1",
+        "MTRANK_ORT_INTRA_OP_THREADS": "1", "MTRANK_REDIS_DEADLINE_MS": "2000",
     })
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
