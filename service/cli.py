@@ -81,6 +81,9 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
           split: str = typer.Option("random", help="random (8:1:1, seeded) | time | column (the spec's exposures.split)"),
           seed: int = typer.Option(42), max_rows: Optional[int] = typer.Option(None, help="Use only the first rows."),
           model_config: str = typer.Option("{}", help='Architecture overrides as JSON, e.g. \'{"levels": 3}\'.'),
+          int8: bool = typer.Option(False, "--int8/--no-int8",
+                                    help="Also write model.int8.onnx into the bundle (AUC deltas vs fp32 in the manifest)."),
+          device: str = typer.Option("cpu", help="cpu | cuda | auto. Under torchrun: gloo on cpu, nccl on cuda."),
           quiet: bool = typer.Option(False, help="No progress bars.")):
     """Train a multi-task model, evaluate it on the test split and export a versioned bundle."""
     _need_training()
@@ -93,9 +96,10 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
     if mutual_learning is not None:
         model["mutual_learning"] = mutual_learning
     cfg = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, split=split,
-                      seed=seed, max_rows=max_rows, model=model)
+                      seed=seed, max_rows=max_rows, model=model, int8=int8, device=device)
     bundle, metrics = run_train(data, name=name, store=store, cfg=cfg, progress=not quiet)
-    typer.echo(f"test metrics:\n{format_metrics(metrics)}\nbundle: {bundle}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same; rank 0 reports
+        typer.echo(f"test metrics:\n{format_metrics(metrics)}\nbundle: {bundle}")
 
 
 @features_app.command("load")

@@ -53,7 +53,7 @@ from typing import Any
 
 import redis
 
-from service import fusion
+from service import fusion, metrics
 from service.features import FeatureFetcher, meta_key, namespace
 from service.ranking import Ranker
 from service.routing import (ConfigIssue, LayerTable, RoutingConfig, RoutingConfigError, VersionPolicy,
@@ -551,13 +551,15 @@ class ServingManager:
         except BundleError as e:
             transient = isinstance(e, FeatureCheckError) and e.transient
             reason = str(e)
-            if prev is None or prev.reason != reason:
+            if prev is None or prev.reason != reason:  # counted and logged once per distinct refusal
+                metrics.record_model_load(name, "refused")
                 log.warning("refused bundle %s: %s%s", _k(key), reason,
                             " (retried at each poll)" if transient else "")
             self._refused[key] = Refusal(sig, reason, transient, time.time())
             report.refused[_k(key)] = reason
             return None
         self._refused.pop(key, None)
+        metrics.record_model_load(name, "loaded")
         report.loaded.append(_k(key))
         return LoadedBundle(bundle=bundle, signature=sig, features_confirmed=confirmed[0], loaded_at=time.time())
 
