@@ -30,6 +30,12 @@ FusionName = Literal["weighted_product", "weighted_sum"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
+def _cores() -> int:
+    """CPU cores this process may run on (a container's CPU quota is not visible here: set
+    MTRANK_WORKERS / MTRANK_ORT_INTRA_OP_THREADS explicitly under one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (a lone user name, which may be a token, too)."""
     try:
@@ -103,14 +109,16 @@ class Settings(BaseSettings):
 
     # -- overload and input limits ---------------------------------------------------------------
     max_inflight: int = Field(default=0, ge=0, description="concurrent /rank per worker before 503 + "
-                                                           "Retry-After; 0 = 4 x onnxruntime threads")
+                                                           "Retry-After; 0 = 8 x onnxruntime threads")
     max_body_bytes: int = Field(default=1_000_000, ge=1_024, description="largest request body, bytes (413)")
     max_id_length: int = Field(default=128, ge=1, le=4096, description="longest user/item id, characters")
     shutdown_drain_s: float = Field(default=10.0, ge=0, description="SIGTERM: seconds to finish in-flight "
                                                                      "requests before exit")
 
     # -- processes and observability -------------------------------------------------------------
-    workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (mtrank serve)")
+    workers: int = Field(default_factory=lambda: _cores(), ge=1, le=256,
+                         description="uvicorn worker processes (mtrank serve); default = usable cores, "
+                                     "each with cores / workers onnxruntime threads (1)")
     log_format: Literal["json", "text"] = Field(default="json", description="log line format")
     predlog_rate: float = Field(default=0.0, ge=0, le=1, description="share of ranked requests appended to "
                                                                       "the prediction-log Redis Stream")
@@ -186,12 +194,11 @@ class Settings(BaseSettings):
         """onnxruntime intra-op threads per worker: the setting, else cores / workers (at least 1)."""
         if self.ort_intra_op_threads:
             return self.ort_intra_op_threads
-        return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-                   // self.workers)
+        return max(1, _cores() // self.workers)
 
     @property
     def inflight_limit(self) -> int:
-        return self.max_inflight or 4 * self.ort_threads
+        return self.max_inflight or 8 * self.ort_threads
 
     @property
     def redis_timeout_s(self) -> float:

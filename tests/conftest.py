@@ -18,6 +18,8 @@ import redis
 # about the deadline set it explicitly; every other test (and every server it starts with this
 # environment) gets a generous budget.
 os.environ.setdefault("MTRANK_REDIS_DEADLINE_MS", "2000")
+# `mtrank serve` defaults to one worker per core; servers started by tests run one unless they say
+os.environ.setdefault("MTRANK_WORKERS", "1")
 
 
 def free_port() -> int:

@@ -83,6 +83,7 @@ class Serve:
     def start(self, timeout: float = 90) -> "Serve":
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MTRANK_", "PROMETHEUS_"))}
+        env["MTRANK_WORKERS"] = "1"  # the default is one per core; tests that want more say so
         env.update(self.env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([MTRANK, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
