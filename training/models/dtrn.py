@@ -21,6 +21,12 @@ existing multi-task backbone (the paper combines DTRN with MMoE/PLE-style method
   sigmoid``, and multiply each field's vector by its weight. The concatenation is the task's
   bottom representation.
 
+Sources: the paper's equations could not be retrieved here (the search tool returns the abstract
+and summaries). That TIM's hypernetwork generates the LayerNorm gamma/beta of a shared
+Transformer from (task type, behaviour-sequence type) embeddings, and that TRM weights each
+feature embedding per task with an MLP, is stated in a detailed secondary write-up
+(cloud.tencent.com/developer/article/2327574); the sizes and the pooling below are our choices.
+
 Choices where the paper leaves room or this code base differs (all in :class:`DTRNConfig`):
 
 * the Transformer is post-LN (Vaswani et al.) with ``tim_layers`` layers, ``tim_heads`` heads, a

@@ -26,6 +26,11 @@ MMoE, PLE, DTRN...) is left as it is; what changes is its task towers:
   task is defined). ``L_t`` is exactly the trainer's task loss (ESMM for conditional binary
   tasks), applied to the global predictions.
 
+Sources: the method section's text (CTFM attends with task embeddings over the other towers'
+inputs with gradients stopped; GKD distils "the global results of the upper layer task towers"
+so that predictions obey the joint label distribution) was read from copies of the paper; its
+equations were images that could not be retrieved, so the formulas above are our reading.
+
 Choices the method section leaves open (stated here, all in :class:`MutualConfig`): the CTFM
 query/key/value size ``ctfm_dim`` (a single head); CTFM attends over the other towers only (a
 tower already reads its own input directly); the global networks read the towers' last hidden
