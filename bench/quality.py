@@ -149,7 +149,7 @@ def table(report: dict) -> str:
                 v = np.array([r[k] for r in rs], dtype=float)
                 cells.append(f"{np.nanmean(v):.4f} ± {np.nanstd(v):.4f}")
             lines.append(f"| {key} | " + " | ".join(cells) + f" | {rs[0]['params']:,} | "
-                         f"{np.mean([r['train_seconds'] for r in rs]):.0f} | "
+                         f"{np.nanmean([r['train_seconds'] for r in rs]):.0f} | "
                          f"{np.nanmean([r['onnx_ms_at_500'] for r in rs]):.2f} | {len(rs)} |")
     seeds = sorted({r["seed"] for r in runs})
     return (f"Mean ± std over seeds {seeds} (test split; n per row in the last column). AUC: higher is better; RMSE of log1p(label) on "
