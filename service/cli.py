@@ -123,7 +123,7 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
 @app.command()
 def serve(host: str = HOST, port: int = PORT,
           workers: Optional[int] = typer.Option(None, "--workers", envvar="MTRANK_WORKERS",
-                                                help="uvicorn worker processes (default 1). onnxruntime threads "
+                                                help="uvicorn worker processes (default: one per usable core). onnxruntime threads "
                                                      "per worker default to cores / workers."),
           log_level: str = typer.Option("info", envvar="MTRANK_LOG_LEVEL")):
     """Serve POST /rank with uvicorn (configuration from MTRANK_* environment variables).
