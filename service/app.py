@@ -50,7 +50,7 @@ from service.schemas import (DUPLICATES_DOC, ErrorResponse, RankRequest, RankRes
                              ValidationErrorResponse, rank_request_model)
 from service.serving import AdminError, NotReady, ServingManager, ServingState, UnknownVariant, Watcher
 from service.settings import Settings
-from service.store import Bundle
+from service.store import Bundle, limit_concurrent_runs
 
 log = logging.getLogger("service.app")
 FORCE_HEADER = "X-Mtrank-Variant"
@@ -96,6 +96,9 @@ class AppState:
 def _start(state: AppState) -> None:
     """Redis client, first serving state (raises on an invalid routing config), watcher, prediction log."""
     s = state.settings
+    # CPU: one model run at a time per worker (each uses the worker's whole thread budget), so
+    # concurrent requests queue for the cores instead of time-slicing them; a GPU provider queues itself
+    limit_concurrent_runs(1 if s.provider_list == ["CPUExecutionProvider"] else 0)
     log.info("feature store %s (prefix %r, timeout %d ms)", s.redis_url_redacted, s.redis_prefix, s.redis_timeout_ms)
     client_error = None
     try:

@@ -91,6 +91,33 @@ def test_run_outputs(tmp_path, bundle_factory):
     assert np.all((out["ctr"] >= 0) & (out["ctr"] <= 1)) and np.all(out["watch_time"] >= 0)
 
 
+def test_concurrent_runs_queue_at_the_gate(tmp_path, bundle_factory):
+    """limit_concurrent_runs(1): a run waits while another holds the gate, then gives the same answer."""
+    import threading
+
+    from service import store
+
+    bundle_factory(tmp_path, version=1)
+    b = load_bundle(tmp_path, "demo", intra_op_threads=1)
+    inputs = default_inputs(b.manifest, n_items=64)
+    expected = b.run(inputs)
+    store.limit_concurrent_runs(1)
+    try:
+        got, done = {}, threading.Event()
+        store._run_gate.acquire()  # another run in progress
+        t = threading.Thread(target=lambda: (got.update(b.run(inputs)), done.set()))
+        t.start()
+        assert not done.wait(0.3)  # queued behind the gate, not running beside it
+        store._run_gate.release()
+        assert done.wait(10)
+        t.join()
+        for k in expected:
+            np.testing.assert_array_equal(got[k], expected[k])
+    finally:
+        store.limit_concurrent_runs(0)
+    assert store._run_gate is None
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA: no fallback to test")
 def test_cuda_falls_back_to_cpu_with_warning(tmp_path, bundle_factory, caplog):
     bundle_factory(tmp_path, version=1)
