@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
 import uuid
-
-import os
 
 import pytest
 import redis
@@ -28,30 +27,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """Start our own redis-server (no persistence) and yield its URL; stopped at the end."""
+def start_redis(workdir, *args: str, password: str | None = None) -> tuple[str, subprocess.Popen]:
+    """Start a redis-server of our own (no persistence) on a free loopback port; (url, process)
+    once it answers PING. ``args`` are extra server options; ``password`` sets requirepass."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not on PATH: install Redis (apt-get install redis-server)")
     port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
+    auth = ("--requirepass", password) if password else ()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+         "--dir", str(workdir), *auth, *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     for _ in range(100):
         try:
             client.ping()
-            break
+            return url, proc
         except redis.ConnectionError:
             time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
+    proc.kill()
+    pytest.fail("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """Our own redis-server for the whole session; yields its URL, stopped at the end."""
+    url, proc = start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     proc.terminate()
     proc.wait(timeout=10)

@@ -1,6 +1,14 @@
-"""Small shared test material: the standard three tasks and a tiny feature schema."""
+"""Small shared test material: the standard three tasks, a tiny feature schema, waiting for a server."""
 
-from service.contract import DenseField, FeatureSchema, SequenceField, SparseField, TaskSpec
+import time
+
+from service.contract import (
+    DenseField,
+    FeatureSchema,
+    SequenceField,
+    SparseField,
+    TaskSpec,
+)
 
 TASKS = [TaskSpec(name="ctr", kind="binary", label="click"),
          TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
@@ -20,3 +28,23 @@ def tiny_schema() -> FeatureSchema:
                DenseField(name="age_days", entity="item", mean=30.0, std=10.0)],
         sequence=[SequenceField(name="clicked", entity="user", max_len=5, vocab_of="item_id")],
     )
+
+
+def wait_ready(server, timeout: float, what: str):
+    """Poll ``server.base``/readyz until 200; ``server`` has ``proc``, ``base``, ``log()`` and
+    ``stop()``. Raises with the server's log when it exits or is not ready within ``timeout``."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {server.proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.base}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"{what} not ready:\n" + server.log())
+        time.sleep(0.1)

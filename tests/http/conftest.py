@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from tests.helpers import wait_ready
 from tests.service.conftest import (  # noqa: F401  (fixtures, re-exported for tests/http)
     ROOT,
     FeatureData,
@@ -88,19 +88,7 @@ class Serve:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([MTRANK, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mtrank serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("mtrank serve not ready:\n" + self.log())
-            time.sleep(0.1)
+        return wait_ready(self, timeout, "mtrank serve")
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -8,16 +8,14 @@ import io
 import json
 import logging
 import re
-import shutil
-import subprocess
 import time
 
 import httpx
 import pytest
-import redis
 
 from service.access_log import JsonFormatter, TextFormatter, register_secrets
-from tests.http.conftest import free_port, seed_features
+from tests.conftest import start_redis
+from tests.http.conftest import seed_features
 
 PASSWORD = "hunter2-Pa55w0rd"
 TOKEN = "admin-T0ken-s3cr3t"
@@ -27,18 +25,7 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 @pytest.fixture
 def private_redis(tmp_path):
     """A redis-server of this test only, with a password."""
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                             "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
+    url, proc = start_redis(tmp_path, password=PASSWORD)
     yield url, proc
     proc.terminate()
     proc.wait(10)

@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -27,10 +26,22 @@ import redis
 from onnx import TensorProto, helper, numpy_helper
 
 from service.codec import EntityCodec
-from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, DenseField, FeatureSchema,
-                              SequenceField, SparseField, TaskSpec, model_inputs, sha256_file)
+from service.contract import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    VOCAB_FILE,
+    BundleManifest,
+    DenseField,
+    FeatureSchema,
+    SequenceField,
+    SparseField,
+    TaskSpec,
+    model_inputs,
+    sha256_file,
+)
 from service.features import item_key, meta_key, namespace, user_key
 from service.settings import Settings
+from tests.helpers import wait_ready
 
 DIM = 4
 HIDDEN = 8
@@ -312,19 +323,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
                                       "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("server not ready:\n" + self.log())
-            time.sleep(0.1)
+        return wait_ready(self, timeout, "server")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
