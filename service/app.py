@@ -217,7 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         info.result = result
         if state.predlog is not None:
             state.predlog.offer(body.user_id, info.variant, route.bucket, result.n_items, result.body,
-                                getattr(result, "degraded", None))
+                                result.degraded)
         return Response(content=result.body, media_type="application/json")
 
     @app.get("/healthz")
