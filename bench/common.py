@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks (bench/serve.py, bench/train_speed.py): a benchmark-owned
+"""Helpers shared by the benchmarks (bench/serve.py and bench/serving/, bench/train_speed.py): a benchmark-owned
 redis-server, process-tree CPU and memory from /proc, machine and git descriptions, Prometheus
 text parsing, Markdown tables. Standard library only (plus redis-py), no torch.
 """
@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,20 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
-            time.sleep(0.05)
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -90,7 +75,7 @@ class OwnedRedis:
                 break
             except redis.ConnectionError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError("redis-server exited at start")
+                    raise RuntimeError("redis-server exited at start") from None
                 time.sleep(0.05)
         else:
             self.stop()
@@ -161,10 +146,6 @@ def cpu_seconds(pids: Iterable[int]) -> float:
         if f is not None:
             total += int(f[11]) + int(f[12])  # fields 14 and 15 of /proc/<pid>/stat
     return total / CLK_TCK
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    return cpu_seconds(process_tree(pid))
 
 
 def rss_bytes(pid: int) -> int:
@@ -274,18 +255,10 @@ def machine_info() -> dict:
 
 def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     """``[(sample name, labels, value)]`` of a Prometheus text exposition."""
-    try:
-        from prometheus_client.parser import text_string_to_metric_families
-    except ImportError:  # pragma: no cover - prometheus-client is a service dependency
-        return []
-    out = []
-    try:
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out.append((s.name, dict(s.labels), float(s.value)))
-    except Exception:  # noqa: BLE001 - a malformed exposition is "no metrics", not a crash
-        return []
-    return out
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, dict(s.labels), float(s.value)) for fam in text_string_to_metric_families(text)
+            for s in fam.samples]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +295,3 @@ def write_json(path: Path, obj) -> None:
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
-
-def python_exe() -> str:
-    return sys.executable
