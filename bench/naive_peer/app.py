@@ -32,6 +32,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from service.contract import FeatureSchema, TaskSpec
+from service.settings import Settings
 from training.models import build_model
 
 torch.set_num_threads(int(os.environ.get("NAIVE_TORCH_THREADS", "1")))
@@ -47,7 +48,7 @@ del _ckpt
 
 PREFIX = os.environ.get("NAIVE_PREFIX", "naive")
 r = redis.Redis.from_url(os.environ.get("NAIVE_REDIS_URL", "redis://127.0.0.1:6379/0"), decode_responses=True)
-WEIGHTS = {"ctr": 1.0, "cvr": 1.0, "watch_time": 0.2}
+WEIGHTS = Settings.model_fields["fusion_weights"].default_factory()  # the service's default weights
 
 
 class RankRequest(BaseModel):
