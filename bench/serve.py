@@ -66,7 +66,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, OwnedRedis, git_info, machine_info, path_commit, worker_pids, write_json  # noqa: E402
+from bench.common import ROOT, OwnedRedis, fmt, git_info, machine_info, path_commit, worker_pids, write_json  # noqa: E402
 from bench.serving import log  # noqa: E402
 from bench.serving.assets import (  # noqa: E402
     MODEL_NAME,
@@ -79,7 +79,7 @@ from bench.serving.assets import (  # noqa: E402
     read_bodies,
 )
 from bench.serving.load import floor_cell, http_cell, memory_budget, memory_sample, runtime_baseline_mb, soak  # noqa: E402
-from bench.serving.report import _f, render, short_reason, targets  # noqa: E402
+from bench.serving.report import render, short_reason, targets  # noqa: E402
 from bench.serving.systems import ALL_SYSTEMS, run_wrk, start_floor, start_server  # noqa: E402
 
 FULL = dict(users=100_000, items=200_000, exposures=1_000_000, train_rows=600_000, train_threads=0,
@@ -280,7 +280,7 @@ def run_http(system: str, a, report: dict, rds: OwnedRedis, run_dir: Path, model
                 log(f"{system} N={n} c={c}")
                 cell = http_cell(system, server, bodies[n], n, c, a.duration, rds.pid)
                 report["cells"].append(cell)
-                log(f"  {cell['rps']:.1f}/s p50 {_f(cell['p50_ms'], 2)} ms p99 {_f(cell['p99_ms'], 2)} ms "
+                log(f"  {cell['rps']:.1f}/s p50 {fmt(cell['p50_ms'], 2)} ms p99 {fmt(cell['p99_ms'], 2)} ms "
                     f"errors {cell['non2xx'] - cell['shed'] + cell['socket_errors']} shed {cell['shed']} "
                     f"stages {cell['stage_source']}")
         mem = {"workers": len(worker_pids(server.pid)), "warm": warm_mem, "after": memory_sample(server),

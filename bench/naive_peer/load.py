@@ -58,8 +58,8 @@ def load_hashes(data: str | Path, bundle_dir: str | Path, client, prefix: str = 
         ids = [str(i) for i in table.ids]
         pipe = client.pipeline(transaction=False)
         for r, eid in enumerate(ids):
-            mapping = {name: str(v) for name, v in zip(sp, sparse[r])}
-            mapping.update({name: repr(float(v)) for name, v in zip(de, dense[r])})
+            mapping = {name: str(v) for name, v in zip(sp, sparse[r], strict=True)}
+            mapping.update({name: repr(float(v)) for name, v in zip(de, dense[r], strict=True)})
             start = 0
             for f in sq:
                 mapping[f.name] = ",".join(str(x) for x in seq[r][start:start + f.max_len])

@@ -2,11 +2,12 @@
 the soak.
 
 Per cell: req/s (2xx answers that were not degraded; also all 2xx and all answers), latency
-percentiles, non-2xx answers (``shed``: the 429/503 answers of an overloaded service, among them),
-socket errors, degraded answers; CPU seconds per useful answer of the server's process tree, of
-redis-server and of the client (``/proc``; wrk by ``getrusage(RUSAGE_CHILDREN)``), and the cores
-the rest of the machine kept busy meanwhile (``/proc/stat``); per-stage means from the service's
-own timers (``/metrics``) and the item cache's hit rate.
+percentiles, non-2xx answers (``shed``: among them, the 429/503 + Retry-After refusals of an
+overloaded service, which are not errors), socket errors, degraded answers; CPU seconds per useful
+answer of the server's process tree, of redis-server and of the client (``/proc``; wrk by
+``getrusage(RUSAGE_CHILDREN)``), and the cores the rest of the machine kept busy meanwhile
+(``/proc/stat``); per-stage means from the service's own timers (``/metrics``) and the item
+cache's hit rate.
 """
 
 from __future__ import annotations
@@ -24,12 +25,23 @@ from bench.serving import log
 from bench.serving.systems import Server, run_wrk, start_ours, wrk_cmd, wrk_summary
 from service.ranking import STAGES
 
-SHED_STATUSES = (429, 503)  # an overloaded service refuses with 429 (or 503) + Retry-After: shed, not an error
 SOCKET_ERRORS = ("connect", "read", "write", "timeout")
 
 
 def _ms(us) -> float | None:
     return None if us is None else float(us) / 1e3
+
+
+def answers(res: dict) -> dict:
+    """The answers of a wrk summary (rank.lua) by kind: ``ok`` (2xx, ``degraded`` among them),
+    ``non2xx`` (``shed`` among them: 429/503 with Retry-After), ``socket_errors``, and ``failed``:
+    the non-2xx answers that were not shed plus the socket errors."""
+    statuses = {int(k): v for k, v in res.get("statuses", {}).items()}
+    ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
+    non2xx = sum(statuses.values()) - ok
+    sock = sum(res["errors"][k] for k in SOCKET_ERRORS)
+    return {"statuses": statuses, "ok": ok, "degraded": res["degraded"], "non2xx": non2xx, "shed": res["shed"],
+            "socket_errors": sock, "failed": non2xx - res["shed"] + sock}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,24 +104,20 @@ def http_cell(system: str, server: Server, bodies: Path, n: int, c: int, duratio
     cpu1, r1, busy1 = cpu_seconds(process_tree(server.pid)), cpu_seconds([redis_pid]), machine_busy()
     stages, hit_rate = stage_delta(m0, server.scrape())
     secs = res["duration_us"] / 1e6 or wall
-    statuses = {int(k): v for k, v in res.get("statuses", {}).items()}
-    ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
+    got = answers(res)
+    ok, degraded = got["ok"], got["degraded"]
     pct = res["latency_us"]["percentiles"] if res["requests"] else {}
     if not res["requests"]:
         res["latency_us"].update(mean=None, max=None)
     cpu_server, cpu_redis = cpu1 - cpu0, r1 - r0
     busy = (busy1[0] - busy0[0]) / wall
-    degraded = res["degraded"]
     reqs = max(1, ok - degraded)  # CPU per useful answer: rejected and degraded ones cost, but do not count
     return {"system": system, "n": n, "c": c, "duration_s": round(secs, 3), "requests": res["requests"],
             "rps": (ok - degraded) / secs, "rps_2xx": ok / secs, "rps_all": res["requests"] / secs,
             "p50_ms": _ms(pct.get("50")), "p90_ms": _ms(pct.get("90")), "p99_ms": _ms(pct.get("99")),
             "p999_ms": _ms(pct.get("99.9")), "mean_ms": _ms(res["latency_us"]["mean"]),
-            "max_ms": _ms(res["latency_us"]["max"]), "statuses": statuses,
-            "non2xx": sum(v for k, v in statuses.items() if not 200 <= k < 300),
-            "shed": sum(statuses.get(s, 0) for s in SHED_STATUSES),
-            "socket_errors": sum(res["errors"][k] for k in SOCKET_ERRORS), "errors": res["errors"],
-            "degraded": degraded,
+            "max_ms": _ms(res["latency_us"]["max"]), "statuses": got["statuses"], "non2xx": got["non2xx"],
+            "shed": got["shed"], "socket_errors": got["socket_errors"], "errors": res["errors"], "degraded": degraded,
             "cpu_ms_per_req": {"server": 1e3 * cpu_server / reqs, "redis": 1e3 * cpu_redis / reqs,
                                "client": 1e3 * wrk_cpu / reqs},
             "busy_cores": busy, "other_cores": max(0.0, busy - (cpu_server + cpu_redis + wrk_cpu) / wall),
@@ -215,21 +223,21 @@ def soak(a, store: Path, rds: OwnedRedis, run_dir: Path, bodies: dict[int, Path]
             samples.append({"t": round(time.monotonic() - t0, 1), **memory_sample(server)})
             time.sleep(a.soak_interval)
         out, _ = proc.communicate()
-        res = wrk_summary(out) or {}
+        res = wrk_summary(out)
+        if res is None:
+            raise RuntimeError(f"wrk gave no summary (rc {proc.returncode})")
+        got = answers(res)
         window = min(60.0, a.soak / 4)
         per = [max(s["rss_mb_per_worker"]) for s in samples]
         first = [v for s, v in zip(samples, per, strict=True) if s["t"] <= window]
         last = [v for s, v in zip(samples, per, strict=True) if s["t"] >= samples[-1]["t"] - window]
         f_mb, l_mb = (float(np.mean(first)), float(np.mean(last))) if first and last else (None, None)
-        statuses = {int(k): v for k, v in res.get("statuses", {}).items()}
         return {"seconds": a.soak, "n": n, "c": c, "window_s": window, "samples": samples,
                 "first_mb": None if f_mb is None else round(f_mb, 1),
                 "last_mb": None if l_mb is None else round(l_mb, 1),
                 "growth_mb": None if f_mb is None else round(l_mb - f_mb, 1),
                 "allowed_growth_mb": round(max(10.0, 0.02 * (f_mb or 0)), 1),
-                "rps": res.get("requests", 0) / max(1e-9, res.get("duration_us", 0) / 1e6),
-                "shed": sum(statuses.get(s, 0) for s in SHED_STATUSES),
-                "errors": sum(v for k, v in statuses.items() if not 200 <= k < 300 and k not in SHED_STATUSES)
-                + sum(res.get("errors", {}).get(k, 0) for k in SOCKET_ERRORS)}
+                "rps": res["requests"] / max(1e-9, res["duration_us"] / 1e6), "shed": got["shed"],
+                "errors": got["failed"]}
     finally:
         server.stop()

@@ -19,6 +19,12 @@ def short_reason(e: BaseException | str | None) -> str:
     return (f"{type(e).__name__}: " if isinstance(e, BaseException) else "") + first[:300]
 
 
+def _f(v, d=0):
+    if v is None:
+        return "n/a"
+    return f"{v:,.{d}f}"
+
+
 def _best(cells, system, n, max_p99=None):
     rows = [c for c in cells if c["system"] == system and c["n"] == n and c.get("rps")
             and (max_p99 is None or (c.get("p99_ms") is not None and c["p99_ms"] <= max_p99))]
@@ -30,12 +36,13 @@ def _cell(cells, system, n, c):
 
 
 def targets(report: dict, n: int, p99_bound: float | None) -> list[dict]:
+    """The issue's targets at N = ``n``: value, threshold and pass (None when a system did not run)."""
     cells = report["cells"]
     out = []
 
-    def add(name, value, op, threshold, detail, applicable=True):
+    def add(name, value, op, threshold, detail):
         ok = None
-        if applicable and value is not None and not (isinstance(value, float) and math.isnan(value)):
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
             ok = value >= threshold if op == ">=" else value <= threshold
         out.append({"target": name, "value": value, "op": op, "threshold": threshold, "pass": ok, "detail": detail})
 
@@ -104,12 +111,6 @@ def targets(report: dict, n: int, p99_bound: float | None) -> list[dict]:
     return out
 
 
-def _f(v, d=0):
-    if v is None:
-        return "n/a"
-    return f"{v:,.{d}f}"
-
-
 def render(report: dict) -> str:
     m, g = report["machine"], report["git"]
     lines = [f"# Serving benchmark ({report['mode']})", "",
@@ -145,11 +146,10 @@ def render(report: dict) -> str:
     lines += ["", "## Load (req/s, latency ms, CPU ms per request)", "",
               "floor: in-process single process (`x2` column = scaled to 2 cores); others: wrk on loopback, "
               "closed loop with c connections. req/s counts 2xx answers that were not degraded. `shed` = 429/503 "
-              "answers of an overloaded service; `errors` = other non-2xx answers + socket errors (timeouts); a "
-              "`*` marks cells where the two exceed 1%: wrk's latencies then include those (fast) answers. CPU: "
-              "server process tree, redis-server, wrk; "
-              "`other` = cores busy with anything else on the machine during the cell (noise: ~0 on a quiet "
-              "machine).", ""]
+              "answers with Retry-After (an overloaded service's refusals); `errors` = other non-2xx answers + "
+              "socket errors (timeouts); a `*` marks cells where the two exceed 1%: wrk's latencies then include "
+              "those (fast) answers. CPU: server process tree, redis-server, wrk; `other` = cores busy with "
+              "anything else on the machine during the cell (noise: ~0 on a quiet machine).", ""]
     rows = []
     for c in sorted(report["cells"], key=lambda x: (x["n"], ALL_SYSTEMS.index(x["system"])
                                                    if x["system"] in ALL_SYSTEMS else 99, x["c"])):

@@ -4,9 +4,10 @@
 --
 -- The file holds one JSON request body per line (different users, Zipf-drawn candidates); each
 -- request takes the next line, wrapping around ([offset] = first line, 0-based). Counts answers by
--- HTTP status and 200 bodies that say "degraded":true. done() prints one line
+-- HTTP status, 200 bodies that say "degraded":true, and shed answers (429 or 503 with a Retry-After
+-- header: an overloaded service's refusals). done() prints one line
 --   MTRANK_WRK_JSON {...}
--- with requests, duration, bytes, socket errors, statuses, degraded and latency percentiles in us
+-- with requests, duration, bytes, socket errors, statuses, degraded, shed and latency percentiles in us
 -- (wrk's own histogram: the time from sending a request to its complete response).
 
 local bodies = {}
@@ -14,6 +15,7 @@ local n = 0
 local i = 0
 statuses = {}   -- globals: done() reads them from each thread with thread:get()
 degraded = 0
+shed = 0
 
 local threads = {}
 
@@ -49,6 +51,13 @@ function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
   if status == 200 and body ~= nil and string.find(body, '"degraded":true', 1, true) then
     degraded = degraded + 1
+  elseif status == 429 or status == 503 then
+    for name, _ in pairs(headers) do
+      if string.lower(name) == "retry-after" then
+        shed = shed + 1
+        break
+      end
+    end
   end
 end
 
@@ -60,7 +69,7 @@ local function num(x)
 end
 
 function done(summary, latency, requests)
-  local st, deg = {}, 0
+  local st, deg, sh = {}, 0, 0
   for _, t in ipairs(threads) do
     local s = t:get("statuses")
     if s ~= nil then
@@ -70,6 +79,7 @@ function done(summary, latency, requests)
       end
     end
     deg = deg + (t:get("degraded") or 0)
+    sh = sh + (t:get("shed") or 0)
   end
   local parts = {}
   for k, v in pairs(st) do
@@ -83,10 +93,10 @@ function done(summary, latency, requests)
   io.write(string.format(
     'MTRANK_WRK_JSON {"requests": %d, "duration_us": %d, "bytes": %d, ' ..
     '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
-    '"statuses": {%s}, "degraded": %d, ' ..
+    '"statuses": {%s}, "degraded": %d, "shed": %d, ' ..
     '"latency_us": {"min": %s, "mean": %s, "stdev": %s, "max": %s, "percentiles": {%s}}}\n',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    table.concat(parts, ", "), deg,
+    table.concat(parts, ", "), deg, sh,
     num(latency.min), num(latency.mean), num(latency.stdev), num(latency.max), table.concat(pct, ", ")))
 end
