@@ -53,7 +53,7 @@ class OwnedRedis:
     """A redis-server started by the benchmark on a free loopback port (no persistence); only this
     instance is ever flushed or stopped."""
 
-    def __init__(self, workdir: Path, maxmemory: str | None = None):
+    def __init__(self, workdir: Path):
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
@@ -61,8 +61,6 @@ class OwnedRedis:
         self.port = free_port()
         cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--dir", str(workdir), "--protected-mode", "yes"]
-        if maxmemory:
-            cmd += ["--maxmemory", maxmemory]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -92,7 +90,8 @@ class OwnedRedis:
         return redis.Redis.from_url(self.url, socket_timeout=30)
 
     def used_memory(self) -> int:
-        return int(self.client().info("memory")["used_memory"])
+        with self.client() as c:
+            return int(c.info("memory")["used_memory"])
 
     def stop(self) -> None:
         stop_group(self.proc)

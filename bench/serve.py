@@ -80,7 +80,7 @@ from bench.serving.assets import (  # noqa: E402
 )
 from bench.serving.load import floor_cell, http_cell, memory_budget, memory_sample, runtime_baseline_mb, soak  # noqa: E402
 from bench.serving.report import render, short_reason, targets  # noqa: E402
-from bench.serving.systems import ALL_SYSTEMS, run_wrk, start_floor, start_server  # noqa: E402
+from bench.serving.systems import ALL_SYSTEMS, clean_env, run_wrk, start_floor, start_server  # noqa: E402
 
 FULL = dict(users=100_000, items=200_000, exposures=1_000_000, train_rows=600_000, train_threads=0,
             sizes="100,500,1000", concurrency="1,8,32", duration=15.0, warmup=3.0, bodies=500,
@@ -228,16 +228,16 @@ def load_redis(a, rds: OwnedRedis, data_dir: Path, store: Path, bundle: Path) ->
     """Our features with ``mtrank features load``; the naive peer's hashes when it runs."""
     log(f"redis-server pid {rds.pid} on {rds.url}; loading features (mtrank features load)")
     t0 = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
     subprocess.run([sys.executable, "-m", "service.cli", "features", "load", "--data", str(data_dir),
                     "--model-name", MODEL_NAME, "--store", str(store), "--redis-url", rds.url, "--quiet"],
-                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+                   cwd=ROOT, env=clean_env(), check=True, capture_output=True, text=True)
     out: dict = {"ours_load_seconds": round(time.perf_counter() - t0, 1)}
     if "naive" in a.systems:
         from bench.naive_peer.load import load_hashes
 
         log("loading the naive peer's hashes (HSET per entity)")
-        out["naive_load"] = load_hashes(data_dir, bundle, rds.client())
+        with rds.client() as client:
+            out["naive_load"] = load_hashes(data_dir, bundle, client)
     out["used_memory_mb"] = round(rds.used_memory() / 2 ** 20, 1)
     return out
 

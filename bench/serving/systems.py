@@ -143,14 +143,14 @@ class Server:
         self.log_f.close()
 
 
-def _clean_env() -> dict:
+def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MTRANK_", "NAIVE_"))}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
 def start_ours(name: str, store: Path, redis_url: str, logdir: Path, extra_env: dict, workers: int | None) -> Server:
-    env = _clean_env()
+    env = clean_env()
     env.update({"MTRANK_REDIS_URL": redis_url, "MTRANK_MODEL_STORE": str(store), "MTRANK_MODEL_NAME": MODEL_NAME})
     if workers:
         env["MTRANK_WORKERS"] = str(workers)
@@ -160,7 +160,7 @@ def start_ours(name: str, store: Path, redis_url: str, logdir: Path, extra_env: 
 
 
 def start_naive(model_pt: Path, redis_url: str, logdir: Path, workers: int, threads: int) -> Server:
-    env = _clean_env()
+    env = clean_env()
     env.update({"NAIVE_MODEL": str(model_pt), "NAIVE_REDIS_URL": redis_url, "NAIVE_PREFIX": "naive",
                 "NAIVE_TORCH_THREADS": str(threads)})
     cmd = [sys.executable, "-m", "uvicorn", "bench.naive_peer.app:app", "--host", "127.0.0.1",
