@@ -6,8 +6,7 @@ import numpy as np
 import redis
 
 from service.codec import EntityCodec
-from service.contract import BundleManifest
-from service.features import item_key, meta_key, namespace, user_key
+from service.contract import BundleManifest, item_key, meta_key, namespace, user_key
 from training.data.dataset import encode_entities, read_raw
 from training.data.synth import SynthConfig, generate
 from training.materialize import load_features
