@@ -48,7 +48,8 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 VOCAB_FILE = "vocab.json"
 #: the precisions a bundle can be served in: fp32 is ``model.onnx``; the others are optional files
-Precision = Literal["fp32", "int8"]
+OptionalPrecision = Literal["int8"]
+Precision = Literal["fp32", OptionalPrecision]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 PRECISION_FILES: dict[Precision, str] = {"fp32": MODEL_FILE, "int8": "model.int8.onnx"}
 
@@ -216,7 +217,7 @@ class BundleManifest(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     library_versions: dict[str, str] = {}
     #: other precisions of the model (absent in older bundles: fp32 only)
-    precisions: dict[Literal["int8"], PrecisionFile] = {}
+    precisions: dict[OptionalPrecision, PrecisionFile] = {}
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
