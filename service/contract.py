@@ -16,6 +16,21 @@ read it back. Two objects:
 Index 0 of every sparse/sequence vocabulary is reserved for "missing or out of vocabulary",
 which is also the padding value of sequences. Dense fields are stored and sent *raw*; the model
 normalises them itself with the stats below, so the default of a missing dense value is its mean.
+
+And the Redis layout of the online features (:func:`namespace`, :func:`user_key`,
+:func:`item_key`, :func:`meta_key`; values are :mod:`service.codec` packed bytes)::
+
+    ns   = f"{prefix}:{schema.fingerprint()[:12]}"
+    user = f"{ns}:u:{user_id}"
+    item = f"{ns}:i:{item_id}"
+    meta = f"{ns}:meta"
+
+The namespace holds the schema fingerprint, so a model only ever reads features written for its
+own schema and vocabularies. ``mtrank features load`` (:mod:`training.materialize`) writes them;
+the service (:mod:`service.features`) reads them.
+
+This module and :mod:`service.codec` are the whole contract: they import nothing from the rest of
+the service (Redis client, settings) nor from training (``tests/test_imports.py`` checks).
 """
 
 from __future__ import annotations
@@ -23,20 +38,20 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Entity = Literal["user", "item", "context"]
-ENTITIES: tuple[Entity, ...] = ("user", "item", "context")
-OOV_INDEX = 0
+ENTITIES: tuple[Entity, ...] = get_args(Entity)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 VOCAB_FILE = "vocab.json"
 #: the precisions a bundle can be served in: fp32 is ``model.onnx``; the others are optional files
-Precision = Literal["fp32", "int8"]
-PRECISIONS: tuple[str, ...] = ("fp32", "int8")
-PRECISION_FILES = {"fp32": MODEL_FILE, "int8": "model.int8.onnx"}
+OptionalPrecision = Literal["int8"]
+Precision = Literal["fp32", OptionalPrecision]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+PRECISION_FILES: dict[Precision, str] = {"fp32": MODEL_FILE, "int8": "model.int8.onnx"}
 
 
 class _Strict(BaseModel):
@@ -202,7 +217,7 @@ class BundleManifest(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     library_versions: dict[str, str] = {}
     #: other precisions of the model (absent in older bundles: fp32 only)
-    precisions: dict[Literal["int8"], PrecisionFile] = {}
+    precisions: dict[OptionalPrecision, PrecisionFile] = {}
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -255,3 +270,23 @@ def sha256_file(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis layout of the online features (see the module doc)
+# ---------------------------------------------------------------------------------------------
+
+def namespace(prefix: str, schema: FeatureSchema) -> str:
+    return f"{prefix}:{schema.fingerprint()[:12]}"
+
+
+def user_key(ns: str, user_id: str) -> str:
+    return f"{ns}:u:{user_id}"
+
+
+def item_key(ns: str, item_id: str) -> str:
+    return f"{ns}:i:{item_id}"
+
+
+def meta_key(ns: str) -> str:
+    return f"{ns}:meta"

@@ -1,14 +1,8 @@
-"""Online features: Redis key layout and the fetcher that turns one request into model inputs.
+"""Online features: the fetcher that turns one request into model inputs.
 
-Redis layout (values are :mod:`service.codec` packed bytes)::
-
-    ns   = f"{prefix}:{schema.fingerprint()[:12]}"
-    user = f"{ns}:u:{user_id}"
-    item = f"{ns}:i:{item_id}"
-    meta = f"{ns}:meta"
-
-The namespace holds the schema fingerprint, so a model only ever reads features written for its
-own schema and vocabularies.
+The Redis layout (one key per user and item under a namespace that holds the schema fingerprint,
+plus the namespace's meta key) is part of the contract: :func:`service.contract.namespace` and
+its key functions.
 
 :meth:`FeatureFetcher.fetch` does one ``MGET`` (user key + every item key, in request order),
 decodes the reply with whole-array numpy operations and builds the ONNX inputs: user and context
@@ -44,7 +38,7 @@ import numpy as np
 import redis
 
 from service.codec import Decoded, EntityCodec
-from service.contract import FeatureSchema, ModelInput, model_inputs
+from service.contract import FeatureSchema, ModelInput, item_key, meta_key, model_inputs, namespace, user_key
 from service.item_cache import ItemCache
 from service.redis_client import FeatureStore, StoreUnavailable
 from service.settings import Settings
@@ -53,22 +47,6 @@ log = logging.getLogger(__name__)
 
 #: most corrupt entity ids named in one log line
 _LOG_IDS = 20
-
-
-def namespace(prefix: str, schema: FeatureSchema) -> str:
-    return f"{prefix}:{schema.fingerprint()[:12]}"
-
-
-def user_key(ns: str, user_id: str) -> str:
-    return f"{ns}:u:{user_id}"
-
-
-def item_key(ns: str, item_id: str) -> str:
-    return f"{ns}:i:{item_id}"
-
-
-def meta_key(ns: str) -> str:
-    return f"{ns}:meta"
 
 
 class ContextError(ValueError):

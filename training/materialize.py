@@ -2,9 +2,11 @@
 
 The entities are encoded with the bundle's own schema and vocabularies (the same code path as
 training), packed with ``service.codec`` and written with pipelined MSETs, one key per entity,
-under a namespace that carries the schema's fingerprint: loading features for a new schema
-writes new keys and never touches what a running model reads. Re-running overwrites the same
-keys with the same bytes (idempotent). No torch here.
+under a namespace that carries the schema's fingerprint (the key layout is the contract's:
+:func:`service.contract.namespace`): loading features for a new schema writes new keys and never
+touches what a running model reads. Re-running overwrites the same keys with the same bytes
+(idempotent). No torch here, and nothing of the service but its contract (``service.contract``,
+``service.codec``).
 
 On a Redis Cluster (a ``redis.cluster.RedisCluster`` client, e.g. from a ``redis+cluster://`` URL)
 each batch is written with ``mset_nonatomic``: one MSET per hash slot, pipelined per node by the
@@ -28,9 +30,7 @@ from redis.cluster import RedisCluster
 from tqdm.auto import tqdm
 
 from service.codec import EntityCodec
-from service.contract import MANIFEST_FILE, VOCAB_FILE, BundleManifest
-from service.features import item_key, meta_key, namespace, user_key
-from service.redis_client import FeatureStore
+from service.contract import MANIFEST_FILE, VOCAB_FILE, BundleManifest, item_key, meta_key, namespace, user_key
 from training.data.dataset import encode_entities, read_raw
 
 
@@ -47,11 +47,11 @@ class LoadSummary:
                 f"into namespace {self.namespace!r} in {self.seconds:.1f}s")
 
 
-def load_features(data: str | Path, bundle_dir: str | Path, client: redis.Redis, prefix: str = "mtrank",
-                  chunk: int = 2000, progress: bool = True) -> LoadSummary:
+def load_features(data: str | Path, bundle_dir: str | Path, client: redis.Redis | RedisCluster,
+                  prefix: str = "mtrank", chunk: int = 2000, progress: bool = True) -> LoadSummary:
+    """Write the users' and items' packed features of ``data`` for the bundle in ``bundle_dir``
+    through the redis-py ``client`` (the module doc), then the namespace meta key."""
     t0 = time.perf_counter()
-    if isinstance(client, FeatureStore):  # the writes use the ordinary client, not the request path
-        client = client.client
     bundle_dir = Path(bundle_dir)
     manifest = BundleManifest.from_json((bundle_dir / MANIFEST_FILE).read_text())
     vocabs = json.loads((bundle_dir / VOCAB_FILE).read_text())

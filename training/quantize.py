@@ -30,7 +30,7 @@ What was chosen, and why:
   ``within_tolerance: false`` and a warning is logged: the bundle is still published (fp32 is
   unaffected; a variant has to opt in to int8).
 * **What is compared**: both models through onnxruntime on the same rows, so the delta is the
-  quantisation's alone. Metrics are :func:`training.train.metrics_of` on the outputs mapped back
+  quantisation's alone. Metrics are :func:`training.metrics.metrics_of` on the outputs mapped back
   to the raw scale (logit / ``log1p``).
 """
 
@@ -48,6 +48,7 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
                                       quantize_static)
 
 from service.contract import PRECISION_FILES, PrecisionFile, TaskSpec, sha256_file
+from training.metrics import metrics_of
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,6 @@ def make_int8(bundle_dir: str | Path, tasks: list[TaskSpec], eval_inputs: dict[s
     """Quantise ``<bundle_dir>/model.onnx`` into ``<bundle_dir>/model.int8.onnx`` (see the module doc)
     and return its manifest entry. ``eval_inputs``/``eval_labels``: the test split's rows (model
     inputs by name, labels by label name); ``calibration``: held-out rows for the static method."""
-    from training.train import metrics_of  # the trainer's test metrics (imports torch)
-
     cfg = cfg or QuantizeConfig()
     bundle_dir = Path(bundle_dir)
     src, dst = bundle_dir / PRECISION_FILES["fp32"], bundle_dir / PRECISION_FILES["int8"]

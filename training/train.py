@@ -1,23 +1,11 @@
-"""The training loop: multi-task losses (ESMM for conditional binary tasks), early stopping,
-test metrics, a report, then export into a versioned bundle.
+"""The training loop: multi-task losses, early stopping, test metrics, a report, then export into a
+versioned bundle.
 
-Losses, per task kind (see ``service.contract.TaskSpec``):
-
-* binary, no condition (CTR):        BCE(sigmoid(logit_ctr), click) over all exposures
-* binary with a condition (CVR):     ESMM: pCTCVR = pCTR * pCVR, BCE(pCTCVR, click & conversion)
-                                     over ALL exposures, so pCVR is not fitted on the clicked
-                                     sample only (Ma et al., SIGIR 2018)
-* regression with a condition:       MSE on log1p(label) over the rows where the condition holds
-                                     (watch time is only defined after a click)
-
-A model with auxiliary training losses (mutual learning's Global Knowledge Distillation, see
+The losses are :func:`training.losses.task_losses` (ESMM for conditional binary tasks), weighted
+per task; the validation loss used for early stopping is their weighted sum. A model with
+auxiliary training losses (mutual learning's Global Knowledge Distillation, see
 ``training.models.mutual``) has ``forward_with_aux`` and ``aux_losses``: ``fit`` adds those terms
-to the weighted task losses. ``task_losses``, the validation loss used for early stopping and the
-test metrics are the towers' task losses only.
-
-Metrics on the test split: AUC of each unconditional binary task; for a conditional binary
-task the AUC on the condition's positive rows (CVR on clicks) and the AUC of the joint
-probability on all rows (CTCVR); RMSE and MAE of log1p(label) for regression tasks.
+to the weighted task losses. The test metrics are :func:`training.metrics.metrics_of`.
 
 Under ``torchrun --nproc_per_node N`` the same code trains with DistributedDataParallel: sharded
 batches, metrics gathered from all ranks, rank-0-only logging, report and export (the choices are
@@ -36,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -45,10 +31,14 @@ from tqdm.auto import tqdm
 from service.contract import TaskSpec
 from training import distributed
 from training.data.dataset import EncodedDataset, prepare
+from training.export import export_bundle
+from training.losses import task_losses
+from training.metrics import metrics_of
 from training.models import build_model
+from training.quantize import Int8Job
+from training.report import write_report
 
 log = logging.getLogger(__name__)
-EPS = 1e-7
 
 
 @dataclass
@@ -70,37 +60,9 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | auto; under torchrun, cuda trains with nccl (one GPU per rank), cpu with gloo
 
 
-def joint_name(task: TaskSpec, cond: TaskSpec) -> str:
-    return "ctcvr" if (cond.name, task.name) == ("ctr", "cvr") else f"{cond.name}_{task.name}"
-
-
 def _tensors(batch: dict[str, np.ndarray], device: torch.device | None = None) -> dict[str, torch.Tensor]:
     out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
     return out if device is None or device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in out.items()}
-
-
-def task_losses(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-                tasks: list[TaskSpec]) -> dict[str, torch.Tensor]:
-    by_name = {t.name: t for t in tasks}
-    losses = {}
-    for t in tasks:
-        y = labels[t.label]
-        if t.kind == "binary" and t.condition is None:
-            losses[t.name] = F.binary_cross_entropy_with_logits(out[t.name], y)
-        elif t.kind == "binary":
-            cond = by_name[t.condition]
-            p_joint = torch.sigmoid(out[cond.name]) * torch.sigmoid(out[t.name])
-            y_joint = labels[cond.label] * y
-            losses[t.name] = F.binary_cross_entropy(p_joint.clamp(EPS, 1 - EPS), y_joint)
-        else:
-            target = torch.log1p(y.clamp(min=0))
-            if t.condition is None:
-                losses[t.name] = F.mse_loss(out[t.name], target)
-            else:
-                mask = labels[by_name[t.condition].label] > 0
-                losses[t.name] = (F.mse_loss(out[t.name][mask], target[mask]) if mask.any()
-                                  else out[t.name].sum() * 0.0)
-    return losses
 
 
 class TrainStep(nn.Module):
@@ -143,13 +105,9 @@ def predict(model, ds: EncodedDataset, rows: np.ndarray, batch_size: int = 8192)
     return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
 
 
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
-
-
 def evaluate(model, ds: EncodedDataset, rows: np.ndarray,
              ctx: distributed.Context | None = None) -> dict[str, float]:
-    """Test-split metrics (see module docstring) plus the mean loss of each task.
+    """Test-split metrics (:func:`training.metrics.metrics_of`, with the mean loss of each task).
 
     With a parallel ``ctx`` each rank predicts every W-th row and the predictions are gathered:
     every rank returns the metrics of all ``rows``."""
@@ -160,35 +118,6 @@ def evaluate(model, ds: EncodedDataset, rows: np.ndarray,
     else:
         raw = predict(model, ds, rows)
     return metrics_of(raw, {t.label: ds.label(t.label, rows) for t in ds.tasks}, ds.tasks)
-
-
-def metrics_of(raw: dict[str, np.ndarray], labels: dict[str, np.ndarray], tasks: list[TaskSpec]) -> dict[str, float]:
-    """The metrics of :func:`evaluate` from raw outputs (logits / log1p predictions) and labels."""
-    by_name = {t.name: t for t in tasks}
-    m: dict[str, float] = {}
-    with torch.no_grad():
-        losses = task_losses({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in raw.items()},
-                             {k: torch.from_numpy(v) for k, v in labels.items()}, tasks)
-    for name, value in losses.items():
-        m[f"loss/{name}"] = float(value)
-    for t in tasks:
-        y = labels[t.label]
-        if t.kind == "binary":
-            p = 1 / (1 + np.exp(-raw[t.name].astype(np.float64)))
-            if t.condition is None:
-                m[f"auc/{t.name}"] = _auc(y, p)
-            else:
-                cond = by_name[t.condition]
-                yc = labels[cond.label] > 0
-                pc = 1 / (1 + np.exp(-raw[cond.name].astype(np.float64)))
-                m[f"auc/{t.name}"] = _auc(y[yc], p[yc])  # e.g. CVR AUC on clicked rows
-                m[f"auc/{joint_name(t, cond)}"] = _auc(yc * y, pc * p)  # e.g. CTCVR on all rows
-        else:
-            sel = labels[by_name[t.condition].label] > 0 if t.condition else np.ones(len(y), bool)
-            err = np.maximum(raw[t.name][sel], 0) - np.log1p(np.maximum(y[sel], 0))
-            m[f"rmse_log1p/{t.name}"] = float(np.sqrt(np.mean(err ** 2))) if sel.any() else float("nan")
-            m[f"mae_log1p/{t.name}"] = float(np.mean(np.abs(err))) if sel.any() else float("nan")
-    return m
 
 
 def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None):
@@ -289,10 +218,6 @@ def train(data: str | Path, name: str, store: str | Path = "model_store", cfg: T
 
 
 def _train(data, name, store, cfg: TrainConfig, progress: bool, ctx: distributed.Context):
-    from training.export import export_bundle
-    from training.quantize import Int8Job
-    from training.report import write_report
-
     t0 = time.perf_counter()
     ds = prepare(data, max_rows=cfg.max_rows)
     if progress:

@@ -186,6 +186,24 @@ def test_config_is_json_and_rebuilds(arch):
     assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("mutual", [False, True])
+def test_batch_norm_setting_reaches_every_layer(arch, mutual):
+    """``batch_norm=False``: no BatchNorm anywhere (bottom, experts, towers); True: in each of them."""
+    def norms(**kw):
+        m = build_model(arch, tiny_schema(), TASKS, mutual_learning=mutual, **kw)
+        return m, [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.BatchNorm1d)]
+
+    assert norms(batch_norm=False)[1] == []
+    model, names = norms(batch_norm=True)
+    assert all(any(n.startswith(f"towers.{k}.") for n in names) for k in range(len(TASKS)))
+    if arch == "shared_bottom":
+        assert any(".bottom." in f".{n}" for n in names)
+    else:
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        assert experts and all(e.norms is not None for e in experts)
+
+
 def test_build_model_rejects_unknowns():
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("nope", tiny_schema(), TASKS)
@@ -198,8 +216,8 @@ def test_ple_levels(levels):
     schema = tiny_schema()
     model = PLE(schema, TASKS, PLEConfig(levels=levels, shared_experts=2, task_experts=2,
                                          expert_hidden=[16, 8], tower_hidden=[8])).eval()
-    assert len(model.levels) == levels
-    assert [lvl.shared_gate is None for lvl in model.levels] == [False] * (levels - 1) + [True]
+    assert len(model.backbone.levels) == levels
+    assert [lvl.shared_gate is None for lvl in model.backbone.levels] == [False] * (levels - 1) + [True]
     out = model(random_inputs(schema, N))
     assert all(v.shape == (N,) for v in out.values())
 
@@ -207,7 +225,7 @@ def test_ple_levels(levels):
 def test_ple_task_gate_mixes_own_and_shared_experts():
     te, se, T = 2, 3, len(TASKS)
     model = PLE(tiny_schema(), TASKS, PLEConfig(levels=2, shared_experts=se, task_experts=te))
-    first = model.levels[0]
+    first = model.backbone.levels[0]
     assert first.experts.n_experts == T * te + se
     shared = list(range(T * te, T * te + se))
     for k, gate in enumerate(first.task_gates):

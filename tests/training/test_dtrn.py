@@ -10,7 +10,10 @@ from tests.training.test_blocks import one_user, random_inputs
 from tests.training.test_export import parity_rows
 from training.export import export_bundle
 from training.models import build_model
+from training.models.blocks import Experts
 from training.models.dtrn import BACKBONES, DTRN, DTRNConfig, TIM
+from training.models.mmoe import MMoEBlock
+from training.models.ple import PLEBlock
 from tests.helpers import TASKS
 
 N = 6
@@ -175,3 +178,32 @@ def test_export_parity(backbone, tmp_path):
                          parity_inputs=parity_rows(schema(), 300), vocabs={})
     metrics = BundleManifest.from_json((path / MANIFEST_FILE).read_text()).metrics
     assert all(0 <= metrics[f"parity_max_abs_diff/{t.name}"] <= 1e-4 for t in TASKS)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_batch_norm_reaches_the_towers_and_every_backbone(backbone, batch_norm):
+    """``batch_norm`` is the backbone's own setting (MMoE's / PLE's config): DTRN used to build its
+    PLE backbone without it, so ``batch_norm=False`` kept BatchNorm in the experts."""
+    m = model(backbone, batch_norm=batch_norm)
+    bns = [name for name, mod in m.named_modules() if isinstance(mod, torch.nn.BatchNorm1d)]
+    if not batch_norm:
+        assert bns == []
+        return
+    assert all(any(n.startswith(f"towers.{k}.") for n in bns) for k in range(len(TASKS)))
+    if backbone == "towers":
+        assert m.backbone is None and all(n.startswith("towers.") for n in bns)
+    else:
+        expert_groups = [mod for mod in m.backbone.modules() if isinstance(mod, Experts)]
+        assert expert_groups and all(e.norms is not None and len(e.norms) == 2 for e in expert_groups)
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "ple"])
+def test_dtrn_backbone_is_the_architectures_own_block(arch):
+    """Same sizes, same block: DTRN's backbone has the parameters of MMoE's / PLE's on its input width."""
+    cfg = dict(n_experts=3, levels=2, shared_experts=1, task_experts=2, expert_hidden=[12, 6], dropout=0.0)
+    m = model(arch, **cfg)
+    d = m.trm.field_of_column.numel()
+    own = {"mmoe": MMoEBlock, "ple": PLEBlock}[arch](len(TASKS), d, m.config)
+    assert type(m.backbone) is type(own)
+    assert [(n, p.shape) for n, p in m.backbone.named_parameters()] == [(n, p.shape) for n, p in own.named_parameters()]

@@ -232,7 +232,7 @@ def test_first_layers_compute_the_user_side_at_batch_one(name, tmp_path, capsys)
                 s.run(None, feed)
             times[label] = (time.perf_counter() - t0) / 20 * 1e3
         with capsys.disabled():
-            print(f"\n[tiny PLE, ORT 1 thread, N=500] " + ", ".join(f"{k}: {v:.2f} ms" for k, v in times.items()))
+            print("\n[tiny PLE, ORT 1 thread, N=500] " + ", ".join(f"{k}: {v:.2f} ms" for k, v in times.items()))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -6,8 +6,7 @@ import numpy as np
 import redis
 
 from service.codec import EntityCodec
-from service.contract import BundleManifest
-from service.features import item_key, meta_key, namespace, user_key
+from service.contract import BundleManifest, item_key, meta_key, namespace, user_key
 from training.data.dataset import encode_entities, read_raw
 from training.data.synth import SynthConfig, generate
 from training.materialize import load_features
@@ -29,6 +28,10 @@ def test_load_is_idempotent_and_namespaced(tmp_path, redis_url, key_prefix):
     assert s1.namespace == ns and (s1.users, s1.items) == (120, 300)
     keys = sorted(client.scan_iter(match=f"{key_prefix}:*", count=1000))
     assert len(keys) == 120 + 300 + 1
+    # the layout, spelled out (docs/contract: changing it strands every loaded namespace)
+    assert ns == f"{key_prefix}:{ds.schema.fingerprint()[:12]}"
+    assert set(keys) == ({f"{ns}:u:{u}".encode() for u in ds.users.ids} | {f"{ns}:i:{i}".encode() for i in ds.items.ids}
+                         | {f"{ns}:meta".encode()})
     before = dict(zip(keys, client.mget(keys)))
     load_features(data, bundle, client, prefix=key_prefix, progress=False)  # again: same keys, same bytes
     after_keys = sorted(client.scan_iter(match=f"{key_prefix}:*", count=1000))

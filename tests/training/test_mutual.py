@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from tests.training.test_blocks import TASKS, one_user, random_inputs, tiny_sche
 from tests.training.test_export import parity_rows
 from training.export import export_bundle
 from training.models import ARCHITECTURES, build_model
+import training.models.mutual
 from training.models.mutual import MutualLearning
 
 N = 6
@@ -49,6 +51,16 @@ def test_any_architecture_shapes_broadcast_and_config_round_trip(arch):
     assert [p.shape for p in again.parameters()] == [p.shape for p in m.parameters()]
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_mutual_config_pickles_by_name(arch):
+    cfg = mutual(arch, ctfm_dim=8).config
+    assert type(cfg).__module__ == "training.models.mutual"
+    again = pickle.loads(pickle.dumps(cfg))
+    assert type(again) is type(cfg) and again == cfg
+    with pytest.raises(AttributeError):
+        training.models.mutual.MutualNoSuchConfig  # noqa: B018
+
+
 def test_options_are_validated():
     plain = build_model("ple", tiny_schema(), TASKS, mutual_learning=False)
     assert not isinstance(plain, MutualLearning) and "mutual_learning" not in dataclasses.asdict(plain.config)
@@ -68,8 +80,8 @@ def test_ctfm_attends_only_over_the_other_towers():
 
 
 @pytest.mark.parametrize("arch, producer", [
-    ("mmoe", lambda m, k: m.base.gates[k]),  # gate k only makes task k's tower input
-    ("dtrn", lambda m, k: m.base.levels[-1].task_gates[k]),  # and the last CGC's task gate k
+    ("mmoe", lambda m, k: m.base.backbone.gates[k]),  # gate k only makes task k's tower input
+    ("dtrn", lambda m, k: m.base.backbone.levels[-1].task_gates[k]),  # and the last CGC's task gate k
 ])
 def test_stop_gradient_target_loss_leaves_other_towers_inputs_alone(arch, producer):
     m = mutual(arch).train()

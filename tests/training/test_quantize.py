@@ -11,7 +11,6 @@ within 0.001 (demo PLE: -0.0003 at worst).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 

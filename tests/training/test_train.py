@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from training.data.synth import SynthConfig, generate
 from training.data.dataset import prepare
-from training.train import TrainConfig, evaluate, fit, task_losses
+from training.losses import task_losses
+from training.train import TrainConfig, evaluate, fit
 from tests.helpers import TASKS
 
 

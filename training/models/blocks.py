@@ -34,8 +34,6 @@ from torch import Tensor, nn
 
 from service.contract import ENTITIES, FeatureSchema, TaskSpec, model_inputs
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
 
 # ---------------------------------------------------------------------------------------------
 # Embeddings
@@ -213,16 +211,15 @@ class EmbeddingLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 class MLP(nn.Sequential):
-    """``(Linear -> [BatchNorm] -> activation -> Dropout) x len(hidden)``; identity if hidden is empty."""
+    """``(Linear -> [BatchNorm] -> ReLU -> Dropout) x len(hidden)``; identity if hidden is empty."""
 
-    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0, activation: str = "relu",
-                 batch_norm: bool = False):
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0, batch_norm: bool = False):
         layers: list[nn.Module] = []
         for h in hidden:
             layers.append(nn.Linear(in_dim, h))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(h))
-            layers += [ACTIVATIONS[activation](), nn.Dropout(dropout)]
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
             in_dim = h
         super().__init__(*layers)
         self.output_dim = in_dim

@@ -43,9 +43,13 @@ Choices where the paper leaves room or this code base differs (all in :class:`DT
 * behaviour types whose embedding size differs from ``tim_dim`` get a bias-free projection
   (shared by their keys and the candidate query, which live in the same table);
 * backbones (``backbone``): ``towers`` - each task's representation goes straight to its tower;
-  ``mmoe`` - the same experts run on each task's representation and task k's gate (on task k's
-  representation) mixes them; ``ple`` - CGC levels with task k's experts on task k's
-  representation and the shared experts on the mean of the task representations.
+  ``mmoe`` - :class:`~training.models.mmoe.MMoEBlock`: the same experts run on each task's
+  representation and task k's gate (on task k's representation) mixes them; ``ple`` -
+  :class:`~training.models.ple.PLEBlock`: CGC levels with task k's experts on task k's
+  representation and the shared experts on the mean of the task representations. The backbones
+  are MMoE's and PLE's own blocks, and :class:`DTRNConfig` extends their configs, so every
+  backbone setting (``n_experts``, ``levels``, ``expert_hidden``, ``dropout``, ``batch_norm``...)
+  has one definition and reaches the backbone as it would reach MMoE or PLE.
 
 Serving (the request side once, see :mod:`training.models.blocks`): the user's embeddings and
 TIM's Transformer over each behaviour sequence (and its key projection) run at the user batch (1
@@ -61,23 +65,28 @@ step, not taken: the first layer of ``s * x`` is ``sum_f s_f (x_f @ W_f)``, so t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.contract import FeatureSchema, TaskSpec
-from training.models.blocks import EmbeddingLayer, Experts, Gate, ModelConfig, MultiTaskModel
-from training.models.mmoe import mix_per_task
-from training.models.ple import PLEConfig, extract, ple_levels
+from training.models.blocks import EmbeddingLayer, MultiTaskModel
+from training.models.mmoe import MMoEBlock, MMoEConfig
+from training.models.ple import PLEBlock, PLEConfig
 
-BACKBONES = ("towers", "mmoe", "ple")
+#: DTRN's backbones by name: the block that reads the task representations (``towers``: none)
+BACKBONES: dict[str, type[MMoEBlock] | type[PLEBlock] | None] = {"towers": None, "mmoe": MMoEBlock, "ple": PLEBlock}
 NEG = -1e9  # additive attention bias of padding: its weight is exactly 0 and an all-padding row stays finite
 
 
 @dataclass
-class DTRNConfig(ModelConfig):
+class DTRNConfig(PLEConfig, MMoEConfig):
+    """DTRN's own sizes; the backbone's (``n_experts``; ``levels``, ``shared_experts``,
+    ``task_experts``; ``expert_hidden``) and the common ones (``dropout``, ``batch_norm``...) are
+    the fields of the MMoE and PLE configs it extends."""
+
     backbone: str = "ple"  # towers | mmoe | ple
     # TIM: conditional Transformer over each user behaviour sequence, LayerNorms from the hypernetwork
     tim_dim: int = 0  # width of the Transformer; 0 = the embedding size of the first behaviour sequence
@@ -88,12 +97,6 @@ class DTRNConfig(ModelConfig):
     tim_hyper_hidden: int = 32
     # TRM: per-task SENet over the fields, bottleneck F // trm_reduction
     trm_reduction: int = 2
-    # backbone sizes: mmoe uses n_experts + expert_hidden; ple levels, shared/task_experts, expert_hidden
-    n_experts: int = 4
-    levels: int = 2
-    shared_experts: int = 2
-    task_experts: int = 1
-    expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
 
 
 def masked_softmax(scores: Tensor, key_mask: Tensor) -> Tensor:
@@ -228,20 +231,9 @@ class DTRN(MultiTaskModel):
             dims[slot] = self.tim.d
         self.trm = TRM(T, dims, cfg.trm_reduction)
         d = sum(dims)
-        if cfg.backbone == "towers":
-            out_dim = d
-        elif cfg.backbone == "mmoe":
-            self.experts = Experts(cfg.n_experts, d, cfg.expert_hidden, cfg.dropout, cfg.batch_norm)
-            self.gates = nn.ModuleList(Gate(d, cfg.n_experts) for _ in range(T))
-            out_dim = self.experts.output_dim
-        else:
-            if cfg.levels < 1:
-                raise ValueError("PLE needs levels >= 1")
-            self.levels = ple_levels(T, d, PLEConfig(levels=cfg.levels, shared_experts=cfg.shared_experts,
-                                                     task_experts=cfg.task_experts, expert_hidden=cfg.expert_hidden,
-                                                     dropout=cfg.dropout))
-            out_dim = cfg.expert_hidden[-1]
-        self.build_towers(out_dim)
+        block = BACKBONES[cfg.backbone]
+        self.backbone = None if block is None else block(T, d, cfg)
+        self.build_towers(d if self.backbone is None else self.backbone.output_dim)
 
     def bottom(self, inputs: dict[str, Tensor]) -> list[Tensor]:
         """The task-specific bottom representations ``T x [N, D]``: TIM interests in place of the
@@ -258,11 +250,7 @@ class DTRN(MultiTaskModel):
 
     def tower_inputs(self, inputs: dict[str, Tensor]) -> list[Tensor]:
         reps = self.bottom(inputs)
-        if self.config.backbone == "towers":
-            return reps
-        if self.config.backbone == "mmoe":
-            return mix_per_task(self.experts, self.gates, reps)
-        return extract(self.levels, reps, torch.stack(reps).mean(0))
+        return reps if self.backbone is None else self.backbone(reps)
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         return {t.name: tower(r) for t, tower, r in zip(self.tasks, self.towers, self.tower_inputs(inputs))}

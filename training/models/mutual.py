@@ -23,8 +23,8 @@ MMoE, PLE, DTRN...) is left as it is; what changes is its task towers:
 
   KD is the soft-label binary cross-entropy ``BCE(sigmoid(s_t), sigmoid(sg(g_t)))`` for a
   binary task and ``MSE(s_t, sg(g_t))`` for a regression (on the rows of its condition, where the
-  task is defined). ``L_t`` is exactly the trainer's task loss (ESMM for conditional binary
-  tasks), applied to the global predictions.
+  task is defined). ``L_t`` is exactly the trainer's task loss (:func:`training.losses.task_losses`,
+  ESMM for conditional binary tasks), applied to the global predictions.
 
 Sources: the method section's text (CTFM attends with task embeddings over the other towers'
 inputs with gradients stopped; GKD distils "the global results of the upper layer task towers"
@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.losses import task_losses
 from training.models.blocks import ModelConfig, MultiTaskModel, Tower
 
 NEG = -1e9
@@ -72,14 +73,27 @@ class MutualConfig:
 MUTUAL_KEYS = frozenset(f.name for f in dataclasses.fields(MutualConfig))
 
 
+#: the classes :func:`with_mutual` made, by name (see :func:`__getattr__`)
+_MUTUAL_CONFIGS: dict[str, type] = {}
+
+
 @functools.cache
 def with_mutual(config_cls: type[ModelConfig]) -> type:
     """``config_cls`` plus the :class:`MutualConfig` fields, as one JSON-serialisable dataclass."""
     name = f"Mutual{config_cls.__name__}"
     cls = dataclasses.make_dataclass(name, [], bases=(config_cls, MutualConfig))
     cls.__module__ = __name__
-    globals()[name] = cls  # importable by name (pickle, deepcopy of a config)
+    _MUTUAL_CONFIGS[name] = cls
     return cls
+
+
+def __getattr__(name: str) -> type:
+    """``training.models.mutual.Mutual<Config>`` for a class :func:`with_mutual` made (pickle finds
+    a class by module and name)."""
+    try:
+        return _MUTUAL_CONFIGS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 def tower_inputs(model: MultiTaskModel, inputs: dict[str, Tensor]) -> list[Tensor]:
@@ -154,8 +168,6 @@ class MutualLearning(MultiTaskModel):
                    labels: dict[str, Tensor]) -> dict[str, Tensor]:
         """The GKD terms: ``gkd_global`` (the global networks' task losses) and ``gkd_distill``
         (``gkd_weight`` times the sum of the towers' distillation losses)."""
-        from training.train import task_losses  # the trainer's losses (ESMM...); imported late: no cycle
-
         by_name = {t.name: t for t in self.tasks}
         distill = []
         for t in self.tasks:

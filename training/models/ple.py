@@ -9,8 +9,8 @@ shared ones, all of the same shape, so they are ONE :class:`Experts` group laid 
 the shared experts read the shared input. Task k's gate (on task k's input) mixes its own experts
 and the shared ones; in a non-final level a shared gate (on the shared input) mixes ALL experts
 into the next level's shared input. The final level's task outputs feed the towers. At level 1
-every input is the embedding output (DTRN instead gives each task its own level-1 input and the mean
-of them as the shared one: :func:`ple_levels` and :func:`extract` serve both).
+every input is the embedding output; DTRN instead gives each task its own level-1 input, and the
+shared experts then read the mean of them (:class:`PLEBlock` serves both).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from service.contract import FeatureSchema, TaskSpec
-from training.models.blocks import Experts, Gate, ModelConfig, MultiTaskModel, mix
+from training.models.blocks import Experts, Gate, ModelConfig, MultiTaskModel, Parts, mix
 
 
 @dataclass
@@ -61,29 +61,36 @@ class CGC(nn.Module):
         return outs, (None if self.shared_gate is None else mix(self.shared_gate(shared), e))
 
 
+class PLEBlock(nn.Module):
+    """``cfg.levels`` CGC layers: ``T x [N, in] -> T x [N, expert_hidden[-1]]`` (the final level's task outputs).
+
+    The first level reads ``in_dim``, the others the experts' output size. The shared input of the
+    first level is the tasks' one input when they all read the same (PLE), else the mean of the
+    task inputs (DTRN's task-specific bottom representations)."""
+
+    def __init__(self, n_tasks: int, in_dim: int, cfg: PLEConfig):
+        super().__init__()
+        if cfg.levels < 1:
+            raise ValueError("PLE needs levels >= 1")
+        dims = [in_dim] + [cfg.expert_hidden[-1]] * (cfg.levels - 1)
+        self.levels = nn.ModuleList(CGC(n_tasks, d, cfg, final=i == cfg.levels - 1) for i, d in enumerate(dims))
+        self.output_dim = cfg.expert_hidden[-1]
+
+    def forward(self, task_inputs: list[Tensor | Parts]) -> list[Tensor]:
+        x0 = task_inputs[0]
+        shared = x0 if all(x is x0 for x in task_inputs) else torch.stack(task_inputs).mean(0)
+        for level in self.levels:
+            task_inputs, shared = level(task_inputs, shared)
+        return task_inputs
+
+
 class PLE(MultiTaskModel):
     arch = "ple"
 
     def __init__(self, schema: FeatureSchema, tasks: list[TaskSpec], config: PLEConfig | None = None):
         super().__init__(schema, tasks, config or PLEConfig())
-        cfg = self.config
-        if cfg.levels < 1:
-            raise ValueError("PLE needs levels >= 1")
-        self.levels = ple_levels(len(self.tasks), self.embedding.output_dim, cfg)
-        self.build_towers(cfg.expert_hidden[-1])
+        self.backbone = PLEBlock(len(self.tasks), self.embedding.output_dim, self.config)
+        self.build_towers(self.backbone.output_dim)
 
     def task_inputs(self, x: Tensor) -> list[Tensor]:
-        return extract(self.levels, [x] * len(self.tasks), x)
-
-
-def ple_levels(n_tasks: int, in_dim: int, cfg: PLEConfig) -> nn.ModuleList:
-    """``cfg.levels`` CGC layers; the first reads ``in_dim``, the others the experts' output size."""
-    dims = [in_dim] + [cfg.expert_hidden[-1]] * (cfg.levels - 1)
-    return nn.ModuleList(CGC(n_tasks, d, cfg, final=i == cfg.levels - 1) for i, d in enumerate(dims))
-
-
-def extract(levels: nn.ModuleList, task_in: list[Tensor], shared: Tensor) -> list[Tensor]:
-    """Run the CGC levels from per-task inputs and a shared input; the final task outputs."""
-    for level in levels:
-        task_in, shared = level(task_in, shared)
-    return task_in
+        return self.backbone([x] * len(self.tasks))
