@@ -267,29 +267,13 @@ def export_unsplit(model, ds, rows: np.ndarray, bundle: Path, path: Path) -> dic
 
 
 def _aucs(ds, rows, out: dict[str, np.ndarray]) -> dict[str, float]:
-    """AUCs as training.train.evaluate names them: each unconditional binary task; a conditional
-    one on its condition's positive rows, and the joint probability on all rows (ctcvr)."""
-    from sklearn.metrics import roc_auc_score
+    """The AUCs of served outputs on ``rows``, named and computed as the trainer's test metrics."""
+    from training.metrics import metrics_of
+    from training.quantize import raw_scale
 
-    from training.train import joint_name
-
-    def auc(y, p):
-        return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
-
-    by = {t.name: t for t in ds.tasks}
-    m = {}
-    for t in ds.tasks:
-        y = ds.label(t.label, rows)
-        if t.kind != "binary":
-            continue
-        if t.condition is None:
-            m[f"auc/{t.name}"] = auc(y, out[t.name])
-        else:
-            c = by[t.condition]
-            yc = ds.label(c.label, rows) > 0
-            m[f"auc/{t.name}"] = auc(y[yc], out[t.name][yc])
-            m[f"auc/{joint_name(t, c)}"] = auc(yc * y, out[c.name] * out[t.name])
-    return m
+    labels = {t.label: ds.label(t.label, rows) for t in ds.tasks}
+    m = metrics_of(raw_scale(out, ds.tasks), labels, ds.tasks)
+    return {k: v for k, v in m.items() if k.startswith("auc/")}
 
 
 def onnx_quality(bundle: Path, ds, rows: np.ndarray) -> dict:
