@@ -257,6 +257,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             metrics.set_breaker(state.breaker_state())
         info.result = result
+        metrics.set_degraded(result.degraded is not None)  # also set by /readyz: the latest finding wins
         if state.predlog is not None:
             state.predlog.offer(body.user_id, info.variant, route.bucket, result.n_items, result.body,
                                 result.degraded)
@@ -284,8 +285,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
         metrics.set_breaker(state.breaker_state())
-        reasons, degraded = state.readiness(ping=False)
-        metrics.set_degraded(bool(degraded) and not reasons)
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/models", responses={503: {"model": ErrorResponse, "description": "no model loaded"}})

@@ -154,7 +154,8 @@ def set_breaker(state: str | None) -> None:
 
 
 def set_degraded(degraded: bool) -> None:
-    """Whether this worker is ready but degraded (see ``GET /readyz``)."""
+    """Whether this worker is ready but degraded: set by ``GET /readyz`` and by every ranked request
+    (the latest finding wins)."""
     value = 1.0 if degraded else 0.0
     if _degraded_last[0] != value:
         _degraded_last[0] = value

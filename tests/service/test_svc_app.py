@@ -215,3 +215,28 @@ def test_unusable_redis_url_still_starts(make_settings):
         r = c.get("/readyz")
         assert r.status_code == 503 and "Port could not be cast" in r.text and "pw" not in r.text
         assert c.post("/rank", json={"user_id": "u0", "items": ["i1"]}).status_code == 503
+
+
+def test_unexpected_redis_client_error_takes_the_replica_out_of_rotation(make_settings, features):
+    """A redis-py that does not take what the request path passes it (issue 11: redis 6.4 and
+    ``driver_info``) raises TypeError on every read: not a Redis outage that degraded mode could
+    answer. Each /rank is a 500, and /readyz says so (503) until a read succeeds again."""
+    import redis as redis_py
+
+    with TestClient(create_app(make_settings()), raise_server_exceptions=False) as c:
+        store = c.app.state.mtrank.redis_client
+        node = store._single
+        good = node.pool
+        # a real redis-py pool whose connections get a keyword their class does not take
+        node.pool = redis_py.ConnectionPool(connection_class=redis_py.Connection, driver_info_v9=None,
+                                            **good.connection_kwargs)
+        try:
+            r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
+            assert r.status_code == 500
+            r = c.get("/readyz")
+            assert r.status_code == 503 and r.json()["ready"] is False
+            assert any("TypeError" in x and "every /rank fails" in x for x in r.json()["reasons"]), r.json()
+        finally:
+            node.pool = good
+        assert c.post("/rank", json={"user_id": "u0", "items": ["i1"]}).status_code == 200
+        assert c.get("/readyz").json() == {"ready": True, "degraded": False}
