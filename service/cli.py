@@ -274,6 +274,7 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
          batch_size: int = typer.Option(2048, help="Training batch size."),
          name: str = typer.Option("demo"),
          check_items: int = typer.Option(500, min=3, help="Candidates ranked by the self-check."),
+         ready_timeout: float = typer.Option(300.0, min=1, help="Seconds the self-check waits for /readyz."),
          serve_forever: bool = typer.Option(True, "--serve/--no-serve",
                                             help="Keep serving after the self-check (default), or exit after it: "
                                                  "0 when it got a ranked answer, 1 with a one-line reason if not.")):
@@ -317,7 +318,7 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
 
     def check():
         try:
-            _self_check(f"http://{check_host}:{port}", data, n_items=check_items)
+            _self_check(f"http://{check_host}:{port}", data, n_items=check_items, ready_timeout_s=ready_timeout)
         except SelfCheckFailed as e:
             failure.append(str(e))
         except Exception as e:  # anything else: still one line, and the demo must not hang

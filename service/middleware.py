@@ -84,7 +84,7 @@ class EdgeMiddleware:
     the Retry-After of a shed request; ``cache_on``: count item-cache hits/misses."""
 
     def __init__(self, app, *, max_body_bytes: int, inflight_limit: int, queue_limit: int = 0,
-                 queue_timeout_s: float = 0.25, retry_after_s: int = 1, cache_on: bool = False):
+                 queue_timeout_s: float = 1.0, retry_after_s: int = 1, cache_on: bool = False):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.inflight_limit = inflight_limit

@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     max_inflight: int = Field(default=0, ge=0, description="/rank executing at once per worker; more wait "
                                                            "in a queue; 0 = 8 x onnxruntime threads")
     max_queued: int = Field(default=0, ge=0, description="/rank waiting for a slot per worker; one more is "
-                                                         "answered 429 + Retry-After at once; 0 = 8 x max_inflight")
-    shed_queue_ms: float = Field(default=250.0, gt=0, le=600_000,
+                                                         "answered 429 + Retry-After at once; 0 = 32 x max_inflight")
+    shed_queue_ms: float = Field(default=1000.0, gt=0, le=600_000,
                                  description="a /rank that waited this long for a slot is answered 429 + "
                                              "Retry-After before it runs (queue-time shedding), ms")
     max_body_bytes: int = Field(default=1_000_000, ge=1_024, description="largest request body, bytes (413)")
@@ -229,7 +229,7 @@ class Settings(BaseSettings):
     @property
     def queue_limit(self) -> int:
         """/rank waiting for a slot per worker before one more is refused at once."""
-        return self.max_queued or 8 * self.inflight_limit
+        return self.max_queued or 32 * self.inflight_limit
 
     @property
     def explicit_fusion_weights(self) -> dict[str, float] | None:
