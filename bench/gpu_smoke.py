@@ -13,7 +13,9 @@ It
    (``MTRANK_PROVIDERS_STRICT`` semantics: a session that fell back to the CPU is an error), and
    asserts that the session's first provider is ``CUDAExecutionProvider``; and on the CPU;
 3. checks parity: the same random (valid) inputs for 2,000 items through both sessions, every
-   task's outputs within ``--atol`` (default 1e-4, fp32 kernels differ in summation order);
+   task's outputs within ``|cuda - cpu| <= atol + rtol * |cpu|`` (defaults 1e-3 each: the CUDA
+   provider's defaults, TF32 matmuls included, are what the service runs, and they round
+   differently from the CPU's fp32 kernels);
 4. prints the model-run latency (p50/p99 over ``--reps`` runs after warm-up) at N = 100, 500,
    1,000 and 2,000 items for CPU and CUDA side by side, as a table and as one JSON line
    (``--json PATH`` also writes it to a file).
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-if-missing", action="store_true", help="train a tiny bundle when none is there")
     ap.add_argument("--threads", type=int, default=0, help="CPU session's onnxruntime threads (0 = all cores)")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--atol", type=float, default=1e-4)
+    ap.add_argument("--atol", type=float, default=1e-3)
+    ap.add_argument("--rtol", type=float, default=1e-3)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args(argv)
     t_start = time.monotonic()
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = random_inputs(gpu.manifest, PARITY_ITEMS, rng)
     out_gpu, out_cpu = gpu.run(inputs), cpu.run(inputs)
     diffs = {t: float(np.max(np.abs(out_gpu[t].astype(np.float64) - out_cpu[t]))) for t in out_cpu}
-    parity_ok = all(np.isfinite(v) and v <= a.atol for v in diffs.values())
+    parity_ok = all(np.allclose(out_gpu[t], out_cpu[t], rtol=a.rtol, atol=a.atol) and np.isfinite(out_gpu[t]).all()
+                    for t in out_cpu)
 
     rows = []
     for n in SIZES:
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"bundle {gpu.name} v{gpu.version} ({gpu.manifest.architecture}); onnxruntime {ort.__version__}; "
           f"CUDA session providers {gpu.session.get_providers()}")
-    print(f"parity on {PARITY_ITEMS} items (max |cuda - cpu| per task, atol {a.atol}): "
+    print(f"parity on {PARITY_ITEMS} items (max |cuda - cpu| per task; atol {a.atol}, rtol {a.rtol}): "
           + ", ".join(f"{t} {v:.2e}" for t, v in diffs.items()) + ("  OK" if parity_ok else "  FAILED"))
     head = f"{'items':>6} | {'CPU p50':>9} | {'CPU p99':>9} | {'CUDA p50':>9} | {'CUDA p99':>9} | {'speedup':>7}"
     print(head)
@@ -153,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['cuda_p99_ms']:>7.3f}ms | {r['speedup_p50']:>6.2f}x")
     result = {"bundle": {"name": gpu.name, "version": gpu.version, "architecture": gpu.manifest.architecture},
               "onnxruntime": ort.__version__, "session_providers": gpu.session.get_providers(),
-              "parity": {"items": PARITY_ITEMS, "atol": a.atol, "max_abs_diff": diffs, "ok": parity_ok},
+              "parity": {"items": PARITY_ITEMS, "atol": a.atol, "rtol": a.rtol, "max_abs_diff": diffs, "ok": parity_ok},
               "latency": rows, "seconds": round(time.monotonic() - t_start, 1)}
     print(json.dumps(result))
     if a.json is not None:
         a.json.write_text(json.dumps(result, indent=2) + "\n")
     if not parity_ok:
-        fail(1, f"CUDA and CPU outputs differ by more than {a.atol}: {diffs}")
+        fail(1, f"CUDA and CPU outputs differ beyond atol {a.atol} + rtol {a.rtol}: max abs diff {diffs}")
     return 0
 
 
