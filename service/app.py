@@ -100,9 +100,9 @@ class AppState:
         c = self.redis_client
         return getattr(c, "state", None) if c is not None else None
 
-    def readiness(self, ping: bool = True) -> tuple[list[str], list[str]]:
-        """(reasons not to be ready, reasons to be degraded). ``ping``: also PING Redis (skipped
-        while a breaker is open: it is known to be unavailable)."""
+    def readiness(self) -> tuple[list[str], list[str]]:
+        """(reasons not to be ready, reasons to be degraded). Redis is PINGed unless a breaker is
+        open (then it is known to be unavailable)."""
         s = self.settings
         reasons: list[str] = []
         redis_down: list[str] = []
@@ -117,7 +117,7 @@ class AppState:
                 reasons.append(f"redis client error on the request path (every /rank fails): {fault}")
             if not getattr(c, "healthy", True):
                 redis_down.append(f"redis {s.redis_url_redacted}: circuit breaker {self.breaker_state()}")
-            elif ping:
+            else:
                 try:
                     c.ping()
                 except redis.RedisError as e:
@@ -133,9 +133,9 @@ def _start(state: AppState) -> None:
     """Redis client, first serving state (raises on an invalid routing config), watcher, prediction log."""
     s = state.settings
     # CPU: one model run at a time per worker (each uses the worker's whole thread budget), so
-    # concurrent requests queue for the cores instead of time-slicing them; a GPU provider queues itself
-    # the CPU gate: bundles whose session actually runs on the CPU take it (Bundle.gated), whatever
-    # was configured; a GPU session queues on its device
+    # concurrent requests queue for the cores instead of time-slicing them. Bundles whose session
+    # actually runs on the CPU take this gate (Bundle.gated), whatever was configured; a GPU
+    # session queues on its device
     limit_concurrent_runs(1)
     log.info("feature store %s (prefix %r, timeout %d ms)", s.redis_url_redacted, s.redis_prefix, s.redis_timeout_ms)
     client_error = None
@@ -272,7 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          "while the feature store is unavailable in degrade mode; 503 otherwise",
              responses={503: {"model": Readiness, "description": "not ready: the reasons say why"}})
     def readyz() -> JSONResponse:
-        reasons, degraded = state.readiness(ping=True)
+        reasons, degraded = state.readiness()
         metrics.set_breaker(state.breaker_state())
         metrics.set_degraded(bool(degraded) and not reasons)
         if reasons:

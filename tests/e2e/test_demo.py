@@ -60,8 +60,13 @@ def test_demo_from_a_train_only_install(tmp_path, redis_server):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     src = tmp_path / "src"  # a copy, so the build does not write into the checkout
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "data", "model_store", "__pycache__",
-                                                              "*.egg-info", "build", ".pytest_cache"))
+    anywhere = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".pytest_cache")
+
+    def ignore(directory, names):  # the checkout's own venv, data and models stay behind (top level only)
+        top = {".venv", "data", "model_store", "build"} if Path(directory) == ROOT else set()
+        return set(anywhere(directory, names)) | (top & set(names))
+
+    shutil.copytree(ROOT, src, ignore=ignore)
     p = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{src}[train]"], capture_output=True, text=True,
                        timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
