@@ -5,7 +5,12 @@ rankers, hot swap), :mod:`service.ranking` (features, model, fusion) and :mod:`s
 
 * ``POST /rank``   rank candidate items for a user (503 while no model is loaded)
 * ``GET /healthz`` the process is alive
-* ``GET /readyz``  200 when a serving state exists and Redis answers PING, else 503 with reasons
+* ``GET /readyz``  "this replica can answer /rank usefully": 200 when a serving state exists and
+  the feature store is usable; in degrade mode (MTRANK_REDIS_FAILURE_MODE=degrade, the default) a
+  Redis that is down or paused keeps it 200 with ``"degraded": true`` and the reasons (and the
+  gauge ``mtrank_degraded`` at 1), since /rank still answers with default features; 503 when no
+  model serves, when Redis is unavailable in ``fail`` mode, or when the Redis client itself fails
+  (an unexpected exception on the request path, e.g. an incompatible redis-py)
 * ``GET /models``  the model of the first variant, plus every variant (no secrets)
 * ``GET /metrics`` Prometheus metrics (:mod:`service.metrics`; merged over the workers)
 * ``/admin/...``   the operator's API (only with MTRANK_ADMIN_TOKEN): ``POST /admin/reload``,
@@ -14,7 +19,7 @@ rankers, hot swap), :mod:`service.ranking` (features, model, fusion) and :mod:`s
 Each ``/rank`` reads the current serving state once and uses nothing else, so a hot swap never
 mixes two worlds in one response. In front of every route, :class:`~service.middleware.EdgeMiddleware`
 sets the request id (echoed in ``X-Request-Id``), enforces the body size limit (413), sheds load
-beyond the in-flight bound (503 + ``Retry-After``) and writes the metrics and the one access-log line
+by queue time (429 + ``Retry-After``) and writes the metrics and the one access-log line
 per ``/rank`` (``service.access``). The ``/rank`` body is parsed by :mod:`service.limits` (strict
 JSON, the configured limits, errors that name the field and never echo the input). A sampled
 share of the ranked requests goes to the prediction log (:mod:`service.predlog`).
@@ -24,8 +29,11 @@ says why it is not ready and ``/rank`` answers 503; an invalid MTRANK_ROUTING_CO
 start with an error naming the line. Errors: invalid requests -> 422 naming the field (FastAPI's
 ``detail`` list with ``loc``), a body that is not JSON -> 415/422 with a message, a body over
 MTRANK_MAX_BODY_BYTES -> 413, a context entry the schema does not accept -> 422 naming the key, an
-unknown forced variant -> 422 naming the header, Redis unavailable -> 503, overload -> 503 with
-Retry-After; anything unexpected is logged with the request id and answered 500.
+unknown forced variant -> 422 naming the header, Redis unavailable -> 503 in fail mode, overload ->
+429 with Retry-After; anything unexpected is logged with the request id and answered 500.
+
+At start (the factory), a redis-py older than the floor this package declares is refused with an
+error naming both versions (:func:`service.deps.check_redis_py`).
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real types of the route signatures
@@ -39,7 +47,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from service import access_log, limits, metrics
+from service import access_log, deps, limits, metrics
 from service.admin import ModelId, check_bearer
 from service.features import ContextError
 from service.middleware import EdgeMiddleware, RequestInfo
@@ -50,7 +58,7 @@ from service.schemas import (DUPLICATES_DOC, ErrorResponse, RankRequest, RankRes
                              ValidationErrorResponse, rank_request_model)
 from service.serving import AdminError, NotReady, ServingManager, ServingState, UnknownVariant, Watcher
 from service.settings import Settings
-from service.store import Bundle, limit_concurrent_runs
+from service.store import Bundle, ProviderError, limit_concurrent_runs
 
 log = logging.getLogger("service.app")
 FORCE_HEADER = "X-Mtrank-Variant"
@@ -60,7 +68,7 @@ Limits: at most MTRANK_MAX_ITEMS items, ids of at most MTRANK_MAX_ID_LENGTH char
 most MTRANK_MAX_ITEMS, a body of at most MTRANK_MAX_BODY_BYTES (413), context keys of the model's
 feature schema only (422). {DUPLICATES_DOC} The request id (X-Request-Id header, else the body's
 request_id, else generated) is echoed in the X-Request-Id response header. Beyond the worker's
-in-flight bound the answer is 503 with Retry-After."""
+queue-time target (MTRANK_SHED_QUEUE_MS) or queue bound the answer is 429 with Retry-After."""
 
 
 @dataclass
@@ -92,13 +100,43 @@ class AppState:
         c = self.redis_client
         return getattr(c, "state", None) if c is not None else None
 
+    def readiness(self) -> tuple[list[str], list[str]]:
+        """(reasons not to be ready, reasons to be degraded). Redis is PINGed unless a breaker is
+        open (then it is known to be unavailable)."""
+        s = self.settings
+        reasons: list[str] = []
+        redis_down: list[str] = []
+        if self.serving is None:
+            reasons.append(f"model not loaded: {self.not_ready}")
+        c = self.redis_client
+        if c is None:
+            reasons.append("redis: no client")
+        else:
+            fault = getattr(c, "fault", None)
+            if fault:  # every /rank fails with it: not something degraded mode can answer
+                reasons.append(f"redis client error on the request path (every /rank fails): {fault}")
+            if not getattr(c, "healthy", True):
+                redis_down.append(f"redis {s.redis_url_redacted}: circuit breaker {self.breaker_state()}")
+            else:
+                try:
+                    c.ping()
+                except redis.RedisError as e:
+                    redis_down.append(f"redis {s.redis_url_redacted}: {type(e).__name__}: {e}")
+                except Exception as e:  # an incompatible client: say so instead of a 500
+                    reasons.append(f"redis client error: {type(e).__name__}: {e}")
+        if s.redis_failure_mode == "fail":
+            return reasons + redis_down, []
+        return reasons, redis_down
+
 
 def _start(state: AppState) -> None:
     """Redis client, first serving state (raises on an invalid routing config), watcher, prediction log."""
     s = state.settings
     # CPU: one model run at a time per worker (each uses the worker's whole thread budget), so
-    # concurrent requests queue for the cores instead of time-slicing them; a GPU provider queues itself
-    limit_concurrent_runs(1 if s.provider_list == ["CPUExecutionProvider"] else 0)
+    # concurrent requests queue for the cores instead of time-slicing them. Bundles whose session
+    # actually runs on the CPU take this gate (Bundle.gated), whatever was configured; a GPU
+    # session queues on its device
+    limit_concurrent_runs(1)
     log.info("feature store %s (prefix %r, timeout %d ms)", s.redis_url_redacted, s.redis_prefix, s.redis_timeout_ms)
     client_error = None
     try:
@@ -110,7 +148,7 @@ def _start(state: AppState) -> None:
     state.manager = ServingManager(s, state.redis_client, client_error=client_error)
     try:
         state.manager.start()  # an invalid MTRANK_ROUTING_CONFIG raises here: the service does not start
-    except RoutingConfigError:
+    except (RoutingConfigError, ProviderError):  # ProviderError: MTRANK_PROVIDERS_STRICT refused a fallback
         raise
     except Exception as e:
         if s.routing_config:
@@ -132,9 +170,9 @@ def _start(state: AppState) -> None:
         state.predlog = PredictionLog(s).start()
         log.info("prediction log: %.3g of the ranked requests to stream %r (MAXLEN ~%d)", s.predlog_rate,
                  s.predlog_stream, s.predlog_maxlen)
-    log.info("limits: %d ranks in flight per worker (then 503), %d items, ids of %d characters, bodies of %d bytes; "
-             "%d onnxruntime threads, %d workers", s.inflight_limit, s.max_items, s.max_id_length, s.max_body_bytes,
-             s.ort_threads, s.workers)
+    log.info("limits: %d ranks executing per worker, %d waiting at most %.0f ms (then 429), %d items, ids of %d "
+             "characters, bodies of %d bytes; %d onnxruntime threads, %d workers", s.inflight_limit, s.queue_limit,
+             s.shed_queue_ms, s.max_items, s.max_id_length, s.max_body_bytes, s.ort_threads, s.workers)
 
 
 def _stop(state: AppState) -> None:
@@ -148,6 +186,7 @@ def _stop(state: AppState) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    deps.check_redis_py()  # an incompatible redis-py: a clear start-up error, not a 500 per request
     settings = settings or Settings()
     access_log.configure(settings.log_level, settings.log_format)
     access_log.register_settings_secrets(settings)
@@ -167,7 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="mtrank", summary="Online multi-task ranking", lifespan=lifespan)
     app.state.mtrank = state
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
-                       inflight_limit=settings.inflight_limit, cache_on=settings.item_cache_size > 0)
+                       inflight_limit=settings.inflight_limit, queue_limit=settings.queue_limit,
+                       queue_timeout_s=settings.shed_queue_ms / 1000.0, cache_on=settings.item_cache_size > 0)
     RankRequestModel = rank_request_model(settings.max_items, settings.max_id_length)
     request_schema = RankRequestModel.model_json_schema()
     assert "$defs" not in request_schema  # inlined below: no references to resolve
@@ -193,9 +233,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          415: {**errors, "description": "body is not JSON"},
                          422: {"model": ValidationErrorResponse,
                                "description": "invalid request (detail names the field)"},
+                         429: {**errors, "description": "overloaded: no slot within MTRANK_SHED_QUEUE_MS "
+                                                        "(with Retry-After)"},
                          500: {**errors, "description": "unexpected error (logged with the request id)"},
-                         503: {**errors, "description": "model not loaded, feature store unavailable, or "
-                                                        "overloaded (then with Retry-After)"}})
+                         503: {**errors, "description": "model not loaded, or feature store unavailable in "
+                                                        "fail mode"}})
     def rank(request: Request, body: RankRequest = Depends(rank_body),
              x_mtrank_variant: str | None = Header(default=None, alias=FORCE_HEADER,
                                                    description="force a variant (QA; only when the config "
@@ -215,6 +257,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             metrics.set_breaker(state.breaker_state())
         info.result = result
+        metrics.set_degraded(result.degraded is not None)  # also set by /readyz: the latest finding wins
         if state.predlog is not None:
             state.predlog.offer(body.user_id, info.variant, route.bucket, result.n_items, result.body,
                                 result.degraded)
@@ -225,24 +268,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=Readiness,
+             description="200 when this replica can answer /rank usefully; ``degraded: true`` (still 200) "
+                         "while the feature store is unavailable in degrade mode; 503 otherwise",
              responses={503: {"model": Readiness, "description": "not ready: the reasons say why"}})
     def readyz() -> JSONResponse:
-        reasons = []
-        if state.serving is None:
-            reasons.append(f"model not loaded: {state.not_ready}")
-        if state.redis_client is None:
-            reasons.append("redis: no client")
-        else:
-            if not getattr(state.redis_client, "healthy", True):
-                reasons.append(f"redis {settings.redis_url_redacted}: circuit breaker {state.breaker_state()}")
-            try:
-                state.redis_client.ping()
-            except redis.RedisError as e:
-                reasons.append(f"redis {settings.redis_url_redacted}: {type(e).__name__}: {e}")
+        reasons, degraded = state.readiness()
         metrics.set_breaker(state.breaker_state())
+        metrics.set_degraded(bool(degraded) and not reasons)
         if reasons:
-            return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
-        return JSONResponse({"ready": True})
+            return JSONResponse({"ready": False, "degraded": bool(degraded), "reasons": reasons + degraded},
+                                status_code=503)
+        if degraded:
+            return JSONResponse({"ready": True, "degraded": True, "reasons": degraded})
+        return JSONResponse({"ready": True, "degraded": False})
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:

@@ -123,8 +123,10 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
 @app.command()
 def serve(host: str = HOST, port: int = PORT,
           workers: Optional[int] = typer.Option(None, "--workers", envvar="MTRANK_WORKERS",
-                                                help="uvicorn worker processes (default: one per usable core). onnxruntime threads "
-                                                     "per worker default to cores / workers."),
+                                                help="uvicorn worker processes (default: one per visible GPU when "
+                                                     "MTRANK_PROVIDERS asks for CUDA and it is available, else one "
+                                                     "per usable core). onnxruntime threads per worker default to "
+                                                     "cores / workers."),
           log_level: str = typer.Option("info", envvar="MTRANK_LOG_LEVEL")):
     """Serve POST /rank with uvicorn (configuration from MTRANK_* environment variables).
 
@@ -137,8 +139,14 @@ def serve(host: str = HOST, port: int = PORT,
     import uvicorn
 
     from service.access_log import logging_config
+    from service.deps import DependencyTooOld, check_redis_py
     from service.settings import Settings
 
+    try:
+        check_redis_py()
+    except DependencyTooOld as e:
+        typer.echo(f"mtrank serve: {e}", err=True)
+        raise typer.Exit(2) from None
     if workers is not None:
         os.environ["MTRANK_WORKERS"] = str(workers)  # the workers read their Settings from the environment
     settings = Settings()
@@ -198,9 +206,29 @@ def logs_export(out: Path = typer.Option(..., "--out", help="Parquet file to wri
     typer.echo(f"wrote {rows} rows from stream {stream!r} (redis {_redact(redis_url)}) to {out}")
 
 
-def _self_check(base: str, data: Path, n_items: int = 500) -> None:
-    """Once the demo service is ready, rank n_items candidates for one user and print the top."""
-    import httpx
+class SelfCheckFailed(Exception):
+    """The demo's self-check did not get a ranked answer; the message is the one-line reason."""
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    """(status, body) of one HTTP request with the standard library (the service install has no
+    HTTP client); an HTTP error status is returned, a connection failure raises OSError."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"content-type": "application/json"} if data is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _self_check(base: str, data: Path, n_items: int = 500, ready_timeout_s: float = 300.0) -> None:
+    """Once the demo service is ready, rank n_items candidates for one user and print the top;
+    :class:`SelfCheckFailed` (one line) when the service does not become ready or /rank is not 200."""
     import pandas as pd
 
     from training.data.spec import load_spec
@@ -209,19 +237,30 @@ def _self_check(base: str, data: Path, n_items: int = 500) -> None:
     ex = pd.read_parquet(spec.path(spec.exposures.path), columns=[spec.exposures.user_key, spec.exposures.item_key])
     user = str(ex[spec.exposures.user_key].iloc[0])
     items = [str(i) for i in ex[spec.exposures.item_key].drop_duplicates().iloc[:n_items]]
-    for _ in range(600):
+    deadline = time.monotonic() + ready_timeout_s
+    last = "no answer"
+    while True:
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            status, raw = _http("GET", f"{base}/readyz", timeout=2)
+            if status == 200:
                 break
-        except httpx.HTTPError:
-            pass
+            last = f"HTTP {status}: {raw[:300].decode('utf-8', 'replace')}"
+        except OSError as e:
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() > deadline:
+            raise SelfCheckFailed(f"the service at {base} was not ready within {ready_timeout_s:.0f} s ({last})")
         time.sleep(0.5)
     body = {"user_id": user, "items": items, "context": {"hour": 20, "device": "ios"}, "top_k": 5}
     t0 = time.perf_counter()
-    r = httpx.post(f"{base}/rank", json=body, timeout=30)
+    try:
+        status, raw = _http("POST", f"{base}/rank", body, timeout=30)
+    except OSError as e:
+        raise SelfCheckFailed(f"POST /rank failed: {type(e).__name__}: {e}") from None
     ms = (time.perf_counter() - t0) * 1000
-    typer.echo(f"\nPOST /rank with {len(items)} candidates -> HTTP {r.status_code} in {ms:.1f} ms")
-    typer.echo(json.dumps(r.json(), indent=2)[:2000])
+    if status != 200:
+        raise SelfCheckFailed(f"POST /rank answered HTTP {status}: {raw[:300].decode('utf-8', 'replace')}")
+    typer.echo(f"\nPOST /rank with {len(items)} candidates -> HTTP {status} in {ms:.1f} ms")
+    typer.echo(json.dumps(json.loads(raw), indent=2)[:2000])
     typer.echo(f"\ntry it:\n  curl -s {base}/rank -H 'content-type: application/json' "
                f"-d '{{\"user_id\": \"{user}\", \"items\": [\"{items[0]}\", \"{items[1]}\", \"{items[2]}\"]}}'\n")
 
@@ -232,9 +271,13 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
          users: int = typer.Option(20_000), items: int = typer.Option(50_000),
          exposures: int = typer.Option(1_000_000),
          arch: str = typer.Option("ple"), epochs: int = typer.Option(4),
+         batch_size: int = typer.Option(2048, help="Training batch size."),
          name: str = typer.Option("demo"),
+         check_items: int = typer.Option(500, min=3, help="Candidates ranked by the self-check."),
+         ready_timeout: float = typer.Option(300.0, min=1, help="Seconds the self-check waits for /readyz."),
          serve_forever: bool = typer.Option(True, "--serve/--no-serve",
-                                            help="Keep serving after the self-check (default) or exit.")):
+                                            help="Keep serving after the self-check (default), or exit after it: "
+                                                 "0 when it got a ranked answer, 1 with a one-line reason if not.")):
     """End to end: synthesise data, train and export a model, load features into Redis, serve, rank."""
     _need_training()
     import redis
@@ -259,7 +302,8 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
     if not (data / "dataset.yaml").exists():
         generate(data, SynthConfig(n_users=users, n_items=items, n_exposures=exposures))
     typer.echo(f"[2/4] training {arch} ({time.perf_counter() - t0:.0f}s)")
-    bundle, metrics = run_train(data, name=name, store=store, cfg=TrainConfig(arch=arch, epochs=epochs))
+    bundle, metrics = run_train(data, name=name, store=store,
+                                cfg=TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size))
     typer.echo(f"test metrics:\n{format_metrics(metrics)}\nbundle: {bundle}")
     typer.echo(f"[3/4] loading features into Redis {_redact(redis_url)} ({time.perf_counter() - t0:.0f}s)")
     typer.echo(str(load_features(data, bundle, client, prefix=prefix)))
@@ -270,14 +314,28 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
 
     server = uvicorn.Server(uvicorn.Config(create_app(), host=host, port=port, log_level="info"))
     check_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    failure: list[str] = []
 
     def check():
-        _self_check(f"http://{check_host}:{port}", data)
+        try:
+            _self_check(f"http://{check_host}:{port}", data, n_items=check_items, ready_timeout_s=ready_timeout)
+        except SelfCheckFailed as e:
+            failure.append(str(e))
+        except Exception as e:  # anything else: still one line, and the demo must not hang
+            failure.append(f"{type(e).__name__}: {e}")
+        if failure:
+            typer.echo(f"self-check failed: {failure[0]}", err=True)
         if not serve_forever:
             server.should_exit = True
 
-    threading.Thread(target=check, daemon=True).start()
+    checker = threading.Thread(target=check, daemon=True)
+    checker.start()
     server.run()
+    if not server.started and not failure:  # e.g. the port is taken: uvicorn logged why
+        failure.append(f"the server did not start on {host}:{port}")
+        typer.echo(f"self-check failed: {failure[0]}", err=True)
+    if not serve_forever and failure:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ A task is *binary* (a probability) or *regression* (a non-negative value such as
 kinds come from the bundle's :class:`~service.contract.TaskSpec`. Weights that name a task the
 model does not have are a configuration error, raised by :func:`validate_weights` when the
 bundle is loaded, not on a request.
+
+Default weights: without MTRANK_FUSION_WEIGHTS (and without weights in a routing variant), the
+weights come from the bundle's own tasks (:func:`default_weights`): 1.0 for every binary task and
+0.2 for every regression task. For the demo model's ctr/cvr/watch_time that is exactly the
+documented default ``{"ctr": 1, "cvr": 1, "watch_time": 0.2}``; a model with other tasks (say
+``click`` and ``like``) gets ``{"click": 1, "like": 1}`` and serves with default settings.
 """
 
 from __future__ import annotations
@@ -24,12 +30,19 @@ from service.contract import TaskSpec
 TaskKind = Literal["binary", "regression"]
 FUSIONS = ("weighted_product", "weighted_sum")
 PROB_EPS = 1e-7
+#: default weight of a task by its kind (:func:`default_weights`)
+DEFAULT_KIND_WEIGHT: dict[str, float] = {"binary": 1.0, "regression": 0.2}
 #: kinds assumed by :func:`fuse` when the caller gives none (the demo model's tasks)
 DEFAULT_KINDS: dict[str, TaskKind] = {"ctr": "binary", "cvr": "binary", "watch_time": "regression"}
 
 
 class FusionConfigError(ValueError):
     """Unknown fusion, or weights that do not fit the model's tasks."""
+
+
+def default_weights(tasks: Sequence[TaskSpec]) -> dict[str, float]:
+    """The weights used when none are configured: every task of the model, by its kind."""
+    return {t.name: DEFAULT_KIND_WEIGHT[t.kind] for t in tasks}
 
 
 def validate_weights(name: str, weights: Mapping[str, float], tasks: Sequence[TaskSpec]) -> dict[str, TaskKind]:

@@ -22,12 +22,13 @@ mtrank_rank_candidates                 histogram                              it
 mtrank_missing_features_total          counter    entity (user, item)         scored with defaults
 mtrank_corrupt_features_total          counter    entity (item)               undecodable values
 mtrank_rank_degraded_total             counter    reason                      degraded answers
-mtrank_rank_shed_total                 counter                                503 + Retry-After (overload)
+mtrank_rank_shed_total                 counter                                429 + Retry-After (overload)
 mtrank_rank_inflight                   gauge                                  /rank in flight (sum)
 mtrank_item_cache_hits_total           counter                                items from the in-process cache
 mtrank_item_cache_misses_total         counter                                items not from it
 mtrank_model_loads_total               counter    model, result               bundle load attempts
 mtrank_redis_breaker_state             gauge                                  0 closed, 1 half-open, 2 open
+mtrank_degraded                        gauge                                  1 ready but degraded (Redis)
 mtrank_predlog_written_total           counter                                prediction-log records written
 mtrank_predlog_dropped_total           counter    reason                      records dropped
 =====================================  =========  ==========================  ==============================
@@ -60,8 +61,8 @@ MISSING = Counter("mtrank_missing_features", "entities scored with default featu
                   ["entity"])
 CORRUPT = Counter("mtrank_corrupt_features", "feature values that did not decode (scored with defaults)", ["entity"])
 DEGRADED = Counter("mtrank_rank_degraded", "responses answered degraded (feature store late or down)", ["reason"])
-SHED = Counter("mtrank_rank_shed", "POST /rank refused with 503 + Retry-After: the worker's in-flight bound was "
-                                   "reached")
+SHED = Counter("mtrank_rank_shed", "POST /rank refused with 429 + Retry-After: no execution slot within "
+                                   "MTRANK_SHED_QUEUE_MS, or the wait queue was full")
 INFLIGHT = Gauge("mtrank_rank_inflight", "POST /rank requests in flight (summed over the live workers)",
                  multiprocess_mode="livesum")
 CACHE_HITS = Counter("mtrank_item_cache_hits", "items whose features came from the in-process item cache")
@@ -70,6 +71,9 @@ MODEL_LOADS = Counter("mtrank_model_loads", "model bundle load attempts by resul
                       ["model", "result"])
 BREAKER = Gauge("mtrank_redis_breaker_state", "feature-store circuit breaker: 0 closed, 1 half-open, 2 open "
                                               "(the worst of the live workers)", multiprocess_mode="livemax")
+DEGRADED_NOW = Gauge("mtrank_degraded", "1 while the replica is ready but degraded: the feature store is "
+                                        "unavailable and /rank answers with default features (degrade mode); "
+                                        "the worst of the live workers", multiprocess_mode="livemax")
 PREDLOG_WRITTEN = Counter("mtrank_predlog_written", "prediction-log records appended to the Redis Stream")
 PREDLOG_DROPPED = Counter("mtrank_predlog_dropped", "prediction-log records dropped: queue_full (the writer is "
                                                     "behind) or redis (the stream's Redis failed)", ["reason"])
@@ -83,6 +87,7 @@ _durations: dict[int, object] = {}
 _degraded: dict[str, object] = {}
 _dropped: dict[str, object] = {}
 _breaker_last: list[float | None] = [None]
+_degraded_last: list[float | None] = [None]
 
 
 def multiprocess_dir() -> str | None:
@@ -146,6 +151,15 @@ def set_breaker(state: str | None) -> None:
     if _breaker_last[0] != value:
         _breaker_last[0] = value
         BREAKER.set(value)
+
+
+def set_degraded(degraded: bool) -> None:
+    """Whether this worker is ready but degraded: set by ``GET /readyz`` and by every ranked request
+    (the latest finding wins)."""
+    value = 1.0 if degraded else 0.0
+    if _degraded_last[0] != value:
+        _degraded_last[0] = value
+        DEGRADED_NOW.set(value)
 
 
 def record_model_load(model: str, result: str) -> None:

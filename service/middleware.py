@@ -7,9 +7,15 @@ For every HTTP request it
   of every answer, errors included;
 * enforces ``MTRANK_MAX_BODY_BYTES`` (413 on ``Content-Length`` before reading, or as soon as a
   streamed/chunked body passes the limit) and hands the buffered body to the app;
-* sheds load on ``POST /rank``: at most ``inflight_limit`` ranks in flight per worker, counted here,
-  in the event loop, before the threadpool; one more is answered 503 with ``Retry-After`` at once,
-  nothing queues behind the bound;
+* sheds load on ``POST /rank`` by queue time: at most ``inflight_limit`` ranks execute at once per
+  worker (counted here, in the event loop, before the threadpool); more wait in a FIFO queue
+  (an asyncio future each: no thread, no parsing). A request that waited ``queue_timeout_s``
+  (``MTRANK_SHED_QUEUE_MS``) without a slot, or that finds ``queue_limit`` others waiting, is
+  answered **429** with ``Retry-After`` before any of its work is done. Why: a 429 is not a
+  failure to a proxy (nginx never counts it against ``max_fails``), and rejecting after a wait
+  instead of at once keeps closed-loop clients from turning the CPU into a reject loop - moderate
+  overload is absorbed by the queue, useful answers per second stay at capacity, and the latency
+  of an accepted request is bounded by the queue-time target plus its own run;
 * answers anything unexpected with a 500 carrying the request id (and logs it with the traceback);
 * writes the ``/rank`` bookkeeping when the answer is done: metrics (:mod:`service.metrics`) and
   the access line (:mod:`service.access_log`), from the :class:`RequestInfo` the route filled in.
@@ -17,8 +23,10 @@ For every HTTP request it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,17 +79,59 @@ def _json_response(status: int, body: dict, extra: list[tuple[bytes, bytes]] = (
 
 
 class EdgeMiddleware:
-    """See the module doc. ``inflight_limit``: concurrent /rank per worker; ``retry_after_s``: the
-    Retry-After of a shed request; ``cache_on``: count item-cache hits/misses."""
+    """See the module doc. ``inflight_limit``: /rank executing at once per worker; ``queue_limit``:
+    /rank waiting for a slot; ``queue_timeout_s``: the longest wait before 429; ``retry_after_s``:
+    the Retry-After of a shed request; ``cache_on``: count item-cache hits/misses."""
 
-    def __init__(self, app, *, max_body_bytes: int, inflight_limit: int, retry_after_s: int = 1,
-                 cache_on: bool = False):
+    def __init__(self, app, *, max_body_bytes: int, inflight_limit: int, queue_limit: int = 0,
+                 queue_timeout_s: float = 1.0, retry_after_s: int = 1, cache_on: bool = False):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.inflight_limit = inflight_limit
+        self.queue_limit = queue_limit
+        self.queue_timeout_s = queue_timeout_s
         self.retry_after = str(retry_after_s).encode()
         self.cache_on = cache_on
-        self.inflight = 0  # touched only in the event loop: no lock
+        self.inflight = 0  # executing; touched only in the event loop: no lock
+        self._waiters: deque[asyncio.Future] = deque()  # FIFO of requests waiting for a slot
+
+    async def _admit(self, t0: float) -> str | None:
+        """Take a slot (None), or say why not: ``queue_full`` (at once) or ``queue_time`` (after
+        waiting ``queue_timeout_s`` since the request arrived at ``t0``)."""
+        if self.inflight < self.inflight_limit and not self._waiters:
+            self.inflight += 1
+            return None
+        if len(self._waiters) >= self.queue_limit:
+            return "queue_full"
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, self.queue_timeout_s - (time.perf_counter() - t0))
+        except asyncio.TimeoutError:
+            self._discard(fut)
+            return "queue_time"
+        except BaseException:  # cancelled (the client went away, or shutdown)
+            if fut.done() and not fut.cancelled():
+                self._release()  # a slot was handed over just now: pass it on
+            else:
+                self._discard(fut)
+            raise
+        return None  # the releasing request handed its slot over (self.inflight unchanged)
+
+    def _discard(self, fut: asyncio.Future) -> None:
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass
+
+    def _release(self) -> None:
+        """Hand the slot to the oldest waiter, or free it."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.inflight -= 1
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -118,20 +168,22 @@ class EdgeMiddleware:
             if not is_rank:
                 await self.app(scope, receive, send_with_id)
                 return
-            if self.inflight >= self.inflight_limit:
+            refused = await self._admit(t0)
+            if refused is not None:
                 metrics.shed()
                 info.error = "Overloaded"
-                for m in _json_response(503, {"detail": f"overloaded: {self.inflight} ranks in flight in this "
-                                                        "worker; retry later", "request_id": info.request_id},
+                why = (f"{len(self._waiters)} requests already wait for a slot" if refused == "queue_full" else
+                       f"no slot within {self.queue_timeout_s * 1000:.0f} ms (MTRANK_SHED_QUEUE_MS)")
+                for m in _json_response(429, {"detail": f"overloaded: {why}; {self.inflight} ranks executing in "
+                                                        "this worker; retry later", "request_id": info.request_id},
                                         [(b"retry-after", self.retry_after)]):
                     await send_with_id(m)
                 return
-            self.inflight += 1
             metrics.inflight(1)
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
-                self.inflight -= 1
+                self._release()
                 metrics.inflight(-1)
         except Exception:
             log.exception("unexpected error on %s (request %s)", scope["path"], info.request_id)

@@ -47,7 +47,8 @@ class Ranker:
     """Ranks requests with one loaded bundle, one fusion and one Redis client (thread-safe: no
     mutable state). One ranker serves one variant; variants of one bundle share its ``fetcher``.
 
-    ``fusion_name`` / ``weights`` default to the settings' MTRANK_FUSION / MTRANK_FUSION_WEIGHTS."""
+    ``fusion_name`` / ``weights`` default to the settings' MTRANK_FUSION / MTRANK_FUSION_WEIGHTS (when
+    set; else the bundle's default weights, :func:`service.fusion.default_weights`)."""
 
     def __init__(self, settings: Settings, bundle: Bundle, redis_client, fusion_name: str | None = None,
                  weights: dict[str, float] | None = None, fetcher: FeatureFetcher | None = None,
@@ -56,7 +57,9 @@ class Ranker:
         self.bundle = bundle
         manifest = bundle.manifest
         self.fusion_name = fusion_name or settings.fusion
-        self.weights = dict(settings.fusion_weights if weights is None else weights)
+        if weights is None:
+            weights = settings.explicit_fusion_weights
+        self.weights = dict(fusion.default_weights(manifest.tasks) if weights is None else weights)
         # weights naming tasks the model does not have fail here, at load time
         self.kinds = fusion.validate_weights(self.fusion_name, self.weights, manifest.tasks)
         self.fetcher = fetcher or FeatureFetcher(redis_client, manifest.feature_schema, settings.redis_prefix,

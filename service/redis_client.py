@@ -33,7 +33,11 @@ Choices, and why:
   failed node schedule a background topology refresh.
 
 Failures surface as :class:`StoreUnavailable` (a ``redis.RedisError``) with a short ``reason``:
-``timeout``, ``down`` or ``circuit_open``.
+``timeout``, ``down`` or ``circuit_open``. Anything else raised on the request path (a bug, or a
+redis-py without an API used here: a ``TypeError``) is not a Redis outage that degraded mode could
+answer: it propagates (a 500), is logged once per distinct message, and is kept in
+:attr:`FeatureStore.fault` until a read succeeds, so ``/readyz`` takes the replica out of rotation
+instead of every request failing silently.
 """
 
 from __future__ import annotations
@@ -185,6 +189,7 @@ class FeatureStore:
         self._nodes: dict[str, _Node] = {}
         self._refresh_at = 0.0
         self._refreshing = False
+        self.fault: str | None = None  # an unexpected exception of the request path (see the module doc)
         if self.is_cluster:
             self._slot_table: list[str] = []
             self._load_topology()
@@ -242,6 +247,23 @@ class FeatureStore:
     def mget(self, keys: Sequence[str], deadline_s: float | None = None) -> list[bytes | None]:
         """Values of ``keys`` in order (``None`` = absent) within ``deadline_s`` seconds (default
         ``MTRANK_REDIS_DEADLINE_MS``); raises :class:`StoreUnavailable` otherwise."""
+        try:
+            out = self._mget(keys, deadline_s)
+        except redis.RedisError:
+            raise
+        except Exception as e:
+            fault = self._scrub(f"{type(e).__name__}: {e}")
+            if fault != self.fault:
+                log.error("feature store: unexpected error on the request path (not ready until a read "
+                          "succeeds): %s", fault, exc_info=True)
+            self.fault = fault
+            raise
+        if self.fault is not None:
+            log.warning("feature store: reads succeed again (was: %s)", self.fault)
+            self.fault = None
+        return out
+
+    def _mget(self, keys: Sequence[str], deadline_s: float | None) -> list[bytes | None]:
         until = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
         if self.is_cluster:
             return self._mget_cluster(keys, until)

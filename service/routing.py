@@ -575,9 +575,10 @@ def _check_partition(cfg: RoutingConfig, layer: LayerSpec, lloc: Loc) -> list[Co
     return out
 
 
-def implicit_config(model_name: str, model_version: int | None, fusion: str, weights: Mapping[str, float],
+def implicit_config(model_name: str, model_version: int | None, fusion: str, weights: Mapping[str, float] | None,
                     policy: str | VersionPolicy = "latest") -> RoutingConfig:
-    """The config of a service without MTRANK_ROUTING_CONFIG: one variant "default" on all buckets."""
+    """The config of a service without MTRANK_ROUTING_CONFIG: one variant "default" on all buckets.
+    ``weights`` None: the bundle's default weights (:func:`service.fusion.default_weights`)."""
     models = {model_name: [model_version]} if model_version is not None else {model_name: str(policy)}
     return config_from_dict({
         "salt": "mtrank",
@@ -585,6 +586,6 @@ def implicit_config(model_name: str, model_version: int | None, fusion: str, wei
         "layers": [{"name": RANKING_LAYER, "variants": [{
             "name": "default", "percent": 100,
             "model": {"name": model_name, "version": model_version or "latest"},
-            "fusion": {"name": fusion, "weights": dict(weights)},
+            "fusion": {"name": fusion, **({"weights": dict(weights)} if weights is not None else {})},
         }]}],
     }, source="environment (MTRANK_MODEL_NAME, MTRANK_MODEL_VERSION, MTRANK_FUSION, MTRANK_FUSION_WEIGHTS)")

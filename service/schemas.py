@@ -163,5 +163,10 @@ class ValidationErrorResponse(BaseModel):
 
 
 class Readiness(BaseModel):
+    """``GET /readyz``: ``ready`` = this replica can answer /rank usefully (HTTP 200); ``degraded``
+    = it answers with default features because the feature store is unavailable (degrade mode);
+    ``reasons`` say why it is not ready or degraded."""
+
     ready: bool
+    degraded: bool = False
     reasons: list[str] | None = None

@@ -59,13 +59,14 @@ from service.ranking import Ranker
 from service.routing import (ConfigIssue, LayerTable, RoutingConfig, RoutingConfigError, VersionPolicy,
                              implicit_config, load_config, parse_policy)
 from service.settings import Settings
-from service.store import Bundle, BundleError, bundle_signature, list_versions, load_bundle
+from service.store import Bundle, BundleError, ProviderError, bundle_signature, list_versions, load_bundle
 
 log = logging.getLogger("service.serving")
 
 Key = tuple[str, int, str]  # (model name, version, precision)
 ModelVersion = tuple[str, int]  # (model name, version): what operators load and unload
-#: batch sizes of the warm-up runs of every newly loaded bundle (capped at MTRANK_MAX_ITEMS)
+#: batch sizes of the warm-up runs of every newly loaded bundle (capped at MTRANK_MAX_ITEMS, which
+#: is warmed up as well)
 WARMUP_SIZES = (1, 16, 128, 512)
 
 
@@ -217,7 +218,8 @@ class ServingManager:
         self.client_error = client_error  # why there is no Redis client
         self.root = Path(settings.model_store)
         self.default_policy: VersionPolicy = parse_policy(settings.version_policy)
-        self.warmup_sizes = tuple(sorted({min(n, settings.max_items) for n in WARMUP_SIZES}))
+        # the largest request (max_items) is warmed up too: its first-run allocations happen here
+        self.warmup_sizes = tuple(sorted({min(n, settings.max_items) for n in WARMUP_SIZES} | {settings.max_items}))
         self._state: ServingState | None = None
         self.not_ready: str | None = "starting"
         self._lock = threading.Lock()  # rebuilds only; /rank never takes it
@@ -337,8 +339,8 @@ class ServingManager:
             report.error = str(e) if expected else f"{type(e).__name__}: {e}"
             repeated = report.error == self.last_error  # the watcher retries: say it once
             self.last_error = report.error
-            if self._initial and self.config_path:
-                log.error("%s", report.error)
+            if self._initial and (self.config_path or isinstance(e, ProviderError)):
+                log.error("%s", report.error)  # strict providers: refuse to start, naming the provider
                 raise
             if not expected and not repeated:
                 log.exception("rebuilding the serving state failed")
@@ -358,7 +360,8 @@ class ServingManager:
     def _read_config(self) -> RoutingConfig:
         s = self.settings
         if not self.config_path:
-            return implicit_config(s.model_name, s.model_version, s.fusion, s.fusion_weights, self.default_policy)
+            return implicit_config(s.model_name, s.model_version, s.fusion, s.explicit_fusion_weights,
+                                   self.default_policy)
         return load_config(self.config_path)
 
     def _rebuild_into(self, report: ReloadReport) -> None:
@@ -439,12 +442,13 @@ class ServingManager:
                     loc = vloc + ("model", "version") if precision == "fp32" else vloc + ("precision",)
                     issues.append(cfg.issue(loc, self._why_missing(m.name, m.version, precision)))
             if lb is not None:
-                fname, weights = self._fusion_of(spec)
+                fname, weights = self._fusion_of(spec, lb.bundle)
                 try:
                     fusion.validate_weights(fname, weights, lb.bundle.manifest.tasks)
                 except fusion.FusionConfigError as e:
                     loc = vloc + ("fusion", "weights") if spec.fusion and spec.fusion.weights else vloc
-                    issues.append(cfg.issue(loc, f"{e} (model {lb.bundle.name} v{lb.bundle.version})"))
+                    hint = "" if self.config_path else " (set MTRANK_FUSION_WEIGHTS to the model's tasks, or unset it)"
+                    issues.append(cfg.issue(loc, f"{e} (model {lb.bundle.name} v{lb.bundle.version}){hint}"))
             resolved.append((spec, lb))
         if issues:
             raise RoutingConfigError(cfg.source, issues)
@@ -466,7 +470,7 @@ class ServingManager:
                 fetcher = FeatureFetcher(self.redis, b.manifest.feature_schema, self.settings.redis_prefix,
                                          b.vocabs, inputs=b.manifest.inputs)
             fetchers[fkey] = fetcher
-            fname, weights = self._fusion_of(spec)
+            fname, weights = self._fusion_of(spec, b)
             ranker = Ranker(self.settings, b, self.redis, fusion_name=fname, weights=weights, fetcher=fetcher,
                             variant=spec.name)
             variants.append(Variant(name=spec.name, first=first, last=last, model_spec=str(spec.model.version),
@@ -493,10 +497,14 @@ class ServingManager:
                            f"{v.ranker.fusion_name} {v.ranker.weights}" for v in variants),
                  f"; dropped {report.dropped}" if report.dropped else "")
 
-    def _fusion_of(self, spec) -> tuple[str, dict[str, float]]:
+    def _fusion_of(self, spec, bundle: Bundle) -> tuple[str, dict[str, float]]:
+        """The variant's fusion and weights: its own, else MTRANK_FUSION / MTRANK_FUSION_WEIGHTS,
+        else (weights unset) the bundle's default weights (:func:`service.fusion.default_weights`)."""
         f = spec.fusion
         name = (f.name if f is not None and f.name else None) or self.settings.fusion
-        weights = f.weights if f is not None and f.weights is not None else self.settings.fusion_weights
+        weights = f.weights if f is not None and f.weights is not None else self.settings.explicit_fusion_weights
+        if weights is None:
+            weights = fusion.default_weights(bundle.manifest.tasks)
         return name, {k: float(w) for k, w in weights.items()}
 
     def _why_missing(self, name: str, version: int | None, precision: str = "fp32") -> str:
@@ -549,6 +557,8 @@ class ServingManager:
                                  intra_op_threads=self.settings.ort_threads,
                                  warmup=self.warmup_sizes, verify=verify, precision=precision)
         except BundleError as e:
+            if isinstance(e, ProviderError) and self._initial:
+                raise  # MTRANK_PROVIDERS_STRICT: the service does not start on the wrong provider
             transient = isinstance(e, FeatureCheckError) and e.transient
             reason = str(e)
             if prev is None or prev.reason != reason:  # counted and logged once per distinct refusal

@@ -12,7 +12,7 @@ import os
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: short provider names accepted in ``MTRANK_PROVIDERS`` -> onnxruntime execution provider
@@ -58,6 +58,7 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,  # never echo a secret-bearing value in an error
         protected_namespaces=(),
         validate_default=True,
+        populate_by_name=True,  # fields with an alias (providers_strict) still take their own name
     )
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False,
@@ -70,14 +71,18 @@ class Settings(BaseSettings):
     model_version: int | None = Field(default=None, ge=1, description="pinned version; None = newest")
     providers: str = Field(default="cpu", description="comma list of execution providers, in preference order")
     providers_strict: bool = Field(default=False,
-                                   description="fail instead of falling back to CPU when a provider is missing")
+                                   validation_alias=AliasChoices("MTRANK_PROVIDERS_STRICT", "MTRANK_PROVIDER_STRICT"),
+                                   description="refuse to start instead of falling back to CPU when a requested "
+                                               "provider is missing or its session falls back (the GPU image "
+                                               "sets it); also read as MTRANK_PROVIDER_STRICT")
     ort_intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = default")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     fusion: FusionName = "weighted_product"
     fusion_weights: dict[str, float] = Field(
         default_factory=lambda: {"ctr": 1.0, "cvr": 1.0, "watch_time": 0.2},
-        description="task -> weight (JSON in the environment)")
+        description="task -> weight (JSON in the environment). Unset: derived from each bundle's tasks "
+                    "(1.0 per binary task, 0.2 per regression task: the value shown for ctr/cvr/watch_time)")
     max_items: int = Field(default=2000, ge=1, le=100_000, description="most items in one /rank request")
     log_level: LogLevel = "INFO"
     routing_config: str | None = Field(default=None,
@@ -108,22 +113,42 @@ class Settings(BaseSettings):
     item_cache_ttl_s: float = Field(default=60.0, ge=0, description="seconds a cached item value is used")
 
     # -- overload and input limits ---------------------------------------------------------------
-    max_inflight: int = Field(default=0, ge=0, description="concurrent /rank per worker before 503 + "
-                                                           "Retry-After; 0 = 8 x onnxruntime threads")
+    max_inflight: int = Field(default=0, ge=0, description="/rank executing at once per worker; more wait "
+                                                           "in a queue; 0 = 8 x onnxruntime threads")
+    max_queued: int = Field(default=0, ge=0, description="/rank waiting for a slot per worker; one more is "
+                                                         "answered 429 + Retry-After at once; 0 = 32 x max_inflight")
+    shed_queue_ms: float = Field(default=1000.0, gt=0, le=600_000,
+                                 description="a /rank that waited this long for a slot is answered 429 + "
+                                             "Retry-After before it runs (queue-time shedding), ms")
     max_body_bytes: int = Field(default=1_000_000, ge=1_024, description="largest request body, bytes (413)")
     max_id_length: int = Field(default=128, ge=1, le=4096, description="longest user/item id, characters")
     shutdown_drain_s: float = Field(default=10.0, ge=0, description="SIGTERM: seconds to finish in-flight "
                                                                      "requests before exit")
 
     # -- processes and observability -------------------------------------------------------------
-    workers: int = Field(default_factory=lambda: _cores(), ge=1, le=256,
-                         description="uvicorn worker processes (mtrank serve); default = usable cores, "
-                                     "each with cores / workers onnxruntime threads (1)")
+    workers: int = Field(default=1, ge=1, le=256,
+                         description="uvicorn worker processes (mtrank serve); default = one per visible GPU "
+                                     "when CUDA is requested and available, else one per usable core, each "
+                                     "with cores / workers onnxruntime threads (1 on CPU)")
     log_format: Literal["json", "text"] = Field(default="json", description="log line format")
     predlog_rate: float = Field(default=0.0, ge=0, le=1, description="share of ranked requests appended to "
                                                                       "the prediction-log Redis Stream")
     predlog_stream: str = Field(default="mtrank:predictions", min_length=1, description="prediction-log stream key")
     predlog_maxlen: int = Field(default=1_000_000, ge=1, description="approximate MAXLEN of the stream")
+
+    @model_validator(mode="after")
+    def _default_workers(self) -> "Settings":
+        if "workers" not in self.model_fields_set:
+            from service.providers import default_workers, visible_gpus, wants_cuda
+
+            available: list[str] = []
+            gpus = 0
+            if wants_cuda(self.provider_list):  # onnxruntime is asked only when CUDA is requested
+                import onnxruntime as ort
+
+                available, gpus = ort.get_available_providers(), visible_gpus()
+            self.workers = default_workers(self.provider_list, available, _cores(), gpus)
+        return self
 
     @field_validator("redis_url")
     @classmethod
@@ -198,7 +223,19 @@ class Settings(BaseSettings):
 
     @property
     def inflight_limit(self) -> int:
+        """/rank executing at once per worker."""
         return self.max_inflight or 8 * self.ort_threads
+
+    @property
+    def queue_limit(self) -> int:
+        """/rank waiting for a slot per worker before one more is refused at once."""
+        return self.max_queued or 32 * self.inflight_limit
+
+    @property
+    def explicit_fusion_weights(self) -> dict[str, float] | None:
+        """MTRANK_FUSION_WEIGHTS when it was set; None = derive from each bundle's tasks
+        (:func:`service.fusion.default_weights`)."""
+        return self.fusion_weights if "fusion_weights" in self.model_fields_set else None
 
     @property
     def redis_timeout_s(self) -> float:

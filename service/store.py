@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, PRECISIONS, VOCAB_FILE, BundleManifest,
                               model_inputs, sha256_file)
+from service.providers import ProviderMismatch, check_session_providers, preload_cuda_dlls, uses_run_gate
 from service.settings import PROVIDER_ALIASES
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class Bundle:
     provider: str  # the active (first) provider of the session
     requested_providers: list[str] = field(default_factory=list)
     precision: str = "fp32"  # which of the bundle's model files the session runs
+    #: takes the CPU run gate (:func:`limit_concurrent_runs`): decided by the providers the session
+    #: actually got (:func:`service.providers.uses_run_gate`), so a CUDA request that fell back to
+    #: the CPU is gated like any CPU session
+    gated: bool = True
 
     @property
     def model_path(self) -> Path:
@@ -86,7 +91,7 @@ class Bundle:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model; ``{task: float32 [N]}``."""
-        gate = _run_gate
+        gate = _run_gate if self.gated else None
         if gate is not None:
             with gate:
                 outs = self.session.run(self.manifest.outputs, dict(inputs))
@@ -100,9 +105,10 @@ _run_gate: threading.Semaphore | None = None
 
 
 def limit_concurrent_runs(n: int) -> None:
-    """Let at most ``n`` model runs execute at once in this process (0 = no limit). Each run already
-    uses the worker's whole onnxruntime thread budget, so with ``n = 1`` concurrent requests queue
-    here for the cores instead of time-slicing them (less cache thrashing, same answers)."""
+    """Let at most ``n`` CPU model runs execute at once in this process (0 = no limit); bundles whose
+    session runs on a GPU are not gated (:attr:`Bundle.gated`). Each CPU run already uses the
+    worker's whole onnxruntime thread budget, so with ``n = 1`` concurrent requests queue here for
+    the cores instead of time-slicing them (less cache thrashing, same answers)."""
     global _run_gate
     _run_gate = threading.Semaphore(n) if n > 0 else None
 
@@ -150,7 +156,7 @@ def resolve_providers(requested: str | Sequence[str], strict: bool = False) -> l
             continue
         msg = f"execution provider {p} is not available in this onnxruntime build (available: {sorted(available)})"
         if strict:
-            raise ProviderError(msg)
+            raise ProviderError(msg + "; refusing to start (MTRANK_PROVIDERS_STRICT=true)")
         log.warning("%s; falling back", msg)
     if not strict and CPU not in chosen:
         chosen.append(CPU)
@@ -204,6 +210,7 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
     vocabs = _read_vocabs(path / VOCAB_FILE, manifest)
 
     chosen = resolve_providers(providers, strict)
+    preload_cuda_dlls(chosen)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -217,16 +224,19 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
         session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
     except Exception as e:  # onnxruntime raises its own exception types
         raise BundleError(f"{model_path}: onnxruntime could not load it: {e}") from e
-    active = session.get_providers()[0]
-    if strict and active != chosen[0]:
-        # onnxruntime silently falls back when a provider fails to initialise (e.g. missing CUDA libs)
-        raise ProviderError(f"asked for {chosen[0]} but the session runs on {active}")
-    if active != chosen[0]:
-        log.warning("asked for %s but the session runs on %s", chosen[0], active)
+    got = list(session.get_providers())
+    active = got[0]
+    # onnxruntime silently falls back when a provider fails to initialise (e.g. missing CUDA libs)
+    try:
+        fallback = check_session_providers(chosen[0], got, strict)
+    except ProviderMismatch as e:
+        raise ProviderError(str(e)) from None
+    if fallback:
+        log.warning("%s", fallback)
 
     _check_session(session, manifest, path)
     bundle = Bundle(manifest=manifest, path=path, session=session, vocabs=vocabs, provider=active,
-                    requested_providers=provider_names(providers), precision=precision)
+                    requested_providers=provider_names(providers), precision=precision, gated=uses_run_gate(got))
     if warmup:
         warm_up(bundle, (2,) if warmup is True else warmup)
     log.info("loaded bundle %s v%d%s from %s on %s", name, version, "" if precision == "fp32" else f" ({precision})",

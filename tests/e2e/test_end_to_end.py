@@ -149,6 +149,7 @@ def test_mtrank_demo_runs_end_to_end(tmp_path, redis_server):
     try:
         assert out.returncode == 0, log[-3000:]
         assert "POST /rank with 500 candidates -> HTTP 200" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
         assert (tmp_path / "store" / "demo" / "1" / "model.onnx").exists()
     finally:
         client = redis.Redis.from_url(redis_server)

@@ -36,7 +36,7 @@ async def _read(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], byte
 
 
 async def _client(port: int, request: bytes, out: list[Outcome], stop_at: float, budget: list[int],
-                  timeout: float, backoff_503: float, keep_body: bool) -> None:
+                  timeout: float, backoff_shed: float, keep_body: bool) -> None:
     reader = writer = None
     while time.monotonic() < stop_at and budget[0] > 0:
         budget[0] -= 1
@@ -56,22 +56,22 @@ async def _client(port: int, request: bytes, out: list[Outcome], stop_at: float,
         if headers.get("connection", "").lower() == "close":
             writer.close()
             reader = writer = None
-        if status == 503 and backoff_503:
-            await asyncio.sleep(backoff_503)
+        if status in (429, 503) and backoff_shed:
+            await asyncio.sleep(backoff_shed)
     if writer is not None:
         writer.close()
 
 
 def drive(port: int, request: bytes, concurrency: int, seconds: float, max_requests: int, timeout: float = 10.0,
-          backoff_503: float = 0.0, keep_body: bool = False) -> list[Outcome]:
+          backoff_shed: float = 0.0, keep_body: bool = False) -> list[Outcome]:
     """``concurrency`` connections send ``request`` back to back for ``seconds`` or ``max_requests``
-    in all; a client that gets 503 waits ``backoff_503`` seconds before its next request."""
+    in all; a client that gets 429 or 503 waits ``backoff_shed`` seconds before its next request."""
 
     async def main():
         out: list[Outcome] = []
         stop_at = time.monotonic() + seconds
         budget = [max_requests]
-        await asyncio.gather(*(_client(port, request, out, stop_at, budget, timeout, backoff_503, keep_body)
+        await asyncio.gather(*(_client(port, request, out, stop_at, budget, timeout, backoff_shed, keep_body)
                                for _ in range(concurrency)))
         return out
 

@@ -1,6 +1,9 @@
-"""Issue 6, overload: a bound on the /rank requests in flight per worker; beyond it 503 with
-Retry-After at once. A loopback benchmark (bounded in time and count) drives 64 connections against
-a bound of 2 and compares with the same load on a server whose bound is out of reach."""
+"""Overload (issues 6 and 11): at most MTRANK_MAX_INFLIGHT ranks execute per worker, more wait in a
+queue; a request that waited MTRANK_SHED_QUEUE_MS without a slot, or finds MTRANK_MAX_QUEUED
+others waiting, is answered 429 with Retry-After (never a 5xx: a proxy must not count shedding as
+a failure). A loopback benchmark (bounded in time and count) drives 64 connections against a small
+bound and compares with the same load on a server whose queue is out of reach. Goodput under
+overload is measured, not asserted here (see the README's Failure behaviour)."""
 
 import json
 
@@ -11,6 +14,8 @@ from tests.http.loadgen import drive, post, quantile
 
 CONCURRENCY = 64
 BOUND = 2
+QUEUED = 8
+QUEUE_MS = 20
 SECONDS = 3.0
 MAX_REQUESTS = 3000
 BACKOFF = 0.05  # a shed client waits 50 ms (well under Retry-After: 1 s) before trying again
@@ -27,42 +32,50 @@ def unloaded_p50(port: int) -> float:
     return quantile([o.seconds for o in out], 0.5)
 
 
-def test_overload_is_shed_and_accepted_latency_stays_bounded(env_for, serve_factory):
-    srv = serve_factory(env_for(MTRANK_MAX_INFLIGHT=BOUND, MTRANK_LOG_LEVEL="WARNING"))
+def test_overload_is_shed_with_429_and_accepted_latency_stays_bounded(env_for, serve_factory):
+    srv = serve_factory(env_for(MTRANK_MAX_INFLIGHT=BOUND, MTRANK_MAX_QUEUED=QUEUED, MTRANK_SHED_QUEUE_MS=QUEUE_MS,
+                                MTRANK_LOG_LEVEL="WARNING"))
     base_p50 = unloaded_p50(srv.port)
     before = scrape(srv.base)
-    out = drive(srv.port, rank_request(srv.port), CONCURRENCY, SECONDS, MAX_REQUESTS, backoff_503=BACKOFF)
+    out = drive(srv.port, rank_request(srv.port), CONCURRENCY, SECONDS, MAX_REQUESTS, backoff_shed=BACKOFF)
     after = scrape(srv.base)
 
-    # every request answered: 200, or 503 with Retry-After; no timeout, no reset, nothing else
+    # every request answered: 200, or 429 with Retry-After; no 5xx, no timeout, no reset, nothing else
     statuses = {o.status for o in out}
-    assert statuses <= {200, 503}, sorted(map(str, statuses))
+    assert statuses <= {200, 429}, sorted(map(str, statuses))
     ok = [o.seconds for o in out if o.status == 200]
-    shed = [o for o in out if o.status == 503]
+    shed = [o for o in out if o.status == 429]
     assert len(shed) > 0 and len(ok) >= 50, (len(ok), len(shed))
     assert all(o.headers.get("retry-after") == "1" and o.headers.get("x-request-id") for o in shed)
-    assert all(json.loads(o.body)["detail"].startswith("overloaded") for o in shed[:20])
+    details = [json.loads(o.body)["detail"] for o in shed]
+    assert all(d.startswith("overloaded") for d in details)
+    # both ways of shedding happen: the queue is full (at once), or a request waited out the target
+    assert any("already wait for a slot" in d for d in details), details[:3]
+    assert any(f"no slot within {QUEUE_MS} ms" in d for d in details), details[:3]
     # the server counted exactly what the clients saw
     assert metric(after, "mtrank_rank_shed_total") - metric(before, "mtrank_rank_shed_total") == len(shed)
     assert (metric(after, "mtrank_rank_requests_total", status=200)
             - metric(before, "mtrank_rank_requests_total", status=200)) == len(ok)
+    assert (metric(after, "mtrank_rank_requests_total", status=429)
+            - metric(before, "mtrank_rank_requests_total", status=429)) == len(shed)
     assert metric(after, "mtrank_rank_inflight") == 0  # nothing stuck in flight
 
-    # the same load without an effective bound: everything queues
-    ctl = serve_factory(env_for(MTRANK_MAX_INFLIGHT=100_000, MTRANK_LOG_LEVEL="WARNING"))
+    # the same load with a queue out of reach: everything waits, nothing is shed
+    ctl = serve_factory(env_for(MTRANK_MAX_INFLIGHT=BOUND, MTRANK_MAX_QUEUED=100_000, MTRANK_SHED_QUEUE_MS=600_000,
+                                MTRANK_LOG_LEVEL="WARNING"))
     unloaded_p50(ctl.port)  # warm it the same way
-    ctl_out = drive(ctl.port, rank_request(ctl.port), CONCURRENCY, SECONDS, MAX_REQUESTS, backoff_503=BACKOFF)
+    ctl_out = drive(ctl.port, rank_request(ctl.port), CONCURRENCY, SECONDS, MAX_REQUESTS, backoff_shed=BACKOFF)
     assert {o.status for o in ctl_out} == {200}
     ctl_p50 = quantile([o.seconds for o in ctl_out], 0.5)
 
     p50, p90, p99 = (quantile(ok, q) for q in (0.5, 0.9, 0.99))
-    report = (f"unloaded p50 {base_p50 * 1e3:.1f} ms; bound {BOUND}: {len(ok)} accepted p50/p90/p99 "
-              f"{p50 * 1e3:.1f}/{p90 * 1e3:.1f}/{p99 * 1e3:.1f} ms, {len(shed)} shed; no bound: "
-              f"{len(ctl_out)} accepted p50 {ctl_p50 * 1e3:.1f} ms")
+    report = (f"unloaded p50 {base_p50 * 1e3:.1f} ms; bound {BOUND}+{QUEUED} queued, {QUEUE_MS} ms: {len(ok)} "
+              f"accepted p50/p90/p99 {p50 * 1e3:.1f}/{p90 * 1e3:.1f}/{p99 * 1e3:.1f} ms, {len(shed)} shed; "
+              f"unbounded queue: {len(ctl_out)} accepted p50 {ctl_p50 * 1e3:.1f} ms")
     print(report)
-    # accepted requests keep their latency: far below the queueing of the unbounded server (64
-    # connections on a bound of 2: ~30x in theory, 5-10x measured on a shared 2-core machine where
-    # the clients and the 503s compete for the same cores; asserted with a 2x margin)
-    assert p90 * 2 < ctl_p50, report
-    assert p99 < max(30 * base_p50, 0.1) and p99 < ctl_p50, report
+    # accepted requests keep their latency: about the queue-time target plus their own run, below
+    # the queueing of the unbounded server (64 connections on 2 slots; on this shared 2-core machine
+    # the 64 clients compete with the server for the same cores, so no tighter margin is asserted)
+    assert p90 < ctl_p50, report
+    assert p99 < max(QUEUE_MS / 1000 + 30 * base_p50, 0.15) and p99 < ctl_p50, report
     assert httpx.get(f"{srv.base}/healthz", timeout=2).status_code == 200

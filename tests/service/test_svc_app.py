@@ -72,7 +72,7 @@ def test_duplicate_ids_each_scored_in_request_order(client):
 def test_health_ready_models(client, redis_url):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"ready": True}
+    assert r.status_code == 200 and r.json() == {"ready": True, "degraded": False}
     m = client.get("/models").json()
     assert m["name"] == "demo" and m["version"] == 1 and m["architecture"] == "test-mlp"
     assert [t["name"] for t in m["tasks"]] == ["ctr", "cvr", "watch_time"]
@@ -93,9 +93,12 @@ def test_not_ready_when_redis_down(make_settings, features):
         r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
         assert r.status_code == 503 and r.json()["detail"] == "feature store unavailable"
         assert c.get("/healthz").status_code == 200
-    # the default failure mode answers with default features instead, marked degraded
+    # the default failure mode answers with default features instead, marked degraded: the replica
+    # can still answer /rank usefully, so it stays ready, saying degraded and why
     with TestClient(create_app(make_settings(redis_url=url, redis_timeout_ms=200))) as c:
-        assert c.get("/readyz").status_code == 503
+        r = c.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json()["ready"] is True and r.json()["degraded"] is True and "redis" in r.json()["reasons"][0]
         r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
         assert r.status_code == 200 and r.json()["degraded"] is True and r.json()["degraded_reason"]
 
@@ -108,7 +111,7 @@ def test_password_not_logged_or_shown(make_settings, features, redis_url, caplog
     with caplog.at_level(logging.DEBUG):
         with TestClient(create_app(make_settings(redis_url=url, redis_timeout_ms=300))) as c:
             r = c.get("/readyz")
-            assert r.status_code == (503 if down else 200)
+            assert r.status_code == 200 and r.json()["degraded"] is down  # degrade mode: ready, degraded
             assert "hunter2" not in r.text
             if down:
                 assert ":***@127.0.0.1" in r.text
@@ -212,3 +215,28 @@ def test_unusable_redis_url_still_starts(make_settings):
         r = c.get("/readyz")
         assert r.status_code == 503 and "Port could not be cast" in r.text and "pw" not in r.text
         assert c.post("/rank", json={"user_id": "u0", "items": ["i1"]}).status_code == 503
+
+
+def test_unexpected_redis_client_error_takes_the_replica_out_of_rotation(make_settings, features):
+    """A redis-py that does not take what the request path passes it (issue 11: redis 6.4 and
+    ``driver_info``) raises TypeError on every read: not a Redis outage that degraded mode could
+    answer. Each /rank is a 500, and /readyz says so (503) until a read succeeds again."""
+    import redis as redis_py
+
+    with TestClient(create_app(make_settings()), raise_server_exceptions=False) as c:
+        store = c.app.state.mtrank.redis_client
+        node = store._single
+        good = node.pool
+        # a real redis-py pool whose connections get a keyword their class does not take
+        node.pool = redis_py.ConnectionPool(connection_class=redis_py.Connection, driver_info_v9=None,
+                                            **good.connection_kwargs)
+        try:
+            r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
+            assert r.status_code == 500
+            r = c.get("/readyz")
+            assert r.status_code == 503 and r.json()["ready"] is False
+            assert any("TypeError" in x and "every /rank fails" in x for x in r.json()["reasons"]), r.json()
+        finally:
+            node.pool = good
+        assert c.post("/rank", json={"user_id": "u0", "items": ["i1"]}).status_code == 200
+        assert c.get("/readyz").json() == {"ready": True, "degraded": False}
