@@ -76,15 +76,17 @@ class Settings(BaseSettings):
                                                "provider is missing or its session falls back (the GPU image "
                                                "sets it); also read as MTRANK_PROVIDER_STRICT")
     ort_intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = default")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    fusion: FusionName = "weighted_product"
+    host: str = Field(default="127.0.0.1", description="listen address of mtrank serve and mtrank demo")
+    port: int = Field(default=8000, ge=1, le=65535, description="listen port of mtrank serve and mtrank demo")
+    fusion: FusionName = Field(default="weighted_product",
+                               description="weighted_product: ctr^a * cvr^b * (1 + watch_time)^c; "
+                                           "weighted_sum: a*ctr + b*cvr + c*log1p(watch_time)")
     fusion_weights: dict[str, float] = Field(
         default_factory=lambda: {"ctr": 1.0, "cvr": 1.0, "watch_time": 0.2},
         description="task -> weight (JSON in the environment). Unset: derived from each bundle's tasks "
                     "(1.0 per binary task, 0.2 per regression task: the value shown for ctr/cvr/watch_time)")
     max_items: int = Field(default=2000, ge=1, le=100_000, description="most items in one /rank request")
-    log_level: LogLevel = "INFO"
+    log_level: LogLevel = Field(default="INFO", description="log level")
     routing_config: str | None = Field(default=None,
                                        description="experiment config (YAML); unset = one variant 'default'")
     version_policy: str = Field(default="latest",
