@@ -1,0 +1,345 @@
+"""`docker compose up`, for real: the repository's docker-compose.yml plus docker-compose.local.yml
+(stand-in images built from Debian packages by deploy/local-images.sh), on a Docker engine of
+this machine. Marked `docker`; skipped only where no engine answers (.ci/compose-test starts one).
+
+One test, in phases (each prints a timing line), always ending with `down -v`:
+  build     deploy/local-images.sh --app (stand-ins cached per machine; app images rebuilt)
+  up        the one-shot job (synth, train, export, features load; small sizes via JOB_*), two
+            healthy replicas, nginx, Prometheus, the Grafana placeholder
+  rank      POST /rank through nginx: a known user, 500 items, scores and order
+  surface   internal endpoints are 403/404 through nginx; /healthz and /readyz answer
+  scrape    Prometheus has both replicas `up` and scrapes mtrank_rank_requests_total
+  overload  useful (200) answers/s at 64 connections >= 0.8 x those at 8, no 502, no replica
+            ejected (nginx's error log)
+  kill      one replica killed under load: 0 5xx through nginx, the other answers
+  again     Redis restarted (features gone), `up` a second time: the killed replica is back and
+            reached by nginx, no retraining (same model version), features reloaded
+  down      `down -v` leaves no container, volume or network of the project
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from service.fusion import fuse
+from service.settings import Settings
+from tests.conftest import free_port
+from tests.deploy.readers import ROOT
+from tests.http import loadgen
+
+pytestmark = pytest.mark.docker
+
+PROJECT = os.environ.get("MTRANK_COMPOSE_PROJECT", "mtrank-ci")
+FILES = ["-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker-compose.local.yml")]
+#: the job's sizes: a real synth + train + export + features load, small enough for 2 cores
+JOB_ENV = {"JOB_EPOCHS": "1", "JOB_SYNTH_USERS": "2000", "JOB_SYNTH_ITEMS": "5000",
+           "JOB_SYNTH_EXPOSURES": "100000"}
+USER, ITEMS = "42", [str(i) for i in range(1, 501)]
+INTERNAL = [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/models"), ("GET", "/metrics"),
+            ("POST", "/admin/reload"), ("GET", "/admin/models"), ("GET", "/redoc"), ("GET", "/rank"),
+            ("POST", "/healthz")]
+
+
+def _docker_cli() -> str | None:
+    for cli in ("docker", "/usr/bin/docker"):
+        if shutil.which(cli) is None:
+            continue
+        try:
+            if subprocess.run([cli, "info"], capture_output=True, timeout=30).returncode == 0:
+                return cli
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
+
+
+def _compose_cli(docker: str) -> list[str] | None:
+    for cmd in ([docker, "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
+                return cmd
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
+
+
+class Stack:
+    def __init__(self, docker: str, compose: list[str], env: dict[str, str]):
+        self.docker, self.compose, self.env = docker, compose, env
+        self.http = int(env["HTTP_PORT"])
+        self.prom = int(env["PROMETHEUS_PORT"])
+
+    def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=self.env)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        return r
+
+    def c(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(*self.compose, "-p", PROJECT, "--project-directory", str(ROOT), *FILES, *args,
+                        timeout=timeout, check=check)
+
+    def d(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(self.docker, *args, timeout=timeout, check=check)
+
+    def ids(self, service: str, all_: bool = False) -> list[str]:
+        flt = ["--filter", f"label=com.docker.compose.project={PROJECT}",
+               "--filter", f"label=com.docker.compose.service={service}"]
+        return self.d("ps", "-q", *(["-a"] if all_ else []), *flt).stdout.split()
+
+    def inspect(self, cid: str) -> dict:
+        return json.loads(self.d("inspect", cid).stdout)[0]
+
+    def logs(self, cid: str, since: str | None = None) -> str:
+        r = self.d("logs", *(["--since", since] if since else []), cid, timeout=60, check=False)
+        return r.stdout + r.stderr
+
+    def wait_job(self, since_started: str | None, timeout: float) -> dict:
+        """The job container's finished state (exit code 0), newer than ``since_started``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            (cid,) = self.ids("job", all_=True)
+            st = self.inspect(cid)["State"]
+            if st["Status"] == "exited" and (since_started is None or st["StartedAt"] > since_started):
+                assert st["ExitCode"] == 0, f"the job failed:\n{self.logs(cid)[-5000:]}"
+                return st
+            time.sleep(2)
+        raise AssertionError("the job did not finish in time:\n" + self.logs(self.ids("job", all_=True)[0])[-5000:])
+
+    def wait_healthy(self, service: str, n: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = self.ids(service)
+            health = [self.inspect(i)["State"].get("Health", {}).get("Status") for i in ids]
+            if len(ids) == n and all(h == "healthy" for h in health):
+                return ids
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{service}: want {n} healthy, got {health}")
+            time.sleep(2)
+
+    def request(self, method: str, path: str, body: dict | None = None, port: int | None = None,
+                timeout: float = 10) -> tuple[int, dict, bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port or self.http}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def rank(self) -> dict:
+        status, _, body = self.request("POST", "/rank", {"user_id": USER, "items": ITEMS})
+        assert status == 200, (status, body[:500])
+        return json.loads(body)
+
+    def prom_query(self, q: str) -> list[dict]:
+        url = f"http://127.0.0.1:{self.prom}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        with urllib.request.urlopen(url, timeout=10) as r:
+            out = json.loads(r.read())
+        assert out["status"] == "success", out
+        return out["data"]["result"]
+
+    def leftovers(self) -> dict[str, list[str]]:
+        flt = ["--filter", f"label=com.docker.compose.project={PROJECT}"]
+        return {"containers": self.d("ps", "-aq", *flt).stdout.split(),
+                "volumes": self.d("volume", "ls", "-q", *flt).stdout.split(),
+                "networks": self.d("network", "ls", "-q", *flt).stdout.split()}
+
+
+def check_ranking(resp: dict) -> None:
+    """Scores finite and in range, order = descending fused score, the fused score = the service's
+    fusion of the per-task scores (default settings, as in docker-compose.yml)."""
+    items = resp["items"]
+    assert [i["item_id"] for i in items] != [] and sorted(i["item_id"] for i in items) == sorted(ITEMS)
+    fused = [i["score"] for i in items]
+    assert all(s is not None and math.isfinite(s) for s in fused)
+    assert all(a >= b for a, b in zip(fused, fused[1:])), "items are sorted by descending fused score"
+    assert len(set(fused)) > 50, "the scores depend on the item"
+    for i in items:
+        s = i["scores"]
+        assert 0.0 <= s["ctr"] <= 1.0 and 0.0 <= s["cvr"] <= 1.0 and s["watch_time"] >= 0.0, s
+    settings = Settings(_env_file=None)
+    tasks = items[0]["scores"].keys()
+    want = fuse(settings.fusion, settings.fusion_weights,
+                {t: np.array([i["scores"][t] for i in items], dtype=np.float64) for t in tasks})
+    assert np.allclose(fused, want, rtol=1e-4, atol=1e-9), "fused score = the configured fusion of the task scores"
+    assert resp["missing"] == {"user": False, "items": 0}, resp["missing"]
+    assert resp["degraded"] is False
+
+
+def drive(port: int, conc: int, seconds: float) -> tuple[list[loadgen.Outcome], float]:
+    req = loadgen.post(port, "/rank", json.dumps({"user_id": USER, "items": ITEMS}).encode())
+    t0 = time.perf_counter()
+    out = loadgen.drive(port, req, conc, seconds, max_requests=10**9, timeout=15.0)
+    return out, time.perf_counter() - t0
+
+
+def statuses(out) -> Counter:
+    return Counter(o.status for o in out)
+
+
+def test_compose_stack():
+    docker = _docker_cli()
+    if docker is None:
+        pytest.skip("no Docker engine answers on this machine (docker info fails): .ci/compose-test starts one")
+    compose = _compose_cli(docker)
+    assert compose is not None, "a Docker engine runs but neither `docker compose` nor `docker-compose` works"
+    env = {**os.environ, **JOB_ENV, "COMPOSE_PROJECT_NAME": PROJECT,
+           "REDIS_PASSWORD": secrets.token_hex(16), "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(16),
+           "HTTP_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port()), "GRAFANA_PORT": str(free_port())}
+    env.pop("JOB_RETRAIN", None)
+    s = Stack(docker, compose, env)
+    timings: list[tuple[str, float]] = []
+    t_phase = time.perf_counter()
+
+    def phase(name: str, detail: str = "") -> None:
+        nonlocal t_phase
+        dt = time.perf_counter() - t_phase
+        timings.append((name, dt))
+        print(f"[compose] {name:<9} {dt:6.1f}s  {detail}", flush=True)
+        t_phase = time.perf_counter()
+
+    print(f"\n[compose] {' '.join(compose)} {s.run(*compose, 'version').stdout.splitlines()[0]}; "
+          f"engine {s.d('version', '--format', '{{.Server.Version}}').stdout.strip()}", flush=True)
+    s.c("down", "-v", "--remove-orphans", check=False)  # what a crashed earlier run left
+    t_all = time.perf_counter()
+    ok = False
+    try:
+        # -- build ------------------------------------------------------------------------------
+        s.run(str(ROOT / "deploy" / "local-images.sh"), "--app", timeout=900)
+        phase("build", "stand-in images (cached) + service and trainer images")
+
+        # -- up ---------------------------------------------------------------------------------
+        s.c("up", "-d", "--no-build", timeout=900)
+        job = s.wait_job(None, timeout=60)
+        (job_id,) = s.ids("job", all_=True)
+        job_log = s.logs(job_id)
+        assert "mtrank train" in job_log and "mtrank features load" in job_log, job_log[-3000:]
+        replicas = s.wait_healthy("service", 2, timeout=180)
+        s.wait_healthy("nginx", 1, timeout=60)
+        first = s.rank()
+        version = first["model"]["version"]
+        phase("up", f"job trained + loaded features, 2 healthy replicas, model {first['model']}")
+
+        # -- rank -------------------------------------------------------------------------------
+        check_ranking(first)
+        phase("rank", f"user {USER}, {len(ITEMS)} items: sorted, finite, fused = fusion(scores), "
+                      f"top {first['items'][0]['item_id']} {first['items'][0]['score']:.4g}")
+
+        # -- surface ----------------------------------------------------------------------------
+        seen = {}
+        for method, path in INTERNAL:
+            status, _, body = s.request(method, path, {} if method == "POST" else None)
+            seen[f"{method} {path}"] = status
+        assert all(v in (403, 404) for v in seen.values()), seen
+        for path in ("/healthz", "/readyz"):
+            assert s.request("GET", path)[0] == 200, path
+        phase("surface", f"{seen}")
+
+        # -- scrape -----------------------------------------------------------------------------
+        deadline = time.monotonic() + 60
+        while True:
+            up = s.prom_query('up{job="mtrank"}')
+            reqs = s.prom_query("sum by (instance) (mtrank_rank_requests_total)")
+            if len(up) == 2 and all(r["value"][1] == "1" for r in up) and reqs:
+                break
+            assert time.monotonic() < deadline, f"Prometheus: up={up} requests={reqs}"
+            time.sleep(2)
+        phase("scrape", f"up={[(r['metric']['instance'], r['value'][1]) for r in up]}, "
+                        f"mtrank_rank_requests_total series={len(reqs)}")
+
+        # -- overload ---------------------------------------------------------------------------
+        (nginx_id,) = s.ids("nginx")
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+        drive(s.http, 8, 3)  # warm-up
+        base, base_s = drive(s.http, 8, 15)
+        over, over_s = drive(s.http, 64, 15)
+        base_rate, over_rate = statuses(base)[200] / base_s, statuses(over)[200] / over_s
+        ejected = [ln for ln in s.logs(nginx_id, since).splitlines()
+                   if re.search(r"no live upstreams|temporarily disabled|marked as failed", ln)]
+        phase("overload", f"8 conns: {base_rate:.0f} useful/s {dict(statuses(base))}; "
+                          f"64 conns: {over_rate:.0f} useful/s {dict(statuses(over))}; "
+                          f"ratio {over_rate / base_rate:.2f}; ejection lines {len(ejected)}")
+        overload_problems = []
+        if statuses(over)[502] or statuses(base)[502]:
+            overload_problems.append(f"502 answers: {statuses(base)[502]} at 8, {statuses(over)[502]} at 64")
+        if ejected:
+            overload_problems.append(f"nginx ejected a replica: {ejected[:3]}")
+        if over_rate < 0.8 * base_rate:
+            overload_problems.append(f"useful answers/s at 64 connections {over_rate:.0f} < 0.8 x {base_rate:.0f}")
+
+        # -- kill -------------------------------------------------------------------------------
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(out=drive(s.http, 8, 10)[0]))
+        t.start()
+        time.sleep(3)
+        victim = replicas[0]
+        s.d("kill", victim)
+        t.join()
+        during = statuses(result["out"])
+        after, _ = drive(s.http, 4, 3)
+        bad = {k: v for k, v in during.items() if not (isinstance(k, int) and k < 500)}
+        assert not bad, f"5xx or transport errors through nginx while a replica died: {dict(during)}"
+        assert statuses(after) == Counter({200: len(after)}) and after, dict(statuses(after))
+        assert s.ids("service") == [r for r in replicas if r != victim]
+        phase("kill", f"during: {dict(during)}; after, 1 replica: {dict(statuses(after))}")
+
+        # -- again ------------------------------------------------------------------------------
+        (redis_id,) = s.ids("redis")
+        s.d("restart", redis_id)
+        dbsize = s.d("exec", redis_id, "sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli dbsize').stdout.strip()
+        assert dbsize == "0", f"Redis kept {dbsize} keys over a restart"
+        started = s.inspect(job_id)["State"]["StartedAt"]
+        s.c("up", "-d", "--no-build", timeout=600)
+        s.wait_job(started, timeout=600)
+        log2 = s.logs(job_id, since=started)
+        assert "not training" in log2 and "mtrank train" not in log2, log2[-3000:]
+        assert "mtrank features load" in log2, log2[-3000:]
+        back = s.wait_healthy("service", 2, timeout=180)
+        deadline = time.monotonic() + 30
+        while True:  # nginx reaches the restarted replica (DNS answers cached for `valid` seconds)
+            addrs = Counter()
+            since2 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+            for _ in range(20):
+                resp = s.rank()
+                assert resp["model"]["version"] == version, "a second up must not publish a new version"
+            for ln in s.logs(nginx_id, since2).splitlines():
+                m = re.search(r'"upstream":"([^"]+)"', ln)
+                if m and '"uri":"/rank"' in ln:
+                    addrs[m[1]] += 1
+            if len(addrs) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert len(addrs) == 2, f"nginx should spread over both replicas again: {dict(addrs)}"
+        check_ranking(resp)
+        phase("again", f"no retraining (version {version}), features reloaded, replicas {len(back)}, "
+                       f"nginx upstreams {dict(addrs)}")
+        assert not overload_problems, "; ".join(overload_problems)
+        ok = True
+    finally:
+        if not ok:
+            r = s.c("logs", "--no-color", "--tail", "40", check=False, timeout=60)
+            print(r.stdout[-12000:], flush=True)
+        t_phase = time.perf_counter()
+        s.c("down", "-v", "--remove-orphans", "-t", "20", timeout=300, check=False)
+        left = s.leftovers()
+        phase("down", f"left: {left}")
+        print(f"[compose] total     {time.perf_counter() - t_all:6.1f}s", flush=True)
+    assert left == {"containers": [], "volumes": [], "networks": []}, left
