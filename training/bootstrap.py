@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.contract import MANIFEST_FILE, BundleManifest
-from service.features import meta_key, namespace
+from service.contract import MANIFEST_FILE, BundleManifest, meta_key, namespace
 from service.redis_client import client_for_url
 from service.settings import Settings, redact_url
 from service.store import bundle_dir, list_versions

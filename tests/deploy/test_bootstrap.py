@@ -9,8 +9,7 @@ import json
 import pytest
 import redis
 
-from service.contract import MANIFEST_FILE, BundleManifest
-from service.features import meta_key, namespace
+from service.contract import MANIFEST_FILE, BundleManifest, meta_key, namespace
 from service.store import bundle_dir, list_versions
 from tests.conftest import start_redis
 from training import bootstrap
