@@ -201,6 +201,7 @@ def p50(out) -> str:
     return f"{loadgen.quantile([o.seconds for o in out if o.status == 200], 0.5) * 1000:.0f} ms"
 
 
+@pytest.mark.timeout(1800)  # a first build on a fresh machine (debootstrap, pip) comes on top of the ~5 min run
 def test_compose_stack():
     docker = _docker_cli()
     if docker is None:

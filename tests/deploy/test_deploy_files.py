@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from urllib.parse import urlsplit
 
 import pytest
@@ -213,7 +214,8 @@ def test_dockerfile_service_stage_has_no_torch_and_is_non_root(dockerfile_stages
     assert set(stages) == {"base", "trainer", "gpu", "service"}
     service = stages["service"]
     assert "torch" not in service.replace("'torch' not in sys.modules", "")
-    assert "pip install '.[cpu]'" in service and "'.[train]'" not in service and ".[gpu]" not in service
+    assert "python requirements.py cpu >" in service and "pip install --no-deps '.[cpu]'" in service
+    assert "requirements.py train" not in service and "requirements.py gpu" not in service and "'.[gpu]'" not in service
     users = re.findall(r"^USER (\S+)", service, re.M)
     assert users and users[-1] not in ("root", "0", "0:0"), "the service stage ends as a non-root user"
     assert users[-1] == "mtrank"
@@ -259,7 +261,8 @@ def test_dockerfile_gpu_stage_is_cuda_only_and_strict(dockerfile_stages):
     cuda = _arg_defaults(text)["CUDA_IMAGE"]
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", cuda), cuda
     assert "FROM ${CUDA_IMAGE} AS gpu" in text
-    assert "pip install '.[gpu]'" in gpu and ".[cpu]" not in gpu and ".[train]" not in gpu and "torch==" not in gpu
+    assert "python requirements.py gpu >" in gpu and "pip install --no-deps '.[gpu]'" in gpu
+    assert "cpu" not in gpu.replace("CPU", "") and "train" not in gpu and "torch==" not in gpu
     assert "'onnxruntime-gpu' in names and 'onnxruntime' not in names" in gpu, "the image checks: one onnxruntime"
     env = dict(re.findall(r"\b(MTRANK_\w+)=(\S+)", gpu))
     assert env["MTRANK_PROVIDERS"] == "cuda" and env["MTRANK_PROVIDER_STRICT"] == "1" and env["MTRANK_WORKERS"] == "1"
@@ -347,3 +350,19 @@ def test_the_local_override_replaces_every_image_with_a_stand_in(compose):
             assert "/" not in svc["image"].split(":")[0] or svc["image"].split("/")[0] in ("prom", "grafana"), \
                 f"{name}: the default stays the public image ({svc['image']})"
     assert "grafana" in local and "placeholder" in (ROOT / "docker-compose.local.yml").read_text()
+
+
+def test_requirements_lister_is_pyproject(tmp_path):
+    """deploy/requirements.py (the Dockerfile's dependency layer) lists exactly pyproject.toml's
+    dependencies and the named extras'; an unknown extra is skipped with a message, as pip does."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    script = ROOT / "deploy" / "requirements.py"
+    for extras in ([], ["train"], ["gpu"]):
+        r = subprocess.run([sys.executable, str(script), *extras], capture_output=True, text=True, check=True,
+                           cwd=tmp_path)
+        want = project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]
+        assert r.stdout.splitlines() == want
+    r = subprocess.run([sys.executable, str(script), "no-such-extra"], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines() == project["dependencies"] and "no-such-extra" in r.stderr
