@@ -5,10 +5,12 @@ keeps secrets out of the files, runs commands the CLI really has; the service im
 torch and runs as a non-root user. With a `docker compose` CLI, `docker compose config` too."""
 
 import fnmatch
+import importlib.util
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from urllib.parse import urlsplit
 
 import pytest
@@ -48,14 +50,14 @@ def test_compose_wires_redis_job_replicas_and_balancer(compose):
         assert svc.get("init") is True, "an init process reaps the uvicorn workers and forwards SIGTERM"
     assert "healthcheck" in c["redis"]
     nginx = c["nginx"]
-    assert nginx["ports"] == ["8000:80"]
+    assert [interpolate(p, {}) for p in nginx["ports"]] == ["8000:80"]
     assert all(nginx["depends_on"][n]["condition"] == "service_healthy" for n in replicas)
     assert c["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     for name in ("nginx", "prometheus", "grafana"):
         assert "healthcheck" in c[name], name
     # the monitoring UIs listen on loopback only
     for name, port in (("prometheus", 9090), ("grafana", 3000)):
-        assert c[name]["ports"] == [f"127.0.0.1:{port}:{port}"]
+        assert [interpolate(p, {}) for p in c[name]["ports"]] == [f"127.0.0.1:{port}:{port}"]
     for name in ("job", *replicas):
         env = env_of(c[name])
         url = urlsplit(env["MTRANK_REDIS_URL"])
@@ -182,31 +184,92 @@ def test_dockerignore_keeps_secrets_out_and_the_build_inputs_in(dockerfile_stage
 
 
 # -- CLI, Dockerfile, README ----------------------------------------------------------------------
-def test_compose_job_runs_real_cli_commands(compose):
-    script = compose["services"]["job"]["command"][0]
-    steps = [shlex.split(s) for s in script.split("&&")]
-    assert [s[:2] for s in steps] == [["mtrank", "synth"], ["mtrank", "train"], ["mtrank", "features"]]
-    runner = CliRunner()
-    for argv in steps:
-        sub = argv[1:3] if argv[1] == "features" else argv[1:2]
-        r = runner.invoke(app, [*sub, "--help"])
-        assert r.exit_code == 0, r.output
-        for opt in [a for a in argv if a.startswith("--")]:
-            assert opt in r.output, f"{' '.join(sub)} has no option {opt}"
+def test_compose_job_runs_the_bootstrap_with_settings_it_reads(compose):
+    """The job runs training/bootstrap.py (which runs the CLI's own commands; tests/deploy/
+    test_bootstrap.py runs it for real); every JOB_* variable compose sets is one it reads, with a
+    valid value, and the compose defaults are the bootstrap's own."""
+    from training import bootstrap
+
+    job = compose["services"]["job"]
+    assert job["entrypoint"] == ["python", "-m", "training.bootstrap"] and "command" not in job
+    assert importlib.util.find_spec("training.bootstrap") is not None
+
+    class Recording(dict):
+        read: set = set()
+
+        def get(self, key, default=None):
+            self.read.add(key)
+            return super().get(key, default)
+
+    env = {k: v for k, v in env_of(job).items() if k.startswith("JOB_")}
+    rec = Recording(env)
+    opts = bootstrap.options(rec)
+    assert set(env) <= rec.read, f"the job sets {sorted(set(env) - rec.read)}, which bootstrap.options never reads"
+    assert opts == bootstrap.options({}), "compose's defaults are the bootstrap's defaults"
+    assert opts.retrain is False
 
 
 def test_dockerfile_service_stage_has_no_torch_and_is_non_root(dockerfile_stages):
     stages = dockerfile_stages
-    assert set(stages) == {"base", "trainer", "service"}
+    assert set(stages) == {"base", "trainer", "gpu", "service"}
     service = stages["service"]
     assert "torch" not in service.replace("'torch' not in sys.modules", "")
-    assert "pip install ." in service and "'.[train]'" not in service
+    assert "python requirements.py cpu >" in service and "pip install --no-deps '.[cpu]'" in service
+    assert "requirements.py train" not in service and "requirements.py gpu" not in service and "'.[gpu]'" not in service
     users = re.findall(r"^USER (\S+)", service, re.M)
     assert users and users[-1] not in ("root", "0", "0:0"), "the service stage ends as a non-root user"
     assert users[-1] == "mtrank"
     assert 'CMD ["mtrank", "serve"]' in service and "EXPOSE 8000" in service
-    assert "GPU" in service and ".[gpu]" in service
     assert "torch==2.13.0" in stages["trainer"]
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.rstrip().splitlines()[-1].startswith("CMD"), "service is the last stage: the default target"
+    assert re.findall(r"^FROM (\S+) AS service$", text, re.M) == ["base"]
+
+
+def _arg_defaults(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.M))
+
+
+def test_dockerfile_base_images_and_torch_source_are_build_args(dockerfile_stages):
+    """Every FROM is a build argument (public default) or an earlier stage; torch comes from the
+    PyTorch CPU index by default or from a wheel in the build context; the CA bundle is a build
+    secret, never copied."""
+    text = (ROOT / "Dockerfile").read_text()
+    args = _arg_defaults(text)
+    stages = []
+    for image, stage in re.findall(r"^FROM (\S+) AS (\w+)$", text, re.M):
+        m = re.fullmatch(r"\$\{(\w+)\}", image)
+        assert m or image in stages, f"FROM {image}: use a build argument (or an earlier stage)"
+        if m:
+            assert args.get(m[1]), f"{m[1]} needs a public default"
+        stages.append(stage)
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    trainer = dockerfile_stages["trainer"]
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert 'pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0' in trainer
+    assert "--mount=type=bind,source=deploy/wheels,target=/wheels" in trainer and '"$TORCH_WHEEL"' in trainer
+    assert (ROOT / "deploy" / "wheels" / ".gitignore").read_text().splitlines()[-2:] == ["*", "!.gitignore"]
+    assert not re.search(r"^(COPY|ADD)\b.*(ca-certificates|\.crt|\.pem)", text, re.M | re.I)
+    for run in re.findall(r"^RUN (?:.*\\\n)*.*$", text, re.M):
+        if "pip install" in run:
+            assert "--mount=type=secret,id=ca" in run and "PIP_CERT=/run/secrets/ca" in run, run
+
+
+def test_dockerfile_gpu_stage_is_cuda_only_and_strict(dockerfile_stages):
+    text = (ROOT / "Dockerfile").read_text()
+    gpu = dockerfile_stages["gpu"].split("\n# The CPU service")[0]
+    cuda = _arg_defaults(text)["CUDA_IMAGE"]
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", cuda), cuda
+    assert "FROM ${CUDA_IMAGE} AS gpu" in text
+    assert "python requirements.py gpu >" in gpu and "pip install --no-deps '.[gpu]'" in gpu
+    assert "cpu" not in gpu.replace("CPU", "") and "train" not in gpu and "torch==" not in gpu
+    assert "'onnxruntime-gpu' in names and 'onnxruntime' not in names" in gpu, "the image checks: one onnxruntime"
+    env = dict(re.findall(r"\b(MTRANK_\w+)=(\S+)", gpu))
+    assert env["MTRANK_PROVIDERS"] == "cuda" and env["MTRANK_PROVIDER_STRICT"] == "1" and env["MTRANK_WORKERS"] == "1"
+    assert re.findall(r"^USER (\S+)", gpu, re.M)[-1] == "mtrank"
+    base_uid = re.search(r"useradd [^\n]*--uid (\d+)", dockerfile_stages["base"])[1]
+    assert re.search(r"useradd [^\n]*--uid (\d+)", gpu)[1] == base_uid
+    assert 'CMD ["mtrank", "serve"]' in gpu
 
 
 def test_readme_commands_exist():
@@ -245,3 +308,61 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     r = subprocess.run([*base, "--env-file", str(tmp_path / "empty"), "config", "-q"], capture_output=True,
                        text=True, timeout=60, env=clean)
     assert r.returncode != 0 and "REDIS_PASSWORD" in r.stderr, "compose must refuse to run without the password"
+
+
+def test_docker_compose_config_accepts_the_local_override(tmp_path):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no docker compose CLI on this machine")
+    env_file = tmp_path / "env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in TEST_ENV.items()))
+    clean = {k: v for k, v in __import__("os").environ.items() if k not in TEST_ENV}
+    r = subprocess.run([*cli, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
+                        "-f", str(ROOT / "docker-compose.local.yml"), "--env-file", str(env_file), "config"],
+                       capture_output=True, text=True, timeout=60, env=clean)
+    assert r.returncode == 0, r.stderr
+    merged = __import__("yaml").safe_load(r.stdout)["services"]
+    assert all(svc["image"].startswith("mtrank-local/") for svc in merged.values()), \
+        {n: svc.get("image") for n, svc in merged.items()}
+
+
+def test_the_local_override_replaces_every_image_with_a_stand_in(compose):
+    """Each service of docker-compose.yml gets an image the script builds (deploy/local-images.sh),
+    and each build gets the stand-in Python base; the public images stay the defaults."""
+    import yaml
+
+    local = yaml.safe_load((ROOT / "docker-compose.local.yml").read_text())["services"]
+    assert set(local) == set(compose["services"])
+    script = (ROOT / "deploy" / "local-images.sh").read_text()
+    built = {f"mtrank-local/{t}" for t in re.findall(r"^build (\S+) ", script, re.M)}
+    built |= {f"mtrank-local/mtrank:{t}" for t in re.findall(r'-t "\$PREFIX/mtrank:(\w+)"', script)}
+    assert built >= {"mtrank-local/python:3.11", "mtrank-local/redis:7", "mtrank-local/nginx:1.22",
+                     "mtrank-local/prometheus:2", "mtrank-local/mtrank:service", "mtrank-local/mtrank:trainer"}
+    for name, svc in compose["services"].items():
+        over = local[name]
+        assert over["image"] in built, f"{name}: {over['image']} is not built by deploy/local-images.sh"
+        if "build" in svc:
+            assert svc["build"]["args"]["PYTHON_IMAGE"] == "python:3.11-slim"
+            assert over["build"]["args"]["PYTHON_IMAGE"] == "mtrank-local/python:3.11"
+            target = svc["build"]["target"]
+            assert over["image"] == f"mtrank-local/mtrank:{target}"
+        else:
+            assert "/" not in svc["image"].split(":")[0] or svc["image"].split("/")[0] in ("prom", "grafana"), \
+                f"{name}: the default stays the public image ({svc['image']})"
+    assert "grafana" in local and "placeholder" in (ROOT / "docker-compose.local.yml").read_text()
+
+
+def test_requirements_lister_is_pyproject(tmp_path):
+    """deploy/requirements.py (the Dockerfile's dependency layer) lists exactly pyproject.toml's
+    dependencies and the named extras'; an unknown extra is skipped with a message, as pip does."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    script = ROOT / "deploy" / "requirements.py"
+    for extras in ([], ["train"], ["gpu"]):
+        r = subprocess.run([sys.executable, str(script), *extras], capture_output=True, text=True, check=True,
+                           cwd=tmp_path)
+        want = project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]
+        assert r.stdout.splitlines() == want
+    r = subprocess.run([sys.executable, str(script), "no-such-extra"], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines() == project["dependencies"] and "no-such-extra" in r.stderr

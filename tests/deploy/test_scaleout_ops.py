@@ -64,44 +64,89 @@ def replica_port(compose) -> int:
 
 
 # -- nginx ----------------------------------------------------------------------------------------
-def test_nginx_upstream_is_exactly_the_service_replicas(compose, nginx):
+def _server(nginx):
+    return nginx.one("http")[2].one("server")[2]
+
+
+def _locations(server) -> dict[str, "object"]:
+    return {" ".join(args): body for stmt, args, body in server if stmt == "location"}
+
+
+def _inherited(server, loc, name: str):
+    """nginx's inheritance of array directives (proxy_set_header, add_header): the location's own
+    list if it has one, else the server's."""
+    return loc.all(name) or server.all(name)
+
+
+def test_nginx_reaches_the_service_replicas_through_dns(compose, nginx):
+    """No `upstream ... resolve` (nginx >= 1.27.3): proxy_pass takes the compose service name from
+    a variable, so nginx resolves it through Docker's DNS per request (cached for `valid`), and a
+    new or recreated replica is reached without a reload, on Debian's nginx 1.22 as well."""
     http = nginx.one("http")[2]
-    upstreams = {args[0]: body for _, args, body in http.all("upstream")}
-    assert len(upstreams) == 1
-    (name, up), = upstreams.items()
-    servers = [args for _, args, _ in up.all("server")]
-    hosts = {}
-    for args in servers:
-        host, _, port = args[0].partition(":")
-        hosts[host] = int(port or 80)
-    assert set(hosts) == set(service_replicas(compose)), "upstream servers = compose services of the service target"
-    assert set(hosts.values()) == {replica_port(compose)}
-    if any("resolve" in args for args in servers):
-        # re-resolved service names: needs a shared zone, a resolver, and nginx >= 1.27.3
-        assert up.all("zone") and http.all("resolver")
-        image = compose["services"]["nginx"]["image"]
-        version = tuple(int(x) for x in re.search(r":(\d+)\.(\d+)", image).groups())
-        assert version >= (1, 28) or version == (1, 27), image
-    assert up.all("keepalive"), "keep-alive connections to the replicas"
-    # below uvicorn's keep-alive (5 s) so nginx never reuses a connection uvicorn is closing
-    timeout = up.all("keepalive_timeout")
-    assert timeout and int(timeout[0][1][0].rstrip("s")) < 5
+    server = _server(nginx)
+    assert not http.all("upstream"), "an upstream block resolves its names once, at start-up"
+    assert not [a for stmt, a, _ in nginx.walk() if stmt == "server" and "resolve" in a]
+    resolver = http.one("resolver")[1]
+    assert resolver[0] == "127.0.0.11", "Docker's embedded DNS"
+    valid = next(a for a in resolver if a.startswith("valid="))
+    assert 1 <= int(valid.removeprefix("valid=").rstrip("s")) <= 10, valid
+    var, target = server.one("set")[1]
+    host, _, port = target.partition(":")
+    assert {host} == set(service_replicas(compose)) and int(port) == replica_port(compose)
     passes = [(args, body) for stmt, args, body in nginx.walk() if stmt == "location" and body is not None
               and body.all("proxy_pass")]
     assert passes
     for _, loc in passes:
-        assert loc.one("proxy_pass")[1] == [f"http://{name}"]
-        assert loc.one("proxy_http_version")[1] == ["1.1"]
-        headers = {args[0].lower(): args[1] for _, args, _ in loc.all("proxy_set_header")}
-        assert headers["connection"] == "", "clear Connection so upstream keep-alive works"
+        assert loc.one("proxy_pass")[1] == [f"http://{var}"]
+        assert (loc.all("proxy_http_version") or server.all("proxy_http_version"))[0][1] == ["1.1"]
+        headers = {args[0].lower(): args[1] for _, args, _ in _inherited(server, loc, "proxy_set_header")}
+        assert headers["connection"] == ""
         assert headers["x-request-id"].startswith("$")
+    assert "nginx" in compose["services"]["nginx"]["image"]
+
+
+def test_nginx_retries_dead_replicas_and_never_counts_shedding(nginx):
+    """A killed replica (refused, reset, or silent) costs no 5xx: `error timeout` retried once on
+    another replica, POST included (/rank has no side effects), with a next-upstream budget that
+    outlasts one read timeout (otherwise a stuck request ends in 504). A shed answer (429, or 503
+    from older services) is passed to the client, not retried and never counted as a failure (a
+    listed http_503 is one, and used to eject healthy replicas under overload). No max_fails:
+    nothing is ejected."""
+    server = _server(nginx)
+    nxt = set(server.one("proxy_next_upstream")[1])
+    assert {"error", "timeout", "non_idempotent"} <= nxt
+    assert not nxt & {"http_503", "http_429", "http_500", "off"}, nxt
+    assert int(server.one("proxy_next_upstream_tries")[1][0]) == 2
+
+    def secs(name: str) -> float:
+        return float(server.one(name)[1][0].rstrip("s"))
+
+    assert secs("proxy_next_upstream_timeout") > secs("proxy_read_timeout") + secs("proxy_connect_timeout") - 1e-9
+    assert secs("proxy_read_timeout") <= 5 and secs("proxy_connect_timeout") <= 2
+    assert not [a for stmt, a, _ in nginx.walk() if any(x.startswith("max_fails") for x in a)]
+
+
+def test_nginx_exposes_only_rank_and_health(nginx):
+    """Public: POST /rank, GET /healthz and /readyz. Internal endpoints are 404 (or 403 for a
+    wrong method); Prometheus scrapes replicas directly."""
+    server = _server(nginx)
+    locs = _locations(server)
+    proxied = {k for k, body in locs.items() if body.all("proxy_pass")}
+    assert proxied == {"= /rank", "= /healthz", "= /readyz"}, proxied
+    methods = {k: locs[k].one("limit_except")[1] for k in proxied}
+    assert methods == {"= /rank": ["POST"], "= /healthz": ["GET"], "= /readyz": ["GET"]}
+    for k in proxied:
+        assert locs[k].one("limit_except")[2].one("deny")[1] == ["all"]
+    assert locs["/"].one("return")[1][0] == "404", "everything else: 404"
+    assert locs["= /metrics"].one("return")[1] == ["404"]
 
 
 def test_nginx_sets_x_request_id_from_the_client_or_request_id(nginx):
     http = nginx.one("http")[2]
+    server = _server(nginx)
     maps = {args[1]: (args[0], body) for _, args, body in http.all("map")}
-    loc = next(body for stmt, args, body in nginx.walk() if stmt == "location" and args == ["/"])
-    var = {args[0].lower(): args[1] for _, args, _ in loc.all("proxy_set_header")}["x-request-id"]
+    loc = _locations(server)["= /rank"]
+    var = {args[0].lower(): args[1] for _, args, _ in _inherited(server, loc, "proxy_set_header")}["x-request-id"]
     source, body = maps[var]
     assert source == "$http_x_request_id"
     entries = {stmt: args[0] for stmt, args, _ in body}
@@ -111,7 +156,7 @@ def test_nginx_sets_x_request_id_from_the_client_or_request_id(nginx):
     rx = re.compile(pattern.lstrip("~"))
     assert rx.search("b3c0771ef61f40a0a6d56cbcb61d39f3") and not rx.search("x" * 129)
     assert not rx.search('a"b') and not rx.search("a\nb")
-    adds = {args[0]: args[1:] for _, args, _ in loc.all("add_header")}
+    adds = {args[0]: args[1:] for _, args, _ in _inherited(server, loc, "add_header")}
     assert adds["X-Request-Id"] == [var, "always"]
 
 
