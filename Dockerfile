@@ -72,7 +72,7 @@ assert 'onnxruntime-gpu' in names and 'onnxruntime' not in names, 'one onnxrunti
 assert 'torch' not in sys.modules"
 USER mtrank
 ENV MTRANK_HOST=0.0.0.0 MTRANK_PORT=8000 MTRANK_MODEL_STORE=/models \
-    MTRANK_PROVIDERS=cuda MTRANK_PROVIDER_STRICT=1 MTRANK_WORKERS=1
+    MTRANK_PROVIDERS=cuda MTRANK_PROVIDERS_STRICT=1 MTRANK_WORKERS=1
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"

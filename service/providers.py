@@ -12,7 +12,7 @@ What decides what:
   for and this onnxruntime build has the CUDA provider, else one per usable core
   (:func:`default_workers`). Workers are started before any session exists, so this is the one
   decision taken from the build's *available* providers; each worker's session then re-checks.
-* **Strictness** (``MTRANK_PROVIDERS_STRICT``, also read as ``MTRANK_PROVIDER_STRICT``; the GPU
+* **Strictness** (``MTRANK_PROVIDERS_STRICT``; the GPU
   image sets it): a requested provider the build lacks, or a session that silently fell back to
   another provider, refuses the bundle naming the provider (:func:`check_session_providers`);
   without it, a WARNING.

@@ -12,7 +12,7 @@ import os
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: short provider names accepted in ``MTRANK_PROVIDERS`` -> onnxruntime execution provider
@@ -71,10 +71,9 @@ class Settings(BaseSettings):
     model_version: int | None = Field(default=None, ge=1, description="pinned version; None = newest")
     providers: str = Field(default="cpu", description="comma list of execution providers, in preference order")
     providers_strict: bool = Field(default=False,
-                                   validation_alias=AliasChoices("MTRANK_PROVIDERS_STRICT", "MTRANK_PROVIDER_STRICT"),
                                    description="refuse to start instead of falling back to CPU when a requested "
                                                "provider is missing or its session falls back (the GPU image "
-                                               "sets it); also read as MTRANK_PROVIDER_STRICT")
+                                               "sets it)")
     ort_intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = default")
     host: str = Field(default="127.0.0.1", description="listen address of mtrank serve and mtrank demo")
     port: int = Field(default=8000, ge=1, le=65535, description="listen port of mtrank serve and mtrank demo")

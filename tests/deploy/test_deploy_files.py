@@ -265,7 +265,7 @@ def test_dockerfile_gpu_stage_is_cuda_only_and_strict(dockerfile_stages):
     assert "cpu" not in gpu.replace("CPU", "") and "train" not in gpu and "torch==" not in gpu
     assert "'onnxruntime-gpu' in names and 'onnxruntime' not in names" in gpu, "the image checks: one onnxruntime"
     env = dict(re.findall(r"\b(MTRANK_\w+)=(\S+)", gpu))
-    assert env["MTRANK_PROVIDERS"] == "cuda" and env["MTRANK_PROVIDER_STRICT"] == "1" and env["MTRANK_WORKERS"] == "1"
+    assert env["MTRANK_PROVIDERS"] == "cuda" and env["MTRANK_PROVIDERS_STRICT"] == "1" and env["MTRANK_WORKERS"] == "1"
     assert re.findall(r"^USER (\S+)", gpu, re.M)[-1] == "mtrank"
     base_uid = re.search(r"useradd [^\n]*--uid (\d+)", dockerfile_stages["base"])[1]
     assert re.search(r"useradd [^\n]*--uid (\d+)", gpu)[1] == base_uid

@@ -90,9 +90,6 @@ def test_settings_default_workers_and_strict_alias(monkeypatch):
     want = providers.default_workers([CUDA, CPU], ort.get_available_providers(), cores, providers.visible_gpus())
     assert Settings(providers="cuda,cpu").workers == want
     assert Settings(workers=3).workers == 3
-    monkeypatch.setenv("MTRANK_PROVIDER_STRICT", "true")  # the spelling of issue 11 works too
-    assert Settings().providers_strict is True
-    monkeypatch.delenv("MTRANK_PROVIDER_STRICT")
     monkeypatch.setenv("MTRANK_PROVIDERS_STRICT", "1")
     assert Settings().providers_strict is True
     assert Settings(providers_strict=False).providers_strict is False
@@ -141,7 +138,7 @@ def test_strict_cuda_request_refuses_to_start(make_settings, features):
 def test_mtrank_serve_strict_exits_naming_the_provider(redis_url, key_prefix, store_root, features):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
     env.update(MTRANK_REDIS_URL=redis_url, MTRANK_REDIS_PREFIX=key_prefix, MTRANK_MODEL_STORE=str(store_root),
-               MTRANK_PROVIDERS="cuda", MTRANK_PROVIDER_STRICT="true", MTRANK_WORKERS="1", MTRANK_STORE_POLL_S="0")
+               MTRANK_PROVIDERS="cuda", MTRANK_PROVIDERS_STRICT="true", MTRANK_WORKERS="1", MTRANK_STORE_POLL_S="0")
     p = subprocess.run([MTRANK, "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=120)
     out = p.stdout + p.stderr
     assert p.returncode != 0, out[-2000:]
