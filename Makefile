@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install-dev clean
+.PHONY: demo test test-lowest install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,5 +21,10 @@ install-dev: $(BIN)/python
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# the lowest versions pyproject.toml admits: a separate .venv-lowest (uv, --resolution lowest-direct)
+# and the service, HTTP, store and dataset tests against them
+test-lowest:
+	PY=$(PY) .ci/lowest-deps $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) data build *.egg-info
+	rm -rf $(VENV) .venv-lowest data build *.egg-info

@@ -30,17 +30,19 @@ from service.contract import (
     TaskSpec,
     model_inputs,
 )
-from training.data.spec import DatasetSpec, FeatureSpec, load_spec
+from training.data.spec import DatasetSpec, FeatureSpec, Table, load_spec
 
 log = logging.getLogger(__name__)
 
 
-def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    if path.suffix in (".parquet", ".pq"):
+def read_table(spec: DatasetSpec, table: Table, columns: list[str] | None = None) -> pd.DataFrame:
+    """One table of the spec (Parquet, or CSV with the table's separator and header options)."""
+    path = spec.path(table.path)
+    if not table.is_csv:
         return pd.read_parquet(path, columns=columns)
-    if path.suffix in (".csv", ".tsv"):
-        return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", usecols=columns)
-    raise ValueError(f"{path}: unsupported table format (use .parquet or .csv)")
+    if table.header:
+        return pd.read_csv(path, sep=table.separator, usecols=columns)
+    return pd.read_csv(path, sep=table.separator, header=None, names=table.columns, usecols=columns)
 
 
 def as_str(col: pd.Series) -> pd.Series:
@@ -67,7 +69,7 @@ def _entity_table(spec: DatasetSpec, entity: Entity, exposures: pd.DataFrame) ->
         df = exposures[list(dict.fromkeys([key, *cols]))]
     elif table is not None:
         key = table.key
-        df = read_table(spec.path(table.path), columns=list(dict.fromkeys([key, *cols])))
+        df = read_table(spec, table, columns=list(dict.fromkeys([key, *cols])))
     else:  # no table: the last exposure row of each entity carries its features
         key = key_in_exposures
         df = exposures[list(dict.fromkeys([key, *cols]))].drop_duplicates(key, keep="last")
@@ -80,7 +82,7 @@ def _entity_table(spec: DatasetSpec, entity: Entity, exposures: pd.DataFrame) ->
 def read_raw(spec: DatasetSpec | str | Path, max_rows: int | None = None) -> RawData:
     if not isinstance(spec, DatasetSpec):
         spec = load_spec(spec)
-    ex = read_table(spec.path(spec.exposures.path))
+    ex = read_table(spec, spec.exposures)
     if max_rows is not None and len(ex) > max_rows:
         ex = ex.iloc[:max_rows]
     ex = ex.reset_index(drop=True)
