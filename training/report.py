@@ -53,7 +53,8 @@ def write_report(out_dir: Path, *, cfg: dict, model_config: dict, history: list[
     json_path.write_text(json.dumps(report, indent=2, default=str, allow_nan=True))
 
     tasks = list(history[0]["train"]) if history else []
-    metric_names = sorted({k for h in history for k in h["val"] if not k.startswith("loss/")})
+    # per-epoch curves of the [0, 1] metrics (the means in seconds are in the reliability row)
+    metric_names = sorted({k for h in history for k in h["val"] if not k.startswith(("loss/", "mean_"))})
     cols = max(len(tasks), len(reliability), 1)
     rows = 3 if reliability else 2
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.5 * rows), squeeze=False)
