@@ -12,7 +12,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from service.contract import MANIFEST_FILE, MODEL_FILE, BundleManifest
 from service.store import BundleError, load_bundle
@@ -166,8 +165,7 @@ def test_calibration_is_fitted_on_validation_and_applied_by_the_graph(trained):
     _, bundle, ds = trained
     manifest = BundleManifest.from_json((bundle / MANIFEST_FILE).read_text())
     cfg = TrainConfig(**CFG)
-    torch.manual_seed(0)
-    model, _, (_, val, test) = fit(ds, cfg, progress=False)  # the same seed: the same model as the bundle's
+    model, _, (_, val, test) = fit(ds, cfg, progress=False)  # fit seeds itself: the bundle's model again
     on_val = cal.fit(*predictions(model, ds, val), ds.tasks)
     on_test = cal.fit(*predictions(model, ds, test), ds.tasks)
     for k, c in manifest.calibration.items():
