@@ -103,7 +103,6 @@ def regression_rows(t: TaskSpec, labels: dict[str, np.ndarray], tasks: list[Task
 
 def metrics_of(raw: dict[str, np.ndarray], labels: dict[str, np.ndarray], tasks: list[TaskSpec]) -> dict[str, float]:
     """The metrics (module doc) from raw outputs (logits / log1p predictions) and labels by label name."""
-    by_name = {t.name: t for t in tasks}
     m: dict[str, float] = {}
     with torch.no_grad():
         losses = task_losses({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in raw.items()},

@@ -40,6 +40,10 @@ def test_ece_and_log_loss_by_hand():
     assert ece(np.zeros(0), np.zeros(0)) != ece(np.zeros(0), np.zeros(0))  # NaN without rows
 
 
+def sig(x):
+    return 1 / (1 + np.exp(-x))
+
+
 def test_metrics_judge_each_probability_on_its_own_rows():
     rng = np.random.default_rng(0)
     n = 4000
@@ -49,7 +53,6 @@ def test_metrics_judge_each_probability_on_its_own_rows():
     wt = click * np.exp(rng.normal(3, 1, n))
     labels = {"click": click, "conversion": conv.astype(np.float32), "watch_time": wt.astype(np.float32)}
     m = metrics_of(raw, labels, TASKS)
-    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     c = click > 0
     assert m["ece/ctr"] == pytest.approx(ece(click, sig(raw["ctr"])))
     assert m["ece/cvr"] == pytest.approx(ece(conv[c], sig(raw["cvr"][c])))  # CVR on clicks
@@ -106,7 +109,7 @@ def test_options_are_checked_when_the_config_is_made():
 
 # --- a trained bundle ----------------------------------------------------------------------------
 
-CFG = dict(arch="mmoe", epochs=3, batch_size=512, lr=5e-3, threads=1)
+CFG = {"arch": "mmoe", "epochs": 3, "batch_size": 512, "lr": 5e-3, "threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +123,7 @@ def trained(tmp_path_factory):
 
 
 def test_report_and_manifest_hold_calibration_for_every_task(trained):
-    _, bundle, ds = trained
+    _, bundle, _ = trained
     report = json.loads((bundle / "report.json").read_text())
     manifest = BundleManifest.from_json((bundle / MANIFEST_FILE).read_text())
     names = ["ctr", "cvr", "ctcvr"]
@@ -180,7 +183,7 @@ def test_calibration_is_fitted_on_validation_and_applied_by_the_graph(trained):
 
 
 def test_manifest_without_calibration_still_loads_in_the_service(trained, tmp_path):
-    store, bundle, _ = trained
+    _, bundle, _ = trained
     old = tmp_path / "store" / "c" / bundle.name
     shutil.copytree(bundle, old)
     raw = json.loads((old / MANIFEST_FILE).read_text())
