@@ -218,7 +218,8 @@ class OutputCalibration(_Strict):
       rows (Duan's smearing estimate, 1983), so ``y`` estimates the *expected* value rather than the
       geometric-mean-like ``expm1(E[log1p y])``. ``shift`` is 0.
     * ``ratio`` (regression task): the same map with ``scale = mean(1 + y) / mean(exp(max(pred, 0)))``
-      over the validation rows, so that the mean served value equals the observed mean there.
+      over the validation rows, so that the mean served value equals the observed mean there
+      (the default of training: see :mod:`training.calibration`).
 
     ``rows``: how many validation rows it was fitted on.
     """

@@ -62,7 +62,7 @@ class TrainConfig:
     int8: bool = False  # also write an int8 model into the bundle (training.quantize), AUC deltas in the manifest
     device: str = "cpu"  # cpu | cuda | auto; under torchrun, cuda trains with nccl (one GPU per rank), cpu with gloo
     calibration: str = "platt"  # platt | none: post-hoc map of binary outputs, fitted on validation (training.calibration)
-    watch_time_correction: str = "smearing"  # smearing | ratio | none: regression outputs as expected values (ditto)
+    watch_time_correction: str = "ratio"  # ratio | smearing | none: regression outputs as expected values (ditto)
 
     def __post_init__(self):
         calibration_mod.check_options(self.calibration, self.watch_time_correction)

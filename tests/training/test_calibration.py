@@ -70,14 +70,14 @@ def test_platt_recovers_a_known_miscalibration():
     assert a == pytest.approx(0.5, abs=0.02) and b == pytest.approx(-1, abs=0.03)
     raw, labels = {"ctr": z}, {"click": y.astype(np.float32)}
     tasks = TASKS[:1]
-    calib = cal.fit(raw, labels, tasks)
+    calib = cal.fit(raw, labels, tasks, "platt", "none")
     m = cal.served_metrics(raw, labels, tasks, calib)
     assert m["ece_uncalibrated/ctr"] > 0.1 and m["ece/ctr"] < 0.01
     assert m["logloss/ctr"] < m["logloss_uncalibrated/ctr"]
     assert m["auc/ctr"] == pytest.approx(m["auc_uncalibrated/ctr"], abs=1e-12)  # monotone: same ranking
     # too few rows of a class: left uncalibrated rather than fitted on noise
     assert cal.fit_platt(z[:50], np.arange(50) < 5) is None
-    assert cal.fit({"ctr": z[:50]}, {"click": (np.arange(50) < 5).astype(np.float32)}, tasks) == {}
+    assert cal.fit({"ctr": z[:50]}, {"click": (np.arange(50) < 5).astype(np.float32)}, tasks, "platt", "none") == {}
     assert cal.fit_platt(-z, y) is None  # a negative slope would reverse the ranking
 
 
@@ -137,7 +137,7 @@ def test_report_and_manifest_hold_calibration_for_every_task(trained):
     assert set(report["reliability"]) == {*names, "watch_time"}
     assert report["calibration"] == {k: v.model_dump(mode="json") for k, v in manifest.calibration.items()}
     assert {k: v.method for k, v in manifest.calibration.items()} == \
-        {"ctr": "platt", "cvr": "platt", "watch_time": "smearing"}
+        {"ctr": "platt", "cvr": "platt", "watch_time": "ratio"}
     assert "15 equal-width bins" in report["definitions"]["ece"]
     assert (bundle / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert manifest.train_config["train"]["calibration"] == "platt"
@@ -169,8 +169,9 @@ def test_calibration_is_fitted_on_validation_and_applied_by_the_graph(trained):
     manifest = BundleManifest.from_json((bundle / MANIFEST_FILE).read_text())
     cfg = TrainConfig(**CFG)
     model, _, (_, val, test) = fit(ds, cfg, progress=False)  # fit seeds itself: the bundle's model again
-    on_val = cal.fit(*predictions(model, ds, val), ds.tasks)
-    on_test = cal.fit(*predictions(model, ds, test), ds.tasks)
+    options = cfg.calibration, cfg.watch_time_correction
+    on_val = cal.fit(*predictions(model, ds, val), ds.tasks, *options)
+    on_test = cal.fit(*predictions(model, ds, test), ds.tasks, *options)
     for k, c in manifest.calibration.items():
         assert c.rows == on_val[k].rows
         assert c.scale == pytest.approx(on_val[k].scale, rel=1e-4) and c.shift == pytest.approx(on_val[k].shift, abs=1e-4)
