@@ -11,7 +11,10 @@ read it back. Two objects:
   made and with which library versions; optionally other precisions of the same model
   (``precisions["int8"]``: ``model.int8.onnx``, its sha256, how it was quantised and its metric
   deltas against fp32 on the test split). A manifest without ``precisions`` (older bundles) has
-  the fp32 model only.
+  the fp32 model only. ``calibration`` records the post-hoc maps the exported graph already
+  applies to each task's output (:class:`OutputCalibration`; fitted on the validation split); a
+  manifest without it (older bundles) serves the model's outputs uncalibrated. The service reads
+  neither to score: both are in the ONNX graph.
 
 Index 0 of every sparse/sequence vocabulary is reserved for "missing or out of vocabulary",
 which is also the padding value of sequences. Dense fields are stored and sent *raw*; the model
@@ -202,6 +205,36 @@ class PrecisionFile(_Strict):
         return self
 
 
+class OutputCalibration(_Strict):
+    """A post-hoc map from one task's raw model output to the served value, fitted on the
+    validation split and applied inside the exported ONNX graph (so the service scores with it
+    without knowing it is there).
+
+    * ``platt`` (binary task): ``p = sigmoid(scale * logit + shift)`` - Platt scaling of the logit
+      (``scale > 0``: the ranking, hence the AUC, is unchanged). For a task with a condition (CVR)
+      it is fitted on the condition's positive rows: the served CVR is ``p(conversion | click)``.
+    * ``smearing`` (regression task): ``y = max(scale * exp(max(pred, 0)) - 1, 0)`` where ``pred``
+      estimates ``E[log1p y]``; ``scale = mean(exp(log1p y - max(pred, 0)))`` over the validation
+      rows (Duan's smearing estimate, 1983), so ``y`` estimates the *expected* value rather than the
+      geometric-mean-like ``expm1(E[log1p y])``. ``shift`` is 0.
+    * ``ratio`` (regression task): the same map with ``scale = mean(1 + y) / mean(exp(max(pred, 0)))``
+      over the validation rows, so that the mean served value equals the observed mean there
+      (the default of training: see :mod:`training.calibration`).
+
+    ``rows``: how many validation rows it was fitted on.
+    """
+
+    method: Literal["platt", "smearing", "ratio"]
+    scale: float = Field(gt=0, allow_inf_nan=False)
+    shift: float = Field(default=0.0, allow_inf_nan=False)
+    rows: int = Field(ge=1)
+    split: Literal["validation"] = "validation"
+
+
+#: which calibration method fits which task kind
+CALIBRATION_KIND = {"platt": "binary", "smearing": "regression", "ratio": "regression"}
+
+
 class BundleManifest(BaseModel):
     format_version: int = 1
     name: str
@@ -218,6 +251,8 @@ class BundleManifest(BaseModel):
     library_versions: dict[str, str] = {}
     #: other precisions of the model (absent in older bundles: fp32 only)
     precisions: dict[OptionalPrecision, PrecisionFile] = {}
+    #: post-hoc calibration the ONNX graph applies, by task (absent in older bundles: none)
+    calibration: dict[str, OutputCalibration] = {}
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -233,6 +268,13 @@ class BundleManifest(BaseModel):
         task_names = [t.name for t in self.tasks]
         if sorted(task_names) != sorted(self.outputs):
             raise ValueError(f"outputs {self.outputs} must be one per task {task_names}")
+        kinds = {t.name: t.kind for t in self.tasks}
+        for task, c in self.calibration.items():
+            if task not in kinds:
+                raise ValueError(f"calibration for {task!r}, which is not a task ({task_names})")
+            if CALIBRATION_KIND[c.method] != kinds[task]:
+                raise ValueError(f"calibration of {task!r}: {c.method} is for {CALIBRATION_KIND[c.method]} tasks, "
+                                 f"{task!r} is {kinds[task]}")
         return self
 
     def to_json(self) -> str:

@@ -16,7 +16,8 @@ Two rewrites make the exported graph cheaper than the model as trained, with the
   and no transposes around the experts' per-(expert, channel) statistics.
 
 The parity gate's reference is the model exactly as trained (plain ``[N, D]`` tensors, BatchNorm
-as a layer), so the gate checks both rewrites.
+as a layer) followed by the same post-hoc calibration (:mod:`training.calibration`), so the gate
+checks both rewrites and the calibration as exported.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, VOCAB_FILE, BundleManifest, model_inputs,
-                              sha256_file)
+from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, VOCAB_FILE, BundleManifest,
+                              OutputCalibration, model_inputs, sha256_file)
 from service.store import list_versions
 from training.models.blocks import MLP, EmbeddingLayer, Experts, MultiTaskModel
 from training.quantize import Int8Job, make_int8
@@ -76,20 +77,34 @@ class ServingModel(nn.Module):
     task order - a probability for a binary task, ``expm1(max(pred, 0))`` (>= 0) for a regression.
 
     ``request_once`` (default): the first layers compute the user/context part at their own batch
-    (1 at serving) and broadcast-add it (:func:`request_once`); False runs the model as trained."""
+    (1 at serving) and broadcast-add it (:func:`request_once`); False runs the model as trained.
+    ``calibration`` (by task, :class:`~service.contract.OutputCalibration`): the post-hoc maps
+    traced into the graph - ``sigmoid(scale * logit + shift)`` (platt) and
+    ``max(scale * exp(max(pred, 0)) - 1, 0)`` (smearing); a task without one is served as above."""
 
-    def __init__(self, model: MultiTaskModel, request_once: bool = True):
+    def __init__(self, model: MultiTaskModel, request_once: bool = True,
+                 calibration: dict[str, OutputCalibration] | None = None):
         super().__init__()
         self.model = model
         self.request_once = request_once
+        self.calibration = dict(calibration or {})
+        unknown = set(self.calibration) - {t.name for t in model.tasks}
+        if unknown:
+            raise ValueError(f"calibration for unknown tasks {sorted(unknown)}")
         self.input_names = [i.name for i in model_inputs(model.schema)]
+
+    def _output(self, task, x: Tensor) -> Tensor:
+        c = self.calibration.get(task.name)
+        if task.kind == "binary":
+            return torch.sigmoid(x if c is None else x * c.scale + c.shift)
+        # exp(x) - 1 rather than expm1: ONNX has no Expm1 (x >= 0 here, so no precision is lost)
+        e = torch.exp(x.clamp(min=0))
+        return e - 1 if c is None else (e * c.scale - 1).clamp(min=0)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         with request_once(self.model, self.request_once):
             out = self.model(dict(zip(self.input_names, inputs)))
-        # exp(x) - 1 rather than expm1: ONNX has no Expm1 (x >= 0 here, so no precision is lost)
-        return tuple(torch.sigmoid(out[t.name]) if t.kind == "binary" else torch.exp(out[t.name].clamp(min=0)) - 1
-                     for t in self.model.tasks)
+        return tuple(self._output(t, out[t.name]) for t in self.model.tasks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +170,8 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
 def _export_onnx(serving: ServingModel, example: dict[str, np.ndarray], path: Path) -> None:
     """Trace ``serving`` into ``path``: the model's BatchNorms folded (on a copy) and the request
     side once as ``serving`` says."""
-    serving = ServingModel(fold_batch_norms(copy.deepcopy(serving.model).eval()), serving.request_once)
+    serving = ServingModel(fold_batch_norms(copy.deepcopy(serving.model).eval()), serving.request_once,
+                           serving.calibration)
     schema_inputs = model_inputs(serving.model.schema)
     axis = {"user": "user_batch", "context": "context_batch", "item": "n"}
     dynamic_axes = {mi.name: {0: axis[mi.entity]} for mi in schema_inputs}
@@ -183,14 +199,15 @@ def check_parity(serving: ServingModel, onnx_path: str | Path, parity_inputs: di
     """Max difference per task between onnxruntime and PyTorch (eval mode) over :func:`parity_cases`.
 
     The PyTorch side is ``serving.model`` as trained (``request_once`` off), whatever ``serving``
-    was exported with: the gate checks the request-once rewrite as well as the export.
+    was exported with, followed by ``serving.calibration``: the gate checks the request-once
+    rewrite and the calibration as well as the export.
 
     Binary tasks are compared as probabilities; regression tasks on the ``log1p`` scale the model
     predicts on (an absolute difference in seconds would fail on float32 rounding of large values).
     Raises :class:`ExportParityError` if a task differs by more than ``atol``; returns the diffs.
     """
     model = serving.model
-    serving = ServingModel(model, request_once=False)  # the reference: the model as trained
+    serving = ServingModel(model, request_once=False, calibration=serving.calibration)  # the model as trained
     inputs = _as_arrays(model, parity_inputs)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [mi.name for mi in model_inputs(model.schema)]
@@ -232,13 +249,16 @@ def library_versions() -> dict[str, str]:
 def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_config: dict,
                   metrics: dict[str, float], parity_inputs: dict[str, np.ndarray],
                   vocabs: dict[str, list[str]], extra_files: dict[str, str | Path] | None = None,
-                  atol: float = 1e-4, int8: Int8Job | None = None) -> Path:
+                  atol: float = 1e-4, int8: Int8Job | None = None,
+                  calibration: dict[str, OutputCalibration] | None = None) -> Path:
     """Export ``model`` to ``<store>/<name>/<next version>/`` and return that path.
 
     ``parity_inputs``: arrays by ONNX input name, one user per row (>= 1000 rows recommended).
     ``extra_files``: ``{target file name: source path}`` copied into the bundle.
     ``int8``: also write ``model.int8.onnx`` (:func:`training.quantize.make_int8`, scored on the
     job's test rows) and record it in the manifest's ``precisions`` - before the bundle is published.
+    ``calibration``: post-hoc maps by task (:mod:`training.calibration`, fitted on validation) that
+    the graph applies and the parity gate checks; recorded in the manifest's ``calibration``.
     The manifest's metrics get ``parity_max_abs_diff/<task>``; non-finite metrics (NaN, inf) are
     left out with a warning, since JSON cannot hold them.
     """
@@ -255,7 +275,7 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
-    serving = ServingModel(copy.deepcopy(model).cpu().eval())  # the caller's model is left untouched
+    serving = ServingModel(copy.deepcopy(model).cpu().eval(), calibration=calibration)  # the caller's is untouched
     try:
         onnx_path = tmp / MODEL_FILE
         _export_onnx(serving, {k: v[:EXAMPLE_ROWS] for k, v in inputs.items()}, onnx_path)
@@ -281,7 +301,8 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
                 name=name, version=version, architecture=model.arch, tasks=model.tasks,
                 inputs=model_inputs(model.schema), outputs=[t.name for t in model.tasks],
                 feature_schema=model.schema, metrics=all_metrics, train_config=train_config,
-                sha256=sha, library_versions=library_versions(), precisions=precisions)
+                sha256=sha, library_versions=library_versions(), precisions=precisions,
+                calibration=serving.calibration)
             text = manifest.to_json()
             BundleManifest.from_json(text)  # never publish a manifest that does not load back
             (tmp / MANIFEST_FILE).write_text(text)

@@ -10,7 +10,9 @@ to the weighted task losses. The test metrics are :func:`training.metrics.metric
 Under ``torchrun --nproc_per_node N`` the same code trains with DistributedDataParallel: sharded
 batches, metrics gathered from all ranks, rank-0-only logging, report and export (the choices are
 in :mod:`training.distributed`). ``TrainConfig.int8`` adds an int8 model to the bundle
-(:mod:`training.quantize`).
+(:mod:`training.quantize`). ``TrainConfig.calibration`` / ``watch_time_correction`` choose the
+post-hoc maps fitted on the validation split and folded into the exported graph
+(:mod:`training.calibration`); the test metrics judge the outputs as served.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from service.contract import TaskSpec
+from training import calibration as calibration_mod
 from training import distributed
 from training.data.dataset import EncodedDataset, prepare
 from training.export import export_bundle
@@ -58,6 +61,11 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # architecture config overrides
     int8: bool = False  # also write an int8 model into the bundle (training.quantize), AUC deltas in the manifest
     device: str = "cpu"  # cpu | cuda | auto; under torchrun, cuda trains with nccl (one GPU per rank), cpu with gloo
+    calibration: str = "platt"  # platt | none: post-hoc map of binary outputs, fitted on validation (training.calibration)
+    watch_time_correction: str = "ratio"  # ratio | smearing | none: regression outputs as expected values (ditto)
+
+    def __post_init__(self):
+        calibration_mod.check_options(self.calibration, self.watch_time_correction)
 
 
 def _tensors(batch: dict[str, np.ndarray], device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -105,19 +113,24 @@ def predict(model, ds: EncodedDataset, rows: np.ndarray, batch_size: int = 8192)
     return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
 
 
-def evaluate(model, ds: EncodedDataset, rows: np.ndarray,
-             ctx: distributed.Context | None = None) -> dict[str, float]:
-    """Test-split metrics (:func:`training.metrics.metrics_of`, with the mean loss of each task).
-
-    With a parallel ``ctx`` each rank predicts every W-th row and the predictions are gathered:
-    every rank returns the metrics of all ``rows``."""
+def predictions(model, ds: EncodedDataset, rows: np.ndarray,
+                ctx: distributed.Context | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(raw outputs, labels by label name)`` of ``rows``. With a parallel ``ctx`` each rank
+    predicts every W-th row and the predictions are gathered: every rank gets all ``rows``."""
     if ctx is not None and ctx.parallel:
         rows = rows[ctx.rank::ctx.world]
         raw = distributed.gather({**predict(model, ds, rows), "__rows__": rows}, ctx)
         rows = raw.pop("__rows__")
     else:
         raw = predict(model, ds, rows)
-    return metrics_of(raw, {t.label: ds.label(t.label, rows) for t in ds.tasks}, ds.tasks)
+    return raw, {t.label: ds.label(t.label, rows) for t in ds.tasks}
+
+
+def evaluate(model, ds: EncodedDataset, rows: np.ndarray,
+             ctx: distributed.Context | None = None) -> dict[str, float]:
+    """Metrics of ``rows`` (:func:`training.metrics.metrics_of`, with the mean loss of each task)
+    from the model's own outputs (:func:`predictions`; no post-hoc calibration)."""
+    return metrics_of(*predictions(model, ds, rows, ctx), ds.tasks)
 
 
 def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None):
@@ -225,7 +238,13 @@ def _train(data, name, store, cfg: TrainConfig, progress: bool, ctx: distributed
                    f"{len(ds.schema.all_fields())} fields  ({time.perf_counter() - t0:.1f}s)"
                    + (f"  [{ctx.world} ranks]" if ctx.parallel else ""))
     model, history, (train_rows, val_rows, test_rows) = fit(ds, cfg, progress)
-    metrics = evaluate(model, ds, test_rows, ctx)
+    # post-hoc calibration: fitted on the validation rows; the test metrics judge the outputs as
+    # served, with the model's own as <family>_uncalibrated/<name> (training.calibration)
+    calib = calibration_mod.fit(*predictions(model, ds, val_rows, ctx), ds.tasks, cfg.calibration,
+                                cfg.watch_time_correction)
+    test_raw, test_labels = predictions(model, ds, test_rows, ctx)
+    metrics = calibration_mod.served_metrics(test_raw, test_labels, ds.tasks, calib)
+    curves = calibration_mod.curves(test_raw, test_labels, ds.tasks, calib) if ctx.main else {}
     metrics = {k: v for k, v in metrics.items() if not k.startswith("loss/")} | \
               {f"test_{k.replace('/', '_')}": v for k, v in metrics.items() if k.startswith("loss/")}
     n_params = sum(p.numel() for p in model.parameters())
@@ -239,7 +258,8 @@ def _train(data, name, store, cfg: TrainConfig, progress: bool, ctx: distributed
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 report_json, report_png = write_report(Path(tmp), cfg=asdict(cfg), model_config=asdict(model.config),
-                                                       history=history, test_metrics=metrics, info=info)
+                                                       history=history, test_metrics=metrics, info=info,
+                                                       calibration=calib, reliability=curves)
                 parity_rows = test_rows[:2048]
                 int8 = None
                 if cfg.int8:
@@ -251,6 +271,7 @@ def _train(data, name, store, cfg: TrainConfig, progress: bool, ctx: distributed
                     train_config={"train": asdict(cfg), "model": asdict(model.config), **info},
                     metrics=metrics, parity_inputs=ds.inputs(parity_rows), vocabs=ds.vocabs,
                     extra_files={"report.json": report_json, "report.png": report_png}, int8=int8,
+                    calibration=calib,
                 )
         except BaseException as e:
             if not ctx.parallel:

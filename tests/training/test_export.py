@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import training.export as export_mod
-from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, FeatureSchema, model_inputs,
-                              sha256_file)
+from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, FeatureSchema,
+                              OutputCalibration, model_inputs, sha256_file)
 from training.export import (ExportParityError, ServingModel, check_parity, export_bundle,
                              latest_version, list_versions)
 from training.models import ARCHITECTURES, build_model
@@ -126,6 +126,50 @@ def test_check_parity_with_a_different_model(tmp_path):
     other = build_model("shared_bottom", tiny_schema(), TASKS)
     with pytest.raises(ExportParityError, match="ctr"):
         check_parity(ServingModel(other), path / MODEL_FILE, parity_rows(other.schema, 50))
+
+
+CALIB = {"ctr": OutputCalibration(method="platt", scale=1.7, shift=-0.6, rows=100),
+         "cvr": OutputCalibration(method="platt", scale=0.6, shift=0.4, rows=30),
+         "watch_time": OutputCalibration(method="smearing", scale=1.8, rows=30)}
+
+
+def test_calibration_is_in_the_graph_the_manifest_and_the_parity_gate(tmp_path):
+    model = make_model("ple").eval()
+    path = export(model, tmp_path / "store", calibration=CALIB)
+    m = BundleManifest.from_json((path / MANIFEST_FILE).read_text())
+    assert m.calibration == CALIB
+    rows = parity_rows(model.schema, 200, seed=3)
+    got = dict(zip(m.outputs, ort.InferenceSession(str(path / MODEL_FILE)).run(m.outputs, rows)))
+    with torch.no_grad():
+        raw = {k: v.numpy().astype(np.float64) for k, v in model({k: torch.from_numpy(v) for k, v in rows.items()}).items()}
+    # the exported graph applies sigmoid(a z + b) and max(s exp(max(m, 0)) - 1, 0) to the model's raw outputs
+    for t in ("ctr", "cvr"):
+        c = CALIB[t]
+        np.testing.assert_allclose(got[t], 1 / (1 + np.exp(-(c.scale * raw[t] + c.shift))), atol=1e-5, rtol=0)
+        assert np.max(np.abs(got[t] - 1 / (1 + np.exp(-raw[t])))) > 0.01  # not the uncalibrated output
+    want = np.maximum(1.8 * np.exp(np.maximum(raw["watch_time"], 0)) - 1, 0)
+    np.testing.assert_allclose(np.log1p(got["watch_time"]), np.log1p(want), atol=1e-5, rtol=0)
+    # the gate's reference carries the same calibration: without it the gate refuses the graph
+    check_parity(ServingModel(model, calibration=CALIB), path / MODEL_FILE, rows)
+    with pytest.raises(ExportParityError, match="ctr"):
+        check_parity(ServingModel(model), path / MODEL_FILE, rows)
+    # and a bundle exported without calibration records none
+    plain = BundleManifest.from_json((export(model, tmp_path / "store") / MANIFEST_FILE).read_text())
+    assert plain.calibration == {}
+
+
+def test_calibration_must_fit_its_task(tmp_path):
+    model = make_model("mmoe")
+    with pytest.raises(ValueError, match="unknown tasks"):
+        ServingModel(model, calibration={"dwell": CALIB["ctr"]})
+    path = export(model, tmp_path / "store", calibration=CALIB)
+    raw = json.loads((path / MANIFEST_FILE).read_text())
+    raw["calibration"]["watch_time"] = raw["calibration"]["ctr"]  # platt on a regression task
+    with pytest.raises(ValueError, match="platt is for binary tasks"):
+        BundleManifest.model_validate(raw)
+    raw["calibration"] = {"ctr": {**raw["calibration"]["ctr"], "scale": -1.0}}  # would reverse the ranking
+    with pytest.raises(ValueError, match="scale"):
+        BundleManifest.model_validate(raw)
 
 
 def test_versions_ignore_non_integer_names(tmp_path):
