@@ -1,11 +1,12 @@
 """`mtrank`: the command line. It wires the modules together and does nothing else.
 
-Training commands import torch lazily, so a plain `pip install .` (no torch) still has
+Training commands import torch lazily, so the service install (`pip install '.[cpu]'`, no torch) still has
 `mtrank serve` and `mtrank features load`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -24,6 +25,8 @@ app.add_typer(features_app, name="features")
 REDIS_URL = typer.Option("redis://127.0.0.1:6379/0", "--redis-url", envvar="MTRANK_REDIS_URL", show_default=True,
                          help="Redis URL (may carry a password; never printed).")
 PREFIX = typer.Option("mtrank", "--prefix", envvar="MTRANK_REDIS_PREFIX", help="Redis key prefix.")
+#: seconds uvicorn waits for a worker's health-check answer (uvicorn >= 0.37; its default is 5)
+WORKER_HEALTHCHECK_S = 30
 STORE = typer.Option(Path("model_store"), "--store", envvar="MTRANK_MODEL_STORE", help="Model store directory.")
 HOST = typer.Option("127.0.0.1", "--host", envvar="MTRANK_HOST")
 PORT = typer.Option(8000, "--port", envvar="MTRANK_PORT")
@@ -58,13 +61,26 @@ def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory.")
 def movielens(out: Path = typer.Option(Path("data/movielens-100k"), help="Output directory (outside git)."),
               source: Optional[Path] = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
               seed: int = typer.Option(0, help="Seed of the sampled non-clicked exposures.")):
-    """Turn MovieLens-100K into a multi-task exposure log (the DML paper's implicit-exposure protocol).
+    """Turn MovieLens-100K into a multi-task exposure log (our implicit-exposure protocol: see training/data/movielens.py).
 
     Train on it with `mtrank train --data OUT --split random` or `--split column` (per-user time split)."""
     from training.data.movielens import DEFAULT_SOURCE, build
 
     spec = build(out, source or DEFAULT_SOURCE, seed=seed)
     typer.echo(f"wrote {spec}")
+
+
+@contextlib.contextmanager
+def _user_errors(command: str):
+    """A dataset spec or a bundle that cannot be used: its one-line message and exit 2, no traceback."""
+    from service.store import BundleError
+    from training.data.spec import SpecError
+
+    try:
+        yield
+    except (SpecError, BundleError) as e:
+        typer.echo(f"mtrank {command}: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -84,6 +100,12 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
           int8: bool = typer.Option(False, "--int8/--no-int8",
                                     help="Also write model.int8.onnx into the bundle (AUC deltas vs fp32 in the manifest)."),
           device: str = typer.Option("cpu", help="cpu | cuda | auto. Under torchrun: gloo on cpu, nccl on cuda."),
+          calibration: Optional[str] = typer.Option(
+              None, help="Post-hoc calibration of binary tasks, fitted on validation and folded into the ONNX "
+                         "graph: platt (default) | none."),
+          watch_time_correction: Optional[str] = typer.Option(
+              None, help="Serve regression tasks as expected values with a factor fitted on validation: "
+                         "ratio (default) | smearing | none."),
           quiet: bool = typer.Option(False, help="No progress bars.")):
     """Train a multi-task model, evaluate it on the test split and export a versioned bundle."""
     _need_training()
@@ -95,9 +117,15 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
         model["backbone"] = backbone
     if mutual_learning is not None:
         model["mutual_learning"] = mutual_learning
-    cfg = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, split=split,
-                      seed=seed, max_rows=max_rows, model=model, int8=int8, device=device)
-    bundle, metrics = run_train(data, name=name, store=store, cfg=cfg, progress=not quiet)
+    extra = {k: v for k, v in (("calibration", calibration), ("watch_time_correction", watch_time_correction))
+             if v is not None}  # unset: TrainConfig's defaults
+    try:
+        cfg = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, split=split,
+                          seed=seed, max_rows=max_rows, model=model, int8=int8, device=device, **extra)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    with _user_errors("train"):
+        bundle, metrics = run_train(data, name=name, store=store, cfg=cfg, progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same; rank 0 reports
         typer.echo(f"test metrics:\n{format_metrics(metrics)}\nbundle: {bundle}")
 
@@ -114,9 +142,10 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
 
     from service.redis_client import client_for_url
 
-    path = bundle_dir(store, model_name, version)
     client = client_for_url(redis_url)
-    summary = load_features(data, path, client, prefix=prefix, progress=not quiet)
+    with _user_errors("features load"):
+        path = bundle_dir(store, model_name, version)
+        summary = load_features(data, path, client, prefix=prefix, progress=not quiet)
     typer.echo(f"{summary} (bundle {path}, redis {_redact(redis_url)})")
 
 
@@ -139,14 +168,15 @@ def serve(host: str = HOST, port: int = PORT,
     import uvicorn
 
     from service.access_log import logging_config
-    from service.deps import DependencyTooOld, check_redis_py
-    from service.settings import Settings
+    from service.deps import DependencyError, check_runtime
 
     try:
-        check_redis_py()
-    except DependencyTooOld as e:
+        check_runtime()
+    except DependencyError as e:
         typer.echo(f"mtrank serve: {e}", err=True)
         raise typer.Exit(2) from None
+    from service.settings import Settings
+
     if workers is not None:
         os.environ["MTRANK_WORKERS"] = str(workers)  # the workers read their Settings from the environment
     settings = Settings()
@@ -173,7 +203,10 @@ def serve(host: str = HOST, port: int = PORT,
     try:
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=n,
                     log_level=log_level.lower(), log_config=log_config,
-                    access_log=False, timeout_graceful_shutdown=settings.shutdown_drain_s)
+                    access_log=False, timeout_graceful_shutdown=settings.shutdown_drain_s,
+                    # a worker importing the app on a loaded machine can take longer than uvicorn's 5 s
+                    # health-check ping (it was then killed and restarted in a loop)
+                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
     finally:
         if own_dir is not None:
             import shutil

@@ -81,3 +81,23 @@ def test_old_redis_py_refuses_to_start(old_redis, tmp_path, how):
     assert f"redis {old} is installed, but mtrank needs redis>={floor}" in out, out[-2000:]
     if how == "mtrank serve":  # the CLI says it in one line, without a traceback
         assert "Traceback" not in out, out[-2000:]
+
+
+@pytest.mark.parametrize("installed, importable, fragment", [
+    (["onnxruntime"], True, None),
+    (["onnxruntime-gpu"], True, None),
+    ([], False, "pip install 'mtrank[cpu]'"),
+    (["onnxruntime", "onnxruntime-gpu"], True, "both onnxruntime and onnxruntime-gpu are installed"),
+])
+def test_onnxruntime_problem_names_the_fix(installed, importable, fragment):
+    from service.deps import onnxruntime_problem
+
+    problem = onnxruntime_problem(installed, importable)
+    assert (problem is None) if fragment is None else (fragment in problem and "\n" not in problem)
+
+
+def test_this_install_has_exactly_one_onnxruntime_build():
+    from service.deps import ONNXRUNTIME_DISTS, check_onnxruntime, installed_version
+
+    check_onnxruntime()  # the test environment is a supported install
+    assert sum(installed_version(d) is not None for d in ONNXRUNTIME_DISTS) == 1

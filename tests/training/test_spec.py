@@ -226,6 +226,26 @@ def test_tabular_spec_without_item_feature_fails_at_load(tmp_path):
         load_spec(tmp_path)
 
 
+@pytest.mark.parametrize("command", [["train"], ["features", "load"]])
+def test_cli_reports_a_bad_spec_in_one_line(tmp_path, command):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = tabular(tmp_path)
+    spec["features"] = spec["features"][1:]
+    write(tmp_path, spec)
+    mtrank = Path(sys.executable).with_name("mtrank")
+    r = subprocess.run([str(mtrank), *command, "--data", str(tmp_path), "--store", str(tmp_path / "store"), "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    # train: the spec fails at load; features load: the empty store has no bundle to load features for
+    want = "spec.features: no item feature" if command == ["train"] else "no bundle versions of 'demo'"
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and want in lines[0], r.stderr
+
+
 def test_tabular_data_set_trains_and_exports(tmp_path):
     pytest.importorskip("torch")
     from training.train import TrainConfig, train
