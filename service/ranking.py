@@ -72,9 +72,6 @@ class Ranker:
     def model_ref(self) -> dict:
         return dict(self._model_ref)
 
-    def rank(self, request: RankRequest, bucket: int | None = None) -> bytes:
-        return self.rank_result(request, bucket).body
-
     def rank_result(self, request: RankRequest, bucket: int | None = None) -> RankResult:
         """Rank one request; ``bucket`` (the user's routing bucket) is echoed in the response."""
         t_start = time.perf_counter()
