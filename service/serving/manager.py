@@ -260,12 +260,11 @@ class ServingManager:
             mv = lb.key.model_version
             fetcher = fetchers.get(mv) or self._fetchers.get(mv)
             if fetcher is None or fetcher.schema != b.manifest.feature_schema:
-                fetcher = FeatureFetcher(self.store, b.manifest.feature_schema, self.settings.redis_prefix,
-                                         b.vocabs, inputs=b.manifest.inputs)
+                fetcher = FeatureFetcher(self.store, b.manifest.feature_schema, self.settings, b.vocabs,
+                                         inputs=b.manifest.inputs)
             fetchers[mv] = fetcher
             fname, weights = planner.fusion_of(spec, b.manifest.tasks, self.settings)
-            ranker = Ranker(self.settings, b, self.store, fusion_name=fname, weights=weights, fetcher=fetcher,
-                            variant=spec.name)
+            ranker = Ranker(b, fetcher, fusion_name=fname, weights=weights, variant=spec.name)
             variants.append(Variant(name=spec.name, first=first, last=last, model_spec=str(spec.model.version),
                                     ranker=ranker))
         return variants, fetchers
