@@ -8,8 +8,14 @@ from fastapi.responses import Response
 from service import limits, metrics
 from service.middleware import RequestInfo
 from service.runtime import Runtime
-from service.schemas import DUPLICATES_DOC, ErrorResponse, RankRequest, RankResponse, ValidationErrorResponse, \
-    rank_request_model
+from service.schemas import (
+    DUPLICATES_DOC,
+    ErrorResponse,
+    RankRequest,
+    RankResponse,
+    ValidationErrorResponse,
+    rank_request_model,
+)
 from service.serving import NotReady
 
 FORCE_HEADER = "X-Mtrank-Variant"

@@ -13,8 +13,20 @@ The admin description (``GET /admin/models``) is :func:`service.admin.describe`.
 
 from service.serving.bundles import ReloadReport
 from service.serving.manager import WARMUP_SIZES, ServingManager
-from service.serving.state import (BundleKey, InUse, LoadedBundle, LoadRefused, ModelVersion, NotInStore, NotReady,
-                                   OperatorError, Route, ServingState, UnknownVariant, Variant)
+from service.serving.state import (
+                                   BundleKey,
+                                   InUse,
+                                   LoadedBundle,
+                                   LoadRefused,
+                                   ModelVersion,
+                                   NotInStore,
+                                   NotReady,
+                                   OperatorError,
+                                   Route,
+                                   ServingState,
+                                   UnknownVariant,
+                                   Variant,
+)
 from service.serving.watcher import Watcher
 
 __all__ = ["WARMUP_SIZES", "BundleKey", "InUse", "LoadRefused", "LoadedBundle", "ModelVersion", "NotInStore",

@@ -34,12 +34,28 @@ from types import MappingProxyType
 from service.features import FeatureFetcher
 from service.ranking import Ranker
 from service.redis_client import FeatureStore
-from service.routing import (ConfigIssue, LayerTable, RoutingConfig, RoutingConfigError, VariantSpec, implicit_config,
-                             load_config, parse_policy)
+from service.routing import (
+    ConfigIssue,
+    LayerTable,
+    RoutingConfig,
+    RoutingConfigError,
+    VariantSpec,
+    implicit_config,
+    load_config,
+    parse_policy,
+)
 from service.serving import planner
 from service.serving.bundles import BundleCache, ReloadReport
-from service.serving.state import (BundleKey, InUse, LoadedBundle, LoadRefused, ModelVersion, NotInStore, ServingState,
-                                   Variant)
+from service.serving.state import (
+    BundleKey,
+    InUse,
+    LoadedBundle,
+    LoadRefused,
+    ModelVersion,
+    NotInStore,
+    ServingState,
+    Variant,
+)
 from service.settings import Settings
 from service.store import ProviderError, list_versions
 
