@@ -26,9 +26,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import orjson
-import redis
-
-from service.features import ContextError
 
 log = logging.getLogger("service.access")
 _SECRETS: list[str] = []
@@ -157,18 +154,6 @@ def configure(level: str | int = "INFO", fmt: str = "json") -> None:
 
 
 # -- the access line of /rank -----------------------------------------------------------------------
-
-def status_of(exc: BaseException) -> int:
-    """The HTTP status the app answers for an exception raised on the /rank path."""
-    from service.serving import NotReady, UnknownVariant  # imported here: serving imports nothing of ours
-
-    if isinstance(exc, (ContextError, UnknownVariant)):
-        return 422
-    if isinstance(exc, (redis.RedisError, NotReady)):
-        return 503
-    status = getattr(exc, "status_code", None)
-    return status if isinstance(status, int) else 500
-
 
 def rank_line(*, request_id: str | None, status: int, variant: str | None = None, bucket: int | None = None,
               forced: bool = False, model: dict | None = None, n_items: int | None = None,

@@ -32,15 +32,14 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import redis
 
 from service.codec import Decoded, EntityCodec
 from service.contract import FeatureSchema, ModelInput, item_key, meta_key, model_inputs, namespace, user_key
 from service.item_cache import ItemCache
-from service.redis_client import FeatureStore, StoreUnavailable
+from service.redis_client import StoreUnavailable
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,30 +72,34 @@ class Features:
     items_from_cache: int = 0
 
 
-class FeatureFetcher:
-    """Fetch and assemble features for one schema.
+class FeatureSource(Protocol):
+    """What the fetcher reads: :class:`~service.redis_client.FeatureStore` implements it. ``mget``
+    answers within ``deadline_s`` (its default) or raises
+    :class:`~service.redis_client.StoreUnavailable`."""
 
+    deadline_s: float
+
+    def mget(self, keys: Sequence[str], deadline_s: float | None = None) -> list[bytes | None]: ...
+
+
+class FeatureFetcher:
+    """Fetch and assemble features for one schema from ``store``.
+
+    ``settings``: the key prefix (MTRANK_REDIS_PREFIX), the failure mode and the item cache.
     ``vocabs``: ``{sparse field: [value, ...]}`` from the bundle (value at position i has index
     i + 1); only the context fields' vocabularies are used here (user/item values are stored as
     indices already). ``inputs`` defaults to :func:`~service.contract.model_inputs` of the schema
     and must agree with it (the codec's column order is the schema order).
-
-    ``redis_client`` is a :class:`~service.redis_client.FeatureStore` (reads get its deadline)
-    or any client with ``mget(keys)``. ``settings`` (failure mode, item cache) default to the
-    store's, else to the defaults.
     """
 
-    def __init__(self, redis_client, schema: FeatureSchema, prefix: str,
-                 vocabs: Mapping[str, Sequence[str]], inputs: Sequence[ModelInput] | None = None,
-                 settings: Settings | None = None):
-        self.redis = redis_client
-        settings = settings or getattr(redis_client, "settings", None) or Settings.model_construct()
+    def __init__(self, store: FeatureSource, schema: FeatureSchema, settings: Settings,
+                 vocabs: Mapping[str, Sequence[str]], inputs: Sequence[ModelInput] | None = None):
+        self.redis = store
         self.degrade = settings.redis_failure_mode == "degrade"
-        self._with_deadline = isinstance(redis_client, FeatureStore)
         cache = ItemCache(settings.item_cache_size, settings.item_cache_ttl_s)
         self.cache: ItemCache | None = cache if cache.enabled else None
         self.schema = schema
-        self.ns = namespace(prefix, schema)
+        self.ns = namespace(settings.redis_prefix, schema)
         self._meta_key = meta_key(self.ns)
         expected = model_inputs(schema)
         self.inputs = list(inputs) if inputs is not None else expected
@@ -124,7 +127,7 @@ class FeatureFetcher:
         ctx_sparse, ctx_dense = self.context_arrays(context or {})
         ns = self.ns
         t0 = time.perf_counter()
-        until = time.monotonic() + getattr(self.redis, "deadline_s", 0.0)
+        until = time.monotonic() + self.redis.deadline_s
         degraded = None
         cache = self.cache
         if cache is None:
@@ -181,14 +184,9 @@ class FeatureFetcher:
         (what could be read, ``None`` elsewhere; the reason), else the error propagates. ``until``
         (monotonic): the end of the request's budget when it is not the first read."""
         try:
-            if self._with_deadline:
-                if until is not None:
-                    return self.redis.mget(keys, max(until - time.monotonic(), 0.001)), None
-                return self.redis.mget(keys), None
-            try:
-                return self.redis.mget(keys), None
-            except (redis.ConnectionError, redis.TimeoutError) as e:  # a plain redis-py client
-                raise StoreUnavailable("timeout" if isinstance(e, redis.TimeoutError) else "down", str(e)) from e
+            if until is not None:
+                return self.redis.mget(keys, max(until - time.monotonic(), 0.001)), None
+            return self.redis.mget(keys), None
         except StoreUnavailable as e:
             if not self.degrade:
                 raise

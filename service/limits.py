@@ -36,12 +36,6 @@ _RID = re.compile(rb"[!-~]{1,%d}" % REQUEST_ID_MAX)
 _ID_FIELDS = ("user_id", "items")
 
 
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int):
-        super().__init__(f"request body larger than {limit} bytes")
-        self.limit = limit
-
-
 def request_id_from_header(value: bytes | None) -> str | None:
     """The ``X-Request-Id`` value when it is usable (1-128 visible ASCII characters), else None."""
     if value is not None and _RID.fullmatch(value):

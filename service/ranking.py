@@ -23,7 +23,6 @@ import orjson
 from service import fusion
 from service.features import FeatureFetcher
 from service.schemas import RankRequest
-from service.settings import Settings
 from service.store import Bundle
 
 STAGES = ("fetch", "assemble", "inference", "fusion", "serialise")
@@ -44,26 +43,19 @@ class RankResult:
 
 
 class Ranker:
-    """Ranks requests with one loaded bundle, one fusion and one Redis client (thread-safe: no
+    """Ranks requests with one loaded bundle, one feature fetcher and one fusion (thread-safe: no
     mutable state). One ranker serves one variant; variants of one bundle share its ``fetcher``.
+    The serving layer decides the fusion and weights (:func:`service.serving.planner.fusion_of`);
+    weights naming tasks the model does not have fail here, at load time."""
 
-    ``fusion_name`` / ``weights`` default to the settings' MTRANK_FUSION / MTRANK_FUSION_WEIGHTS (when
-    set; else the bundle's default weights, :func:`service.fusion.default_weights`)."""
-
-    def __init__(self, settings: Settings, bundle: Bundle, redis_client, fusion_name: str | None = None,
-                 weights: dict[str, float] | None = None, fetcher: FeatureFetcher | None = None,
+    def __init__(self, bundle: Bundle, fetcher: FeatureFetcher, fusion_name: str, weights: dict[str, float],
                  variant: str = "default"):
-        self.settings = settings
         self.bundle = bundle
         manifest = bundle.manifest
-        self.fusion_name = fusion_name or settings.fusion
-        if weights is None:
-            weights = settings.explicit_fusion_weights
-        self.weights = dict(fusion.default_weights(manifest.tasks) if weights is None else weights)
-        # weights naming tasks the model does not have fail here, at load time
+        self.fusion_name = fusion_name
+        self.weights = dict(weights)
         self.kinds = fusion.validate_weights(self.fusion_name, self.weights, manifest.tasks)
-        self.fetcher = fetcher or FeatureFetcher(redis_client, manifest.feature_schema, settings.redis_prefix,
-                                                 bundle.vocabs, inputs=manifest.inputs, settings=settings)
+        self.fetcher = fetcher
         self.tasks = list(manifest.outputs)
         self.variant = variant
         self._model_ref = {"name": manifest.name, "version": manifest.version}
@@ -71,9 +63,6 @@ class Ranker:
     @property
     def model_ref(self) -> dict:
         return dict(self._model_ref)
-
-    def rank(self, request: RankRequest, bucket: int | None = None) -> bytes:
-        return self.rank_result(request, bucket).body
 
     def rank_result(self, request: RankRequest, bucket: int | None = None) -> RankResult:
         """Rank one request; ``bucket`` (the user's routing bucket) is echoed in the response."""

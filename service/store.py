@@ -6,12 +6,13 @@ bundle may also hold other precisions of its model (``model.int8.onnx``, listed 
 sha256 in the manifest's ``precisions``); :func:`load_bundle` loads the one asked for (``fp32``,
 the default, is ``model.onnx``).
 
-:func:`load_bundle` picks the newest version (or the pinned one), validates the manifest,
-verifies ``model.onnx`` against the manifest's sha256 *before* handing it to onnxruntime, checks
-that the session's inputs/outputs are the manifest's, and warms the session up (:func:`warm_up`).
-A ``verify`` hook runs between the manifest and the checksum: the serving layer checks there that
-Redis holds features for the bundle's schema. Which bundles are held at once, and the hot swap
-between them, are :mod:`service.serving`'s job; this module loads one bundle at a time.
+:func:`load_bundle` is two steps. :func:`read_manifest` picks the newest version (or the pinned
+one) and validates the manifest; :func:`open_bundle` verifies the model file against the
+manifest's sha256 *before* handing it to onnxruntime, checks that the session's inputs/outputs are
+the manifest's, and warms the session up (:func:`warm_up`). Between the two the serving layer
+checks that Redis holds features for the bundle's schema (:mod:`service.serving.feature_check`).
+Which bundles are held at once, and the hot swap between them, are :mod:`service.serving`'s job;
+this module loads one bundle at a time.
 
 Execution providers are asked for in preference order (``["CUDAExecutionProvider",
 "CPUExecutionProvider"]``). A provider that this onnxruntime build lacks is skipped with a
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,18 +164,11 @@ def resolve_providers(requested: str | Sequence[str], strict: bool = False) -> l
     return chosen
 
 
-def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = None,
-                providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
-                intra_op_threads: int = 0, warmup: bool | Sequence[int] = True,
-                verify: Callable[[BundleManifest], None] | None = None, precision: str = "fp32") -> Bundle:
-    """Load and check one bundle (see the module doc).
-
-    ``verify(manifest)`` runs after the manifest checks and before the checksum and the session
-    (for example the feature check of :mod:`service.serving`); it raises :class:`BundleError` to
-    refuse the bundle. ``warmup``: ``True`` runs one batch of 2 items, a list of batch sizes runs
-    one batch of each (:func:`warm_up`), ``False`` none. ``precision``: ``fp32`` (``model.onnx``)
-    or another precision the manifest lists (``int8``): that file is checked against its own
-    sha256 and run instead; a bundle without it is refused."""
+def read_manifest(store_root: str | os.PathLike, name: str, version: int | None = None,
+                  precision: str = "fp32") -> tuple[Path, BundleManifest]:
+    """The bundle's directory and its checked manifest: the files exist, the manifest parses, names
+    this directory, agrees with its feature schema and lists ``precision``. Reads no model bytes;
+    :class:`BundleError` when any check fails."""
     if precision not in PRECISIONS:
         raise BundleError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
     path = bundle_dir(store_root, name, version)
@@ -195,13 +189,21 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
     if precision != "fp32" and precision not in manifest.precisions:
         raise BundleError(f"{path}: no {precision} model in this bundle (its manifest lists "
                           f"{['fp32', *manifest.precisions]}); export it with int8 on")
+    model_file = manifest.model_file(precision)[0]
+    if not (path / model_file).is_file():
+        raise BundleError(f"{path}: missing {model_file} (the {precision} model its manifest lists)")
+    return path, manifest
+
+
+def open_bundle(path: Path, manifest: BundleManifest, precision: str = "fp32",
+                providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
+                intra_op_threads: int = 0, warmup: bool | Sequence[int] = True) -> Bundle:
+    """The served bundle of a manifest from :func:`read_manifest`: the model file is checked against
+    its sha256 *before* onnxruntime sees it, then the session is opened on the providers, its
+    inputs/outputs are checked against the manifest, and it is warmed up. ``warmup``: ``True`` runs
+    one batch of 2 items, a list of batch sizes one batch of each (:func:`warm_up`), ``False`` none."""
     model_file, want_sha = manifest.model_file(precision)
     model_path = path / model_file
-    if not model_path.is_file():
-        raise BundleError(f"{path}: missing {model_file} (the {precision} model its manifest lists)")
-    if verify is not None:
-        verify(manifest)
-
     digest = sha256_file(model_path)
     if digest != want_sha:
         raise BundleError(f"{model_path}: sha256 mismatch: file is {digest}, "
@@ -239,9 +241,21 @@ def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = 
                     requested_providers=provider_names(providers), precision=precision, gated=uses_run_gate(got))
     if warmup:
         warm_up(bundle, (2,) if warmup is True else warmup)
-    log.info("loaded bundle %s v%d%s from %s on %s", name, version, "" if precision == "fp32" else f" ({precision})",
-             path, active)
+    log.info("loaded bundle %s v%d%s from %s on %s", manifest.name, manifest.version,
+             "" if precision == "fp32" else f" ({precision})", path, active)
     return bundle
+
+
+def load_bundle(store_root: str | os.PathLike, name: str, version: int | None = None,
+                providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
+                intra_op_threads: int = 0, warmup: bool | Sequence[int] = True, precision: str = "fp32") -> Bundle:
+    """Load and check one bundle: :func:`read_manifest`, then :func:`open_bundle` (see the module
+    doc). ``precision``: ``fp32`` (``model.onnx``) or another precision the manifest lists
+    (``int8``): that file is checked against its own sha256 and run instead; a bundle without it
+    is refused."""
+    path, manifest = read_manifest(store_root, name, version, precision)
+    return open_bundle(path, manifest, precision, providers=providers, strict=strict,
+                       intra_op_threads=intra_op_threads, warmup=warmup)
 
 
 def warm_up(bundle: Bundle, sizes: Sequence[int] = (1, 16, 128)) -> None:

@@ -14,6 +14,8 @@ from service.features import (
     namespace,
     user_key,
 )
+from service.redis_client import make_store
+from service.settings import Settings
 
 
 class CountingRedis:
@@ -41,6 +43,18 @@ def client(redis_url):
 
 
 @pytest.fixture
+def settings(redis_url, key_prefix):
+    return Settings(redis_url=redis_url, redis_prefix=key_prefix, redis_deadline_ms=2000)
+
+
+@pytest.fixture
+def store(settings):
+    st = make_store(settings)
+    yield st
+    st.close()
+
+
+@pytest.fixture
 def vocabs():
     return {"hour": [str(h) for h in range(24)], "item_id": [f"i{i}" for i in range(20)]}
 
@@ -53,9 +67,9 @@ def test_key_layout(schema):
     assert meta_key(ns) == f"{ns}:meta"
 
 
-def test_one_mget_decodes_user_and_items(client, schema, key_prefix, features, vocabs):
-    proxy = CountingRedis(client)
-    fetcher = FeatureFetcher(proxy, schema, key_prefix, vocabs)
+def test_one_mget_decodes_user_and_items(store, settings, schema, features, vocabs):
+    proxy = CountingRedis(store)
+    fetcher = FeatureFetcher(proxy, schema, settings, vocabs)
     ids = ["i3", "i0", "i9", "i3"]
     f = fetcher.fetch("u1", ids, {"hour": "13", "distance_km": 1.5})
     assert proxy.calls == ["mget"]
@@ -77,8 +91,8 @@ def test_one_mget_decodes_user_and_items(client, schema, key_prefix, features, v
     assert set(f.timings) == {"fetch", "assemble"}
 
 
-def test_missing_entities_get_defaults_and_are_counted(client, schema, key_prefix, features, vocabs):
-    fetcher = FeatureFetcher(client, schema, key_prefix, vocabs)
+def test_missing_entities_get_defaults_and_are_counted(store, settings, schema, features, vocabs):
+    fetcher = FeatureFetcher(store, schema, settings, vocabs)
     f = fetcher.fetch("nobody", ["i1", "zzz", "i2", "yyy"], {})
     assert f.user_missing is True and f.items_missing == 2 and f.items_corrupt == 0
     assert f.inputs["user_sparse"].tolist() == [[0, 0]]
@@ -90,8 +104,8 @@ def test_missing_entities_get_defaults_and_are_counted(client, schema, key_prefi
     assert f.inputs["context_sparse"].tolist() == [[0]] and f.inputs["context_dense"].tolist() == [[3.0]]
 
 
-def test_corrupt_values_degrade_to_defaults_counted_and_logged_once(client, schema, key_prefix, features, vocabs,
-                                                                   caplog):
+def test_corrupt_values_degrade_to_defaults_counted_and_logged_once(client, store, settings, schema, key_prefix,
+                                                                   features, vocabs, caplog):
     ns = namespace(key_prefix, schema)
     size = EntityCodec.for_schema(schema, "item").size
     good = client.get(item_key(ns, "i4"))
@@ -99,7 +113,7 @@ def test_corrupt_values_degrade_to_defaults_counted_and_logged_once(client, sche
     client.set(item_key(ns, "i6"), b"XX\x01\x00" + good[4:])  # bad header, right length
     assert len(b"XX\x01\x00" + good[4:]) == size and HEADER != b"XX\x01\x00"
     client.set(user_key(ns, "u2"), b"garbage")
-    fetcher = FeatureFetcher(client, schema, key_prefix, vocabs)
+    fetcher = FeatureFetcher(store, schema, settings, vocabs)
     with caplog.at_level(logging.WARNING, logger="service.features"):
         f = fetcher.fetch("u2", ["i4", "i5", "i6", "nope"], {})
     assert f.user_missing and f.user_corrupt
@@ -113,8 +127,8 @@ def test_corrupt_values_degrade_to_defaults_counted_and_logged_once(client, sche
     assert "i5" in msg and "i6" in msg and "u2" in msg and "nope" not in msg
 
 
-def test_context_lookup(client, schema, key_prefix, vocabs):
-    fetcher = FeatureFetcher(client, schema, key_prefix, vocabs)
+def test_context_lookup(store, settings, schema, vocabs):
+    fetcher = FeatureFetcher(store, schema, settings, vocabs)
     assert fetcher.context_arrays({"hour": 7})[0].tolist() == [[8]]
     assert fetcher.context_arrays({"hour": "0"})[0].tolist() == [[1]]
     assert fetcher.context_arrays({"hour": "25"})[0].tolist() == [[0]]  # unknown value -> OOV
@@ -132,29 +146,27 @@ def test_context_lookup(client, schema, key_prefix, vocabs):
     ({"distance_km": float("nan")}, "distance_km"),
     ({"distance_km": 10 ** 400}, "distance_km"),
 ])
-def test_context_errors_name_the_key(client, schema, key_prefix, vocabs, ctx, key):
-    fetcher = FeatureFetcher(CountingRedis(client), schema, key_prefix, vocabs)
+def test_context_errors_name_the_key(store, settings, schema, vocabs, ctx, key):
+    fetcher = FeatureFetcher(CountingRedis(store), schema, settings, vocabs)
     with pytest.raises(ContextError) as e:
         fetcher.fetch("u0", ["i0"], ctx)
     assert isinstance(e.value, ValueError) and e.value.key == key and repr(key) in str(e.value)
     assert fetcher.redis.calls == []  # rejected before any Redis round trip
 
 
-def test_inputs_must_match_schema(client, schema, key_prefix, vocabs):
+def test_inputs_must_match_schema(store, settings, schema, vocabs):
     bad = list(reversed(model_inputs(schema)))
     with pytest.raises(ValueError, match="do not match"):
-        FeatureFetcher(client, schema, key_prefix, vocabs, inputs=bad)
+        FeatureFetcher(store, schema, settings, vocabs, inputs=bad)
     with pytest.raises(ValueError, match="hour"):
-        FeatureFetcher(client, schema, key_prefix, {})
+        FeatureFetcher(store, schema, settings, {})
 
 
 def test_store_backed_fetch_is_one_mget_with_the_meta_key(redis_url, schema, key_prefix, features, vocabs):
-    from service.redis_client import make_store
-    from service.settings import Settings
-
-    store = make_store(Settings(redis_url=redis_url, redis_deadline_ms=2000))
+    settings = Settings(redis_url=redis_url, redis_prefix=key_prefix, redis_deadline_ms=2000)
+    store = make_store(settings)
     try:
-        fetcher = FeatureFetcher(store, schema, key_prefix, vocabs)
+        fetcher = FeatureFetcher(store, schema, settings, vocabs)
         c = store.client
         calls = c.info("commandstats")["cmdstat_mget"]["calls"]
         first = fetcher.fetch("u1", ["i3", "i0", "nope"])
@@ -173,15 +185,15 @@ def test_store_backed_fetch_is_one_mget_with_the_meta_key(redis_url, schema, key
 def test_unreachable_store_degrades_or_raises(schema, key_prefix, vocabs, mode):
     import socket
 
-    from service.redis_client import StoreUnavailable, make_store
-    from service.settings import Settings
+    from service.redis_client import StoreUnavailable
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: connections are refused
-    store = make_store(Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_failure_mode=mode))
+    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_prefix=key_prefix, redis_failure_mode=mode)
+    store = make_store(settings)
     try:
-        fetcher = FeatureFetcher(store, schema, key_prefix, vocabs)
+        fetcher = FeatureFetcher(store, schema, settings, vocabs)
         if mode == "fail":
             with pytest.raises(StoreUnavailable) as e:
                 fetcher.fetch("u1", ["i1"])

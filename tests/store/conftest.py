@@ -19,6 +19,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.features import FeatureFetcher
+from service.fusion import default_weights
 from service.ranking import Ranker
 from service.redis_client import make_store
 from service.schemas import RankRequest
@@ -195,7 +197,9 @@ class RankerRig:
         self.settings = settings
         self.store = make_store(settings)
         bundle = load_bundle(settings.model_store, settings.model_name, providers="cpu", intra_op_threads=1)
-        self.ranker = Ranker(settings, bundle, self.store)
+        fetcher = FeatureFetcher(self.store, bundle.manifest.feature_schema, settings, bundle.vocabs,
+                                 inputs=bundle.manifest.inputs)
+        self.ranker = Ranker(bundle, fetcher, settings.fusion, default_weights(bundle.manifest.tasks))
 
     def rank(self, user: str, items: list[str], **kw):
         return self.ranker.rank_result(RankRequest(user_id=user, items=items, **kw))

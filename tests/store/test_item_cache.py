@@ -143,7 +143,7 @@ def fetcher_rig(own_redis, world):
     load_world(world, r.client(), "ic")
     st = make_store(store_settings(r.url, "ic", world, redis_deadline_ms=500))
     b = load_bundle(world.store, "demo", providers="cpu", intra_op_threads=1)
-    f = FeatureFetcher(st, b.manifest.feature_schema, "ic", b.vocabs, inputs=b.manifest.inputs)
+    f = FeatureFetcher(st, b.manifest.feature_schema, st.settings, b.vocabs, inputs=b.manifest.inputs)
     yield r, st, f
     st.close()
 
@@ -205,7 +205,7 @@ def test_cache_off_sends_exactly_user_and_items(own_redis, world):
     st = make_store(store_settings(r.url, "off", world, item_cache_size=0, redis_deadline_ms=500))
     try:
         b = load_bundle(world.store, "demo", providers="cpu", intra_op_threads=1)
-        f = FeatureFetcher(st, b.manifest.feature_schema, "off", b.vocabs, inputs=b.manifest.inputs)
+        f = FeatureFetcher(st, b.manifest.feature_schema, st.settings, b.vocabs, inputs=b.manifest.inputs)
         assert f.cache is None
         c = r.client()
         c.config_resetstat()

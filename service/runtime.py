@@ -1,0 +1,123 @@
+"""The one object the app starts and stops: feature store client, serving manager, store watcher
+and prediction log, and the one answer to "is this replica ready?".
+
+``create_app`` builds a :class:`Runtime`, the lifespan calls :meth:`Runtime.start` and
+:meth:`Runtime.stop`, and the routes read it (``app.state.mtrank``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+
+from service import metrics
+from service.predlog import PredictionLog
+from service.redis_client import FeatureStore, make_store
+from service.serving import ServingManager, ServingState, Watcher
+from service.settings import Settings
+from service.store import Bundle, limit_concurrent_runs
+
+log = logging.getLogger("service.app")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis_client: FeatureStore | None = None
+    manager: ServingManager | None = None
+    watcher: Watcher | None = None
+    predlog: PredictionLog | None = None
+
+    @property
+    def serving(self) -> ServingState | None:
+        return self.manager.state if self.manager is not None else None
+
+    @property
+    def bundle(self) -> Bundle | None:
+        """The bundle of the first variant (the only one without a routing config)."""
+        st = self.serving
+        return st.primary.bundle if st is not None else None
+
+    @property
+    def not_ready(self) -> str:
+        """Why no model serves (the manager says; "starting" before it exists)."""
+        return (self.manager.not_ready if self.manager is not None else None) or "starting"
+
+    def breaker_state(self) -> str | None:
+        return self.redis_client.state if self.redis_client is not None else None
+
+    def readiness(self) -> tuple[list[str], list[str]]:
+        """(reasons not to be ready, reasons to be degraded). Redis is PINGed unless a breaker is
+        open (then it is known to be unavailable)."""
+        s = self.settings
+        reasons: list[str] = []
+        redis_down: list[str] = []
+        if self.serving is None:
+            reasons.append(f"model not loaded: {self.not_ready}")
+        c = self.redis_client
+        if c is None:
+            reasons.append("redis: no client")
+        else:
+            if c.fault:  # every /rank fails with it: not something degraded mode can answer
+                reasons.append(f"redis client error on the request path (every /rank fails): {c.fault}")
+            if not c.healthy:
+                redis_down.append(f"redis {s.redis_url_redacted}: circuit breaker {c.state}")
+            else:
+                try:
+                    c.ping()
+                except redis.RedisError as e:
+                    redis_down.append(f"redis {s.redis_url_redacted}: {type(e).__name__}: {e}")
+                except Exception as e:  # an incompatible client: say so instead of a 500
+                    reasons.append(f"redis client error: {type(e).__name__}: {e}")
+        if s.redis_failure_mode == "fail":
+            return reasons + redis_down, []
+        return reasons, redis_down
+
+    def start(self) -> None:
+        """Redis client, first serving state (raises on an invalid routing config or, with
+        MTRANK_PROVIDERS_STRICT, a missing provider), watcher, prediction log."""
+        s = self.settings
+        # CPU: one model run at a time per worker (each uses the worker's whole thread budget), so
+        # concurrent requests queue for the cores instead of time-slicing them. Bundles whose session
+        # actually runs on the CPU take this gate (Bundle.gated), whatever was configured; a GPU
+        # session queues on its device
+        limit_concurrent_runs(1)
+        log.info("feature store %s (prefix %r, timeout %d ms)", s.redis_url_redacted, s.redis_prefix,
+                 s.redis_timeout_ms)
+        store_error = None
+        try:
+            self.redis_client = make_store(s)
+        except Exception as e:  # an unusable URL: say so in /readyz rather than refuse to start
+            store_error = f"{type(e).__name__}: {e}"
+            log.error("redis client: %s (url %s)", store_error, s.redis_url_redacted)
+        self.manager = ServingManager(s, self.redis_client, store_error)
+        self.manager.start()  # an invalid MTRANK_ROUTING_CONFIG raises here: the service does not start
+        st = self.serving
+        for v in st.variants if st is not None else ():
+            b = v.bundle
+            log.info("serving %s v%d (%s) on %s (requested %s) as variant %r, buckets %d-%d of %d; fusion %s %s",
+                     b.name, b.version, b.manifest.architecture, b.provider, ",".join(b.requested_providers),
+                     v.name, v.first, v.last, st.config.buckets, v.ranker.fusion_name, v.ranker.weights)
+        if s.store_poll_s > 0:
+            self.watcher = Watcher(self.manager, s.store_poll_s).start()
+        if s.admin_token is None:
+            log.info("admin API disabled (MTRANK_ADMIN_TOKEN is not set)")
+        if s.predlog_rate > 0:
+            self.predlog = PredictionLog(s).start()
+            log.info("prediction log: %.3g of the ranked requests to stream %r (MAXLEN ~%d)", s.predlog_rate,
+                     s.predlog_stream, s.predlog_maxlen)
+        log.info("limits: %d ranks executing per worker, %d waiting at most %.0f ms (then 429), %d items, ids of "
+                 "%d characters, bodies of %d bytes; %d onnxruntime threads, %d workers", s.inflight_limit,
+                 s.queue_limit, s.shed_queue_ms, s.max_items, s.max_id_length, s.max_body_bytes, s.ort_threads,
+                 s.workers)
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.predlog is not None:
+            self.predlog.close()
+        if self.redis_client is not None:
+            self.redis_client.close()
+        metrics.worker_exit()
