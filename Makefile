@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-lowest install-dev clean
+.PHONY: demo test test-fast test-lowest lint install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,16 @@ install-dev: $(BIN)/python
 # the whole test suite (needs redis-server on PATH; tests start their own on a free port)
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the edit loop: everything but the slow, Docker and GPU tests
+test-fast: install-dev
+	$(BIN)/python -m pytest -m "not slow and not docker and not gpu" $(PYTEST_ARGS)
+
+# ruff (style, imports, bugbear, pyupgrade) on everything; mypy on the service and the contract
+lint: install-dev
+	$(BIN)/pip install --quiet -e '.[lint]'
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # the lowest versions pyproject.toml admits: a separate .venv-lowest (uv, --resolution lowest-direct)
 # and the service, HTTP, store and dataset tests against them
