@@ -233,7 +233,7 @@ def test_ple_task_gate_mixes_own_and_shared_experts():
         assert first.task_gate_experts[k].tolist() == list(range(k * te, (k + 1) * te)) + shared
     assert first.shared_gate.n_experts == T * te + se
     # task k's experts read task k's input, the shared experts the shared input
-    assert first.input_of_expert.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert first.input_of_expert == [0, 0, 1, 1, 2, 2, 3, 3, 3]
 
 
 # --- the request side once (Parts) -----------------------------------------------------------
