@@ -8,7 +8,9 @@ Every architecture is ``EmbeddingLayer -> <its own sharing structure> -> one Tow
 * :class:`MLP`, :class:`Tower` - plain feed-forward stacks (no BatchNorm by default: a serving
   batch may be a single row).
 * :class:`Experts` - a group of same-shaped expert MLPs as ONE module with stacked weights
-  ``[E, in, out]`` (one batched matmul per layer, no Python loop over experts).
+  ``[E, in, out]`` (the first layer one GEMM per distinct input, every later layer one batched
+  matmul; no Python loop over experts).
+* :class:`Dropout` - ``nn.Dropout`` with a cheaper training-time mask on the CPU.
 * :class:`Gate` + :func:`mix` - softmax weights over experts, and the weighted sum of their outputs.
 * :class:`MultiTaskModel` - the interface the trainer and the exporter rely on.
 
