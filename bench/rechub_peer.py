@@ -9,7 +9,10 @@ What the adapter does, and nothing more:
 * feeds our inputs as its dict: user/context columns broadcast to the N items, dense values
   normalised with the schema stats (our models normalise inside; torch-rechub does not);
 * replaces the final sigmoid of the binary heads by identity, so its outputs are logits for our
-  BCE-with-logits / ESMM losses (the same function, only the activation moved into the loss).
+  BCE-with-logits / ESMM losses (the same function, only the activation moved into the loss);
+* ``batch_norm=False`` (an ablation; default True, torch-rechub's own architecture): torch-rechub's
+  ``MLP`` is always Linear -> BatchNorm1d -> activation -> Dropout, in experts, towers and gates,
+  with no switch; this replaces every BatchNorm1d of the built model by an identity.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class RechubConfig:
     shared_experts: int = 2
     task_experts: int = 1
     n_experts: int = 4
+    batch_norm: bool = True  # False: its BatchNorm1d layers (experts, towers, gates) become identities
 
 
 class RechubModel(nn.Module):
@@ -63,6 +67,11 @@ class RechubModel(nn.Module):
         else:
             raise ValueError(f"unknown torch-rechub model {c.model!r}")
         self.net.predict_layers = nn.ModuleList(nn.Identity() for _ in tasks)  # logits out
+        if not c.batch_norm:
+            for mlp in [m for m in self.net.modules() if isinstance(m, nn.Sequential)]:
+                for i, layer in enumerate(mlp):
+                    if isinstance(layer, nn.BatchNorm1d):
+                        mlp[i] = nn.Identity()
         self.inputs = model_inputs(schema)
         self.register_buffer("mean", torch.tensor([f.mean for f in schema.dense] or [0.0]))
         self.register_buffer("std", torch.tensor([f.std for f in schema.dense] or [1.0]))

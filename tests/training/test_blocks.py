@@ -10,7 +10,7 @@ import torch
 
 from service.contract import (FeatureSchema, SparseField, model_inputs)
 from training.models import ARCHITECTURES, build_model
-from training.models.blocks import MLP, EmbeddingLayer, Experts, Gate, Parts, Tower, masked_mean, mix
+from training.models.blocks import MLP, Dropout, EmbeddingLayer, Experts, Gate, Parts, Tower, masked_mean, mix
 from training.models.ple import PLE, PLEConfig
 from tests.helpers import TASKS, tiny_schema
 
@@ -81,6 +81,45 @@ def test_experts_batched_equals_per_expert_loop():
             for w, b in zip(ex.weights, ex.biases):
                 h = torch.relu(h @ w[e] + b[e])
             torch.testing.assert_close(got[:, e], h)
+
+
+def test_experts_list_input_equals_the_stacked_input():
+    """A list of per-expert inputs (runs of one tensor share a GEMM) gives what [N, E, in] gives,
+    in training mode too (BatchNorm with batch statistics), and the gradients agree."""
+    torch.manual_seed(0)
+    ex = Experts(5, 6, [5, 3], batch_norm=True)
+    a, b, c = (torch.randn(N, 6, requires_grad=True) for _ in range(3))
+    listed = [a, a, b, c, c]
+    stacked = torch.stack(listed, dim=1)
+    got, want = ex(listed), ex(stacked)
+    torch.testing.assert_close(got, want)
+    g1 = torch.autograd.grad(got.square().sum(), [a, b, c, *ex.parameters()])
+    g2 = torch.autograd.grad(want.square().sum(), [a, b, c, *ex.parameters()])
+    for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="4 inputs for 5 experts"):
+        ex([a, a, b, c])
+
+
+def test_dropout_is_nn_dropout_in_distribution():
+    """Training: each element kept with probability 1 - p and scaled by 1 / (1 - p), the gradient
+    is the same mask; torch.manual_seed reproduces the mask; eval and p = 0: the identity."""
+    d = Dropout(0.25)
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(3)
+    y = d(x)
+    kept = y != 0
+    assert y.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 200,000 draws: sd ~0.001
+    assert kept.float().mean(0).std() > 0  # not one mask per column or row
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())
+    torch.manual_seed(3)
+    torch.testing.assert_close(d(x), y)
+    assert not torch.equal(d(x), y)  # the next draw differs
+    d.eval()
+    assert d(x) is x
+    assert Dropout(0.0).train()(x) is x
 
 
 def test_mix_is_the_weighted_sum():
@@ -233,7 +272,7 @@ def test_ple_task_gate_mixes_own_and_shared_experts():
         assert first.task_gate_experts[k].tolist() == list(range(k * te, (k + 1) * te)) + shared
     assert first.shared_gate.n_experts == T * te + se
     # task k's experts read task k's input, the shared experts the shared input
-    assert first.input_of_expert.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert first.input_of_expert == [0, 0, 1, 1, 2, 2, 3, 3, 3]
 
 
 # --- the request side once (Parts) -----------------------------------------------------------

@@ -1,4 +1,7 @@
-"""MovieLens-100K as a multi-task exposure log (implicit-exposure protocol of the DML paper).
+"""MovieLens-100K as a multi-task exposure log, by a protocol of our own (below): each rating a clicked
+exposure, one sampled never-rated movie per rating an unclicked one, ``rating >= 4`` the conversion
+and the rating the regression label. No published source is claimed for it: the DML paper (Ren et
+al., 2023), credited here before, does not describe its data this way in anything retrievable.
 
 Research use only: the original files are read from ``source`` (by default
 ``<repo>/../shared/datasets/movielens-100k``) and nothing derived from them may be committed; the

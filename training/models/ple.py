@@ -41,8 +41,7 @@ class CGC(nn.Module):
         n = n_tasks * te + se
         self.experts = Experts(n, in_dim, cfg.expert_hidden, cfg.dropout, cfg.batch_norm)
         # which of the T+1 inputs (tasks..., shared) each expert reads
-        self.register_buffer("input_of_expert", torch.tensor([k for k in range(n_tasks) for _ in range(te)]
-                                                             + [n_tasks] * se), persistent=False)
+        self.input_of_expert = [k for k in range(n_tasks) for _ in range(te)] + [n_tasks] * se
         # the experts task k's gate mixes: its own, then the shared ones
         shared = list(range(n_tasks * te, n))
         self.register_buffer("task_gate_experts", torch.tensor(
@@ -52,10 +51,8 @@ class CGC(nn.Module):
         self.output_dim = self.experts.output_dim
 
     def forward(self, task_inputs: list[Tensor], shared: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        if all(t is shared for t in task_inputs):  # level 1: one input for everyone
-            e = self.experts(shared)
-        else:
-            e = self.experts(torch.stack([*task_inputs, shared], dim=1)[:, self.input_of_expert])
+        inputs = [*task_inputs, shared]  # at level 1 (PLE) one tensor for everyone: one GEMM
+        e = self.experts([inputs[j] for j in self.input_of_expert])
         outs = [mix(gate(x), e[:, self.task_gate_experts[k]])
                 for k, (gate, x) in enumerate(zip(self.task_gates, task_inputs))]
         return outs, (None if self.shared_gate is None else mix(self.shared_gate(shared), e))
