@@ -9,12 +9,6 @@ import pytest
 from tests.deploy.readers import DEPLOY, ROOT, Block, load_compose, parse_nginx
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "docker: brings the compose stack up on a Docker engine (.ci/compose-test starts one); "
-                   "skipped where no engine answers")
-
-
 @pytest.fixture(scope="session")
 def compose() -> dict:
     return load_compose()

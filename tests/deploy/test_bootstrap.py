@@ -11,7 +11,7 @@ import redis
 
 from service.contract import MANIFEST_FILE, BundleManifest, meta_key, namespace
 from service.store import bundle_dir, list_versions
-from tests.conftest import start_redis
+from tests.support.redis_server import RedisProc
 from training import bootstrap
 
 
@@ -21,7 +21,8 @@ PASSWORD = "job-test-password-4f1c"
 @pytest.fixture
 def job_env(tmp_path, monkeypatch):
     (tmp_path / "redis").mkdir()
-    url, proc = start_redis(tmp_path / "redis", password=PASSWORD)  # the job's own, password-protected
+    server = RedisProc(tmp_path / "redis", password=PASSWORD).start()  # the job's own, password-protected
+    url = server.url
     env = {"MTRANK_MODEL_STORE": str(tmp_path / "store"), "MTRANK_MODEL_NAME": "boot",
            "MTRANK_REDIS_URL": url, "MTRANK_REDIS_PREFIX": "jobtest",
            "JOB_DATA": str(tmp_path / "data"), "JOB_EPOCHS": "1", "JOB_SYNTH_USERS": "200",
@@ -30,8 +31,7 @@ def job_env(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("JOB_RETRAIN", raising=False)
     yield env
-    proc.terminate()
-    proc.wait(timeout=10)
+    server.stop()
 
 
 def run(capsys) -> str:

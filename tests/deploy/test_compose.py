@@ -39,9 +39,9 @@ import pytest
 
 from service.fusion import fuse
 from service.settings import Settings
-from tests.conftest import free_port
+from tests.support.ports import free_port
 from tests.deploy.readers import ROOT
-from tests.http import loadgen
+from tests.support import loadgen
 
 pytestmark = pytest.mark.docker
 

@@ -46,6 +46,7 @@ def data(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_and_write_one_bundle(data, tmp_path):
     store = tmp_path / "store"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.contract import BundleManifest
 from service.settings import Settings
-from tests.e2e.test_end_to_end import _expected
+from tests.support.reference import expected_outputs
 from training.data.synth import SynthConfig, generate
 from training.materialize import load_features
 from training.train import TrainConfig, train
@@ -43,6 +43,7 @@ def data(tmp_path_factory, redis_server):
         client.delete(*keys[i:i + 5000])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_architecture_serves_through_rank(data, name):
     arch, overrides = ARCHS[name]
@@ -66,7 +67,7 @@ def test_architecture_serves_through_rank(data, name):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"]["name"] == name and body["missing"] == {"user": False, "items": 1}
-    expected = _expected({"bundle": bundle, "prefix": data["prefix"], "redis": data["redis"]}, user, items, context)
+    expected = expected_outputs({"bundle": bundle, "prefix": data["prefix"], "redis": data["redis"]}, user, items, context)
     pos = {item: i for i, item in enumerate(items)}
     assert len(body["items"]) == len(items)
     for row in body["items"]:

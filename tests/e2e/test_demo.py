@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import free_port
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--users", "300", "--items", "600", "--exposures", "5000", "--epochs", "1", "--batch-size", "1024",
@@ -33,6 +33,7 @@ def _demo_cmd(exe: str, tmp_path: Path) -> list[str]:
             "--store", str(tmp_path / "store"), *SMALL]
 
 
+@pytest.mark.slow
 def test_failed_self_check_exits_nonzero_in_one_line(tmp_path, redis_server):
     """Fusion weights naming tasks the model lacks: the service never becomes ready."""
     prefix = f"mtrank-demofail-{os.getpid()}"

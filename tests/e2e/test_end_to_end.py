@@ -7,24 +7,21 @@ and recomputes the fusion formula.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import pandas as pd
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.codec import EntityCodec
 from service.contract import BundleManifest
-from service.features import item_key, namespace, user_key
 from service.settings import Settings
-from tests.conftest import free_port
+from tests.support.ports import free_port
+from tests.support.reference import expected_outputs
 from training.data.synth import SynthConfig, generate
 from training.materialize import load_features
 from training.train import TrainConfig, train
@@ -56,6 +53,7 @@ def make_client(w, **overrides) -> TestClient:
     return TestClient(create_app(s))
 
 
+@pytest.mark.slow
 def test_training_produced_a_bundle_with_sane_metrics(world):
     m = world["metrics"]
     manifest = BundleManifest.from_json((world["bundle"] / "manifest.json").read_text())
@@ -68,25 +66,7 @@ def test_training_produced_a_bundle_with_sane_metrics(world):
     assert world["summary"].users == 800 and world["summary"].items == 2000
 
 
-def _expected(world, user: str, items: list[str], context: dict) -> dict[str, np.ndarray]:
-    """Features read back from Redis by the test itself, run through onnxruntime directly."""
-    bundle = world["bundle"]
-    manifest = BundleManifest.from_json((bundle / "manifest.json").read_text())
-    schema = manifest.feature_schema
-    vocabs = json.loads((bundle / "vocab.json").read_text())
-    ns = namespace(world["prefix"], schema)
-    raw = world["redis"].mget([user_key(ns, user), *[item_key(ns, i) for i in items]])
-    u = EntityCodec.for_schema(schema, "user").decode(raw[:1])
-    it = EntityCodec.for_schema(schema, "item").decode(raw[1:])
-    ctx = np.array([[vocabs[f.name].index(str(context[f.name])) + 1 for f in schema.sparse_of("context")]],
-                   dtype=np.int64)
-    feeds = {"user_sparse": u.sparse, "user_dense": u.dense, "user_seq": u.seq,
-             "item_sparse": it.sparse, "item_dense": it.dense, "context_sparse": ctx}
-    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
-    return dict(zip([o.name for o in sess.get_outputs()], out))
-
-
+@pytest.mark.slow
 def test_rank_scores_equal_onnxruntime_on_redis_features(world):
     ex = pd.read_parquet(world["data"] / "exposures.parquet", columns=["user_id", "item_id"])
     user = str(ex.user_id.iloc[0])
@@ -99,7 +79,7 @@ def test_rank_scores_equal_onnxruntime_on_redis_features(world):
     assert body["model"] == {"name": "e2e", "version": 1}
     assert body["missing"] == {"user": False, "items": 2}
     assert len(body["items"]) == 300 and body["request_id"]
-    expected = _expected(world, user, items, context)
+    expected = expected_outputs(world, user, items, context)
     pos = {item: i for i, item in enumerate(items)}
     for row in body["items"]:
         i = pos[row["item_id"]]
@@ -114,6 +94,7 @@ def test_rank_scores_equal_onnxruntime_on_redis_features(world):
     assert len({row["score"] for row in body["items"]}) > 100  # the model discriminates between items
 
 
+@pytest.mark.slow
 def test_missing_user_and_top_k(world):
     ex = pd.read_parquet(world["data"] / "exposures.parquet", columns=["item_id"])
     items = [str(i) for i in ex.item_id.drop_duplicates().iloc[:50]]
@@ -135,6 +116,7 @@ def test_service_path_imports_no_torch():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+@pytest.mark.slow
 def test_mtrank_demo_runs_end_to_end(tmp_path, redis_server):
     """The README's main command, shrunk: synth -> train -> export -> features -> serve -> rank 500."""
     port = free_port()

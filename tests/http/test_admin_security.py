@@ -4,7 +4,8 @@ route (a complete, valid bundle placed next to the store is never loaded)."""
 
 import pytest
 
-from tests.http.conftest import raw_request, write_bundle
+from tests.support.bundles import write_bundle
+from tests.support.http import raw_request
 
 TOKEN = "adm1n-t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -7,6 +7,7 @@ conforming to its schema (body, content type, headers), X-Request-Id on every an
 import time
 from collections import Counter
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -23,6 +24,7 @@ OTHERS = 10
 BUDGET_S = 60
 
 
+@pytest.mark.slow
 def test_openapi_fuzz(env_for, server_factory):
     # a small item limit keeps generated lists short; the ids the fuzzer invents are (missing) items
     srv = server_factory(env_for(MTRANK_MAX_ITEMS=50, MTRANK_MAX_ID_LENGTH=64, MTRANK_MAX_INFLIGHT=1000,

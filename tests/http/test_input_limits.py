@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.http.conftest import raw_request
+from tests.support.http import raw_request
 
 OK = {"user_id": "u0", "items": ["i1", "i2"]}
 

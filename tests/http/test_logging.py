@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from service.access_log import JsonFormatter, TextFormatter, register_secrets
-from tests.conftest import start_redis
-from tests.http.conftest import seed_features
+from tests.support.bundles import seed_features
+from tests.support.redis_server import RedisProc
 
 PASSWORD = "hunter2-Pa55w0rd"
 TOKEN = "admin-T0ken-s3cr3t"
@@ -25,10 +25,9 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 @pytest.fixture
 def private_redis(tmp_path):
     """A redis-server of this test only, with a password."""
-    url, proc = start_redis(tmp_path, password=PASSWORD)
-    yield url, proc
-    proc.terminate()
-    proc.wait(10)
+    redis_proc = RedisProc(tmp_path, password=PASSWORD).start()
+    yield redis_proc.url, redis_proc.proc
+    redis_proc.stop()
 
 
 def test_json_logs_request_ids_and_no_secrets(private_redis, key_prefix, schema, env_for, serve_factory):

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.http.conftest import metric, scrape
+from tests.support.http import metric, scrape
 
 STAGES = ("fetch", "assemble", "inference", "fusion", "serialise", "total")
 
@@ -71,6 +72,7 @@ def pids_of_access_lines(log: str) -> set[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_two_workers_merge_metrics_and_size_threads(env_for, serve_factory):
     env = env_for()
     del env["MTRANK_ORT_INTRA_OP_THREADS"]  # automatic: cores / workers

@@ -8,9 +8,10 @@ overload is measured, not asserted here (see the README's Failure behaviour)."""
 import json
 
 import httpx
+import pytest
 
-from tests.http.conftest import metric, scrape
-from tests.http.loadgen import drive, post, quantile
+from tests.support.http import metric, scrape
+from tests.support.loadgen import drive, post, quantile
 
 CONCURRENCY = 64
 BOUND = 2
@@ -32,6 +33,7 @@ def unloaded_p50(port: int) -> float:
     return quantile([o.seconds for o in out], 0.5)
 
 
+@pytest.mark.slow
 def test_overload_is_shed_with_429_and_accepted_latency_stays_bounded(env_for, serve_factory):
     srv = serve_factory(env_for(MTRANK_MAX_INFLIGHT=BOUND, MTRANK_MAX_QUEUED=QUEUED, MTRANK_SHED_QUEUE_MS=QUEUE_MS,
                                 MTRANK_LOG_LEVEL="WARNING"))

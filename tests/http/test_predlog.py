@@ -7,11 +7,14 @@ import time
 
 import httpx
 import pyarrow.parquet as pq
+import pytest
 import redis
 
 from service.predlog import PredictionLog, encode
 from service.settings import Settings
-from tests.http.conftest import MTRANK, free_port, metric, scrape
+from tests.support.http import metric, scrape
+from tests.support.ports import free_port
+from tests.support.server import MTRANK
 
 
 def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
@@ -28,6 +31,7 @@ def export(redis_url: str, stream: str, out, *args: str) -> str:
     return r.stdout
 
 
+@pytest.mark.slow
 def test_records_reach_the_stream_and_export_to_parquet(env_for, serve_factory, redis_url, key_prefix, tmp_path):
     stream = f"{key_prefix}:predictions"
     srv = serve_factory(env_for(MTRANK_PREDLOG_RATE=1, MTRANK_PREDLOG_STREAM=stream, MTRANK_PREDLOG_MAXLEN=1000))

@@ -7,10 +7,11 @@ import threading
 import time
 
 import httpx
+import pytest
 import redis
 
-from tests.http.conftest import metric, scrape
-from tests.http.loadgen import drive, post
+from tests.support.http import metric, scrape
+from tests.support.loadgen import drive, post
 
 N = 20
 ITEMS = [f"i{k % 20}" for k in range(2000)]
@@ -47,6 +48,7 @@ def refused(base: str) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_0(env_for, serve_factory, redis_url):
     srv = serve_factory(slow_env(env_for, drain_s=20))
     t0 = time.monotonic()

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.conftest import corrupt_bundle, publish_bundle
+from tests.support.bundles import corrupt_bundle, publish_bundle
 
 TOKEN = "s3cr3t-admin-Token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

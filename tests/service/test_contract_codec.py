@@ -8,7 +8,7 @@ from service.codec import HEADER, EntityCodec
 from service.contract import (
     BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField, model_inputs,
 )
-from tests.helpers import TASKS
+from tests.support.contract import TASKS
 
 
 def schema(**kw) -> FeatureSchema:

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.conftest import corrupt_bundle, publish_bundle, write_meta
+from tests.support.bundles import corrupt_bundle, publish_bundle, write_meta
 
 TOKEN = "hotswap-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -83,7 +83,7 @@ def test_corrupt_version_refused_old_keeps_serving(app_client, store_root, redis
 
 
 def test_features_loaded_later_are_picked_up(app_client, store_root, redis_url, key_prefix):
-    from tests.service.conftest import default_vocabs, make_schema
+    from tests.support.bundles import default_vocabs, make_schema
 
     with app_client() as c:
         corrupt_bundle(store_root, "schema", version=2)  # its features are not in Redis yet
@@ -259,7 +259,7 @@ def served_as(c, variant: str) -> tuple[int, list[float]]:
 
 
 def test_int8_variant_latest_is_the_newest_version_with_an_int8_model(app_client, store_root, tmp_path):
-    from tests.service.test_svc_store import add_int8
+    from tests.service.test_store import add_int8
 
     add_int8(store_root / "demo" / "1")
     publish_bundle(store_root, version=2)  # fp32 only
@@ -287,7 +287,7 @@ def test_int8_variant_latest_is_the_newest_version_with_an_int8_model(app_client
 
 
 def test_int8_pinned_to_a_version_without_it_is_refused_naming_the_line(app_client, store_root, tmp_path):
-    from tests.service.test_svc_store import add_int8
+    from tests.service.test_store import add_int8
 
     add_int8(store_root / "demo" / "1")
     cfg = tmp_path / "routing.yaml"

@@ -15,7 +15,7 @@ import pytest
 
 from service.contract import MODEL_FILE
 from service.routing import bucket_of
-from tests.service.conftest import corrupt_bundle, publish_bundle
+from tests.support.bundles import corrupt_bundle, publish_bundle
 
 TOKEN = "server-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -143,6 +143,7 @@ def world_of(body: dict, expected: dict, worlds: list) -> int | None:
     return matches[0] if len(matches) == 1 else None
 
 
+@pytest.mark.slow
 def test_swap_under_load_is_lossless_and_atomic(tmp_path, store_root, features, redis_url, key_prefix, reference,
                                                 server_factory):
     cfg = tmp_path / "routing.yaml"
@@ -225,6 +226,7 @@ def test_broken_versions_refused_while_old_serves(tmp_path, store_root, features
         assert f"refused bundle demo v{v}" in log
 
 
+@pytest.mark.slow
 def test_users_keep_their_variant_across_restart(tmp_path, store_root, features, redis_url, key_prefix,
                                                  server_factory):
     cfg = tmp_path / "routing.yaml"

@@ -8,47 +8,14 @@ import json
 import pytest
 import torch
 
-from service.contract import (FeatureSchema, SparseField, model_inputs)
+from service.contract import (FeatureSchema, SparseField)
 from training.models import ARCHITECTURES, build_model
 from training.models.blocks import MLP, Dropout, EmbeddingLayer, Experts, Gate, Parts, Tower, masked_mean, mix
 from training.models.ple import PLE, PLEConfig
-from tests.helpers import TASKS, tiny_schema
+from tests.support.contract import TASKS, tiny_schema
+from tests.support.inputs import one_user, random_inputs
 
 N = 7
-
-
-
-
-
-
-def random_inputs(schema: FeatureSchema, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One row per exposure (Bu = Bc = n); sequences have some padding."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for mi in model_inputs(schema):
-        if mi.kind == "dense":
-            cols = [schema.field(f) for f in mi.fields]
-            out[mi.name] = torch.stack([f.mean + f.std * torch.randn(n, generator=g) for f in cols], 1)
-        elif mi.kind == "sparse":
-            out[mi.name] = torch.stack([torch.randint(0, schema.field(f).vocab_size, (n,), generator=g)
-                                        for f in mi.fields], 1)
-        else:
-            parts = []
-            for f in (schema.field(name) for name in mi.fields):
-                ids = torch.randint(1, schema.field(f.vocab_of).vocab_size, (n, f.max_len), generator=g)
-                keep = torch.arange(f.max_len) < torch.randint(0, f.max_len + 1, (n, 1), generator=g)
-                parts.append(ids * keep)
-            out[mi.name] = torch.cat(parts, 1)
-    return out
-
-
-def one_user(schema: FeatureSchema, inputs: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(row-0 user/context at batch 1, the same repeated at batch N), items unchanged."""
-    entity = {mi.name: mi.entity for mi in model_inputs(schema)}
-    b1 = {k: v if entity[k] == "item" else v[:1] for k, v in inputs.items()}
-    bn = {k: v if entity[k] == "item" else v[:1].expand(len(inputs["item_sparse"]), -1).clone()
-          for k, v in inputs.items()}
-    return b1, bn
 
 
 # --- blocks -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from service.contract import MANIFEST_FILE, MODEL_FILE, BundleManifest
 from service.store import BundleError, load_bundle
-from tests.helpers import TASKS
+from tests.support.contract import TASKS
 from training import calibration as cal
 from training.data.dataset import prepare
 from training.data.synth import SynthConfig, generate

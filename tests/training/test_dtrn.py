@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from service.contract import (MANIFEST_FILE, BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField)
-from tests.training.test_blocks import one_user, random_inputs
-from tests.training.test_export import parity_rows
+from tests.support.inputs import one_user, parity_rows, random_inputs
 from training.export import export_bundle
 from training.models import build_model
 from training.models.blocks import Experts
 from training.models.dtrn import BACKBONES, DTRN, DTRNConfig, TIM
 from training.models.mmoe import MMoEBlock
 from training.models.ple import PLEBlock
-from tests.helpers import TASKS
+from tests.support.contract import TASKS
 
 N = 6
 

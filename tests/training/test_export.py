@@ -13,36 +13,13 @@ import pytest
 import torch
 
 import training.export as export_mod
-from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest, FeatureSchema,
+from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest,
                               OutputCalibration, model_inputs, sha256_file)
 from training.export import (ExportParityError, ServingModel, check_parity, export_bundle,
                              latest_version, list_versions)
 from training.models import ARCHITECTURES, build_model
-from tests.helpers import TASKS, tiny_schema
-
-ROWS = 1000
-
-
-
-
-
-
-def parity_rows(schema: FeatureSchema, n: int = ROWS, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for mi in model_inputs(schema):
-        fields = [schema.field(f) for f in mi.fields]
-        if mi.kind == "dense":
-            out[mi.name] = np.stack([f.mean + f.std * rng.standard_normal(n) for f in fields], 1).astype(np.float32)
-        elif mi.kind == "sparse":
-            out[mi.name] = np.stack([rng.integers(0, f.vocab_size, n) for f in fields], 1)
-        else:
-            parts = []
-            for f in fields:
-                ids = rng.integers(1, schema.field(f.vocab_of).vocab_size, (n, f.max_len))
-                parts.append(ids * (np.arange(f.max_len) < rng.integers(0, f.max_len + 1, (n, 1))))
-            out[mi.name] = np.concatenate(parts, 1).astype(np.int64)
-    return out
+from tests.support.contract import TASKS, tiny_schema
+from tests.support.inputs import parity_rows
 
 
 def make_model(arch: str):

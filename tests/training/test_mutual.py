@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from service.contract import MANIFEST_FILE, BundleManifest, TaskSpec, model_inputs
-from tests.training.test_blocks import TASKS, one_user, random_inputs, tiny_schema
-from tests.training.test_export import parity_rows
+from tests.support.contract import TASKS, tiny_schema
+from tests.support.inputs import one_user, parity_rows, random_inputs
 from training.export import export_bundle
 from training.models import ARCHITECTURES, build_model
 import training.models.mutual

@@ -25,7 +25,7 @@ from service.app import create_app
 from service.contract import MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, BundleManifest, sha256_file
 from service.settings import Settings
 from service.store import load_bundle
-from tests.e2e.test_end_to_end import _expected
+from tests.support.reference import expected_outputs
 from training.data.dataset import prepare
 from training.data.synth import SynthConfig, generate
 from training.materialize import load_features
@@ -145,14 +145,14 @@ def test_int8_variant_serves_through_the_app(trained, tmp_path, redis_server):
             answers = {v: c.post("/rank", json={"user_id": user, "items": items, "context": context},
                                  headers={"X-Mtrank-Variant": v}) for v in ("control", "int8")}
             models = c.get("/models").json()
-        expected = {"control": _expected(world, user, items, context)}
+        expected = {"control": expected_outputs(world, user, items, context)}
         # the same features through the int8 file: _expected reads model.onnx, so point it at a copy
         int8_only = tmp_path / "int8-bundle"
         int8_only.mkdir()
         for f in ("manifest.json", "vocab.json"):
             (int8_only / f).write_bytes((bundle / f).read_bytes())
         (int8_only / MODEL_FILE).write_bytes((bundle / INT8).read_bytes())
-        expected["int8"] = _expected({**world, "bundle": int8_only}, user, items, context)
+        expected["int8"] = expected_outputs({**world, "bundle": int8_only}, user, items, context)
     finally:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
         if keys:

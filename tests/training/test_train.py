@@ -9,7 +9,7 @@ from training.data.synth import SynthConfig, generate
 from training.data.dataset import prepare
 from training.losses import task_losses
 from training.train import TrainConfig, evaluate, fit
-from tests.helpers import TASKS
+from tests.support.contract import TASKS
 
 
 

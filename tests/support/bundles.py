@@ -1,5 +1,5 @@
-"""Fixtures for the service tests: a real (small) ONNX bundle built with ``onnx.helper`` - no torch -
-and features written into the test Redis with the service's own codec and key helpers.
+"""A real (small) ONNX bundle built with ``onnx.helper`` - no torch - and features written into the
+test Redis with the service's own codec and key helpers.
 
 The model mirrors what training exports: embedding tables as initializers + Gather, the mean of
 the sequence embeddings, the user/context parts expanded to the N items (from the shape of
@@ -11,9 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 import redis
 from onnx import TensorProto, helper, numpy_helper
 
@@ -35,21 +31,14 @@ from service.contract import (
     FeatureSchema,
     SequenceField,
     SparseField,
-    TaskSpec,
     model_inputs,
     sha256_file,
 )
 from service.features import item_key, meta_key, namespace, user_key
-from service.settings import Settings
-from tests.helpers import wait_ready
+from tests.support.contract import TASKS
 
 DIM = 4
 HIDDEN = 8
-TASKS = [
-    TaskSpec(name="ctr", kind="binary", label="click"),
-    TaskSpec(name="cvr", kind="binary", label="conversion", condition="ctr"),
-    TaskSpec(name="watch_time", kind="regression", label="watch_time", condition="ctr"),
-]
 
 
 def default_vocabs() -> dict[str, list[str]]:
@@ -293,54 +282,6 @@ def corrupt_bundle(store_root: Path, how: str, name: str = "demo", version: int 
     return final
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Server:
-    """``uvicorn --factory service.app:create_app`` in a subprocess on a free loopback port."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60) -> "Server":
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
-        env.update(self.env)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-                                      "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"],
-                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        return wait_ready(self, timeout, "server")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
 def reference_inputs(data: FeatureData, user_id: str, item_ids: list[str], hour_index: int = 0,
                      distance: float | None = None) -> dict[str, np.ndarray]:
     """Model inputs built straight from what was written (defaults for ids never written)."""
@@ -359,59 +300,3 @@ def reference_inputs(data: FeatureData, user_id: str, item_ids: list[str], hour_
         "context_sparse": np.array([[hour_index]], dtype=np.int64),
         "context_dense": np.array([[f("distance_km").mean if distance is None else distance]], dtype=np.float32),
     }
-
-
-# -- fixtures -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def schema() -> FeatureSchema:
-    return make_schema()
-
-
-@pytest.fixture
-def bundle_factory():
-    """``write_bundle(store_root, name="demo", version=1, seed=None, ...) -> Path``."""
-    return write_bundle
-
-
-@pytest.fixture
-def store_root(tmp_path) -> Path:
-    root = tmp_path / "store"
-    write_bundle(root, version=1)
-    return root
-
-
-@pytest.fixture
-def features(redis_url, key_prefix, schema) -> FeatureData:
-    return seed_features(redis_url, key_prefix, schema)
-
-
-@pytest.fixture
-def reference():
-    """``reference_inputs(data, user_id, item_ids, hour_index=0, distance=None)``."""
-    return reference_inputs
-
-
-@pytest.fixture
-def server_factory(tmp_path):
-    """``server_factory(env) -> Server`` (started); every server is stopped after the test."""
-    servers: list[Server] = []
-
-    def make(env: dict[str, str], start: bool = True) -> Server:
-        srv = Server(env, tmp_path / f"server-{len(servers)}.log")
-        servers.append(srv)
-        return srv.start() if start else srv
-
-    yield make
-    for srv in servers:
-        srv.stop()
-
-
-@pytest.fixture
-def make_settings(redis_url, key_prefix, store_root):
-    def make(**overrides) -> Settings:
-        kw = dict(redis_url=redis_url, redis_prefix=key_prefix, model_store=str(store_root), model_name="demo",
-                  providers="cpu", redis_timeout_ms=2000, redis_deadline_ms=2000)
-        kw.update(overrides)
-        return Settings(**kw)
-    return make

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from service.codec import HEADER
 from service.features import item_key, namespace, user_key
-from tests.store.conftest import RankerRig, World, store_settings
+from tests.support.world import RankerRig, World, store_settings
 
 N_ITEMS = 6
 ITEM_IDS = [f"hyp-i{j}" for j in range(N_ITEMS)]

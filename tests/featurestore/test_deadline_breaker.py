@@ -17,7 +17,7 @@ import redis
 from service.features import namespace, user_key
 from service.redis_client import StoreUnavailable, make_store
 from service.settings import Settings
-from tests.store.conftest import (
+from tests.support.world import (
     RELAXED_DEADLINE_MS,
     assert_latencies,
     load_world,

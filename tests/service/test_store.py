@@ -138,6 +138,7 @@ def test_cuda_strict_raises(tmp_path, bundle_factory):
     assert issubclass(ProviderError, BundleError)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU")
 def test_cuda_used_when_available(tmp_path, bundle_factory):
     bundle_factory(tmp_path, version=1)

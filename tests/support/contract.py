@@ -1,6 +1,4 @@
-"""Small shared test material: the standard three tasks, a tiny feature schema, waiting for a server."""
-
-import time
+"""Small shared test material: the standard three tasks and a tiny feature schema."""
 
 from service.contract import (
     DenseField,
@@ -29,22 +27,3 @@ def tiny_schema() -> FeatureSchema:
         sequence=[SequenceField(name="clicked", entity="user", max_len=5, vocab_of="item_id")],
     )
 
-
-def wait_ready(server, timeout: float, what: str):
-    """Poll ``server.base``/readyz until 200; ``server`` has ``proc``, ``base``, ``log()`` and
-    ``stop()``. Raises with the server's log when it exits or is not ready within ``timeout``."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {server.proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.base}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"{what} not ready:\n" + server.log())
-        time.sleep(0.1)

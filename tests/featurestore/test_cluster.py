@@ -19,9 +19,11 @@ from redis.crc import key_slot
 from service.features import item_key, namespace
 from service.redis_client import StoreUnavailable, client_for_url, make_client
 from service.settings import Settings
-from tests.store.conftest import RedisProc, load_world, store_settings
+from tests.support.redis_server import RedisProc
+from tests.support.world import load_world, store_settings
 
 PREFIX = "clu"
+pytestmark = pytest.mark.slow  # three redis-server nodes joined into a cluster, one killed at the end
 
 
 class Cluster:

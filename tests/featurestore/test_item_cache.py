@@ -14,7 +14,7 @@ from service.features import FeatureFetcher, item_key, namespace
 from service.item_cache import ItemCache
 from service.redis_client import make_store
 from service.store import load_bundle
-from tests.store.conftest import load_world, store_settings
+from tests.support.world import load_world, store_settings
 
 
 class Clock:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from urllib.parse import quote
 
 import numpy as np
@@ -18,8 +17,8 @@ import pytest
 import redis
 
 from service.redis_client import client_for_url
-from tests.conftest import free_port
-from tests.store.conftest import load_world, store_settings
+from tests.support.redis_server import RedisProc, TlsFiles
+from tests.support.world import load_world, store_settings
 
 PASSWORD = "s3cr3t/with:odd@chars"
 
@@ -42,27 +41,14 @@ def tls_redis(tmp_path_factory):
              "-days", "2", "-extfile", "san.ext", "-out", "server.crt", cwd=d)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other-ca",
              "-keyout", "other.key", "-out", "other.crt", cwd=d)
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key"),
-         "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no",
-         "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(d)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"rediss://:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0?ssl_ca_certs={d / 'ca.crt'}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if client_for_url(url).ping():
-                break
-        except redis.RedisError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.skip("this redis-server was built without TLS support")
-            time.sleep(0.1)
-    yield {"url": url, "port": port, "dir": d}
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = RedisProc(d, password=PASSWORD, tls=TlsFiles(cert=d / "server.crt", key=d / "server.key", ca=d / "ca.crt"))
+    try:
+        server.start()
+    except RuntimeError:
+        pytest.skip("this redis-server was built without TLS support")
+    assert client_for_url(server.url).ping()  # the service's own client, through the URL only
+    yield {"url": server.url, "port": server.port, "dir": d}
+    server.stop()
 
 
 def test_features_load_and_rank_over_tls(tls_redis, world, rig, redis_server, key_prefix):

@@ -1,22 +1,12 @@
 """The real server: ``uvicorn --factory service.app:create_app`` in a subprocess."""
 
-import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.server import ROOT, Server
 
 
 def test_service_never_imports_torch():
@@ -27,30 +17,13 @@ def test_service_never_imports_torch():
 
 
 def test_uvicorn_factory_serves_rank(tmp_path, store_root, features, redis_url, key_prefix):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
-    env.update({
+    srv = Server({
         "MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": key_prefix, "MTRANK_MODEL_STORE": str(store_root),
         "MTRANK_MODEL_NAME": "demo", "MTRANK_PROVIDERS": "cuda,cpu", "MTRANK_FUSION_WEIGHTS": '{"ctr": 1, "cvr": 1}',
         "MTRANK_ORT_INTRA_OP_THREADS": "1", "MTRANK_REDIS_DEADLINE_MS": "2000",
-    })
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    }, tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready: " + (tmp_path / "server.log").read_text())
-            time.sleep(0.1)
+        base = srv.start(timeout=30).base
         r = httpx.post(f"{base}/rank", json={"user_id": "u0", "items": ["i1", "i2", "nope"], "top_k": 2}, timeout=10)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -60,12 +33,6 @@ def test_uvicorn_factory_serves_rank(tmp_path, store_root, features, redis_url, 
         assert httpx.get(f"{base}/models", timeout=5).json()["provider"] in ("CPUExecutionProvider",
                                                                              "CUDAExecutionProvider")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-    text = (tmp_path / "server.log").read_text()
+        srv.stop()
+    text = srv.log()
     assert "serving demo v1" in text and redis_url.split("//")[1] in text

@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
-from tests.service.conftest import Server
-from tests.store.conftest import load_world
-from tests.store.test_server_faults import server_env
+from tests.support.server import Server
+from tests.support.world import load_world, server_env
 
 
 def ready(base: str) -> tuple[int, dict]:
@@ -35,6 +35,7 @@ def wait_for(pred, timeout: float) -> bool:
     return pred()
 
 
+@pytest.mark.slow
 def test_degrade_mode_stays_ready_while_redis_is_paused_or_killed(own_redis, world, tmp_path):
     r = own_redis(args=("--enable-debug-command", "yes"))
     load_world(world, r.client(), "rdy")
@@ -73,6 +74,7 @@ def test_degrade_mode_stays_ready_while_redis_is_paused_or_killed(own_redis, wor
         srv.stop()
 
 
+@pytest.mark.slow
 def test_fail_mode_is_not_ready_while_redis_is_down(own_redis, world, tmp_path):
     r = own_redis()
     load_world(world, r.client(), "rdyf")

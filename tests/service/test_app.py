@@ -1,5 +1,4 @@
 import logging
-import socket
 
 import numpy as np
 import onnxruntime as ort
@@ -8,12 +7,12 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.contract import MODEL_FILE
+from tests.support.ports import free_port
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on (``free_port`` closes its socket before returning)."""
+    return free_port()
 
 
 @pytest.fixture

@@ -10,20 +10,10 @@ import time
 
 import httpx
 import orjson
+import pytest
 
-from tests.service.conftest import Server
-from tests.store.conftest import assert_latencies, load_world
-
-DEADLINE_MS = 15
-
-
-def server_env(url: str, prefix: str, world, **extra) -> dict[str, str]:
-    env = {"MTRANK_REDIS_URL": url, "MTRANK_REDIS_PREFIX": prefix, "MTRANK_MODEL_STORE": str(world.store),
-           "MTRANK_MODEL_NAME": "demo", "MTRANK_ORT_INTRA_OP_THREADS": "1", "MTRANK_STORE_POLL_S": "0",
-           "MTRANK_REDIS_DEADLINE_MS": str(DEADLINE_MS), "MTRANK_BREAKER_FAILURES": "3",
-           "MTRANK_BREAKER_PROBE_S": "0.2", "MTRANK_LOG_LEVEL": "WARNING"}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+from tests.support.server import Server
+from tests.support.world import DEADLINE_MS, assert_latencies, load_world, server_env
 
 
 class Load:
@@ -76,6 +66,7 @@ class Load:
         return out
 
 
+@pytest.mark.slow
 def test_server_rides_out_a_redis_kill_and_restart(own_redis, world, tmp_path):
     r = own_redis()
     load_world(world, r.client(), "srv")
@@ -130,6 +121,7 @@ def warm_items(body: dict) -> list:
     return [(x["item_id"], x["score"]) for x in body["items"]]
 
 
+@pytest.mark.slow
 def test_fail_mode_answers_503_not_500(own_redis, world, tmp_path):
     r = own_redis()
     load_world(world, r.client(), "srvf")
@@ -153,6 +145,7 @@ def test_fail_mode_answers_503_not_500(own_redis, world, tmp_path):
     assert_latencies([a[2] for a in answers], DEADLINE_MS / 1000)
 
 
+@pytest.mark.slow
 def test_server_under_client_pause_and_debug_sleep(own_redis, world, tmp_path):
     """A stalled Redis (``CLIENT PAUSE 2000``, then ``DEBUG SLEEP 1``): every answer still comes
     within the deadline plus slack, degraded during the stall, normal again within 1 s after it."""
