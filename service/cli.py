@@ -14,7 +14,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -59,7 +58,7 @@ def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory.")
 
 @app.command()
 def movielens(out: Path = typer.Option(Path("data/movielens-100k"), help="Output directory (outside git)."),
-              source: Optional[Path] = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
+              source: Path | None = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
               seed: int = typer.Option(0, help="Seed of the sampled non-clicked exposures.")):
     """Turn MovieLens-100K into a multi-task exposure log (our implicit-exposure protocol: see training/data/movielens.py).
 
@@ -86,8 +85,8 @@ def _user_errors(command: str):
 @app.command()
 def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory holding dataset.yaml."),
           arch: str = typer.Option("ple", help="ple | mmoe | shared_bottom | dtrn"),
-          backbone: Optional[str] = typer.Option(None, help="DTRN's backbone: towers | mmoe | ple (default ple)."),
-          mutual_learning: Optional[bool] = typer.Option(
+          backbone: str | None = typer.Option(None, help="DTRN's backbone: towers | mmoe | ple (default ple)."),
+          mutual_learning: bool | None = typer.Option(
               None, "--mutual-learning/--no-mutual-learning",
               help="Deep Mutual Learning across the task towers (CTFM + GKD), on any architecture."),
           name: str = typer.Option("demo", help="Model name in the store."),
@@ -95,15 +94,15 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
           epochs: int = typer.Option(8), batch_size: int = typer.Option(2048), lr: float = typer.Option(2e-3),
           patience: int = typer.Option(2, help="Early-stopping patience in epochs."),
           split: str = typer.Option("random", help="random (8:1:1, seeded) | time | column (the spec's exposures.split)"),
-          seed: int = typer.Option(42), max_rows: Optional[int] = typer.Option(None, help="Use only the first rows."),
+          seed: int = typer.Option(42), max_rows: int | None = typer.Option(None, help="Use only the first rows."),
           model_config: str = typer.Option("{}", help='Architecture overrides as JSON, e.g. \'{"levels": 3}\'.'),
           int8: bool = typer.Option(False, "--int8/--no-int8",
                                     help="Also write model.int8.onnx into the bundle (AUC deltas vs fp32 in the manifest)."),
           device: str = typer.Option("cpu", help="cpu | cuda | auto. Under torchrun: gloo on cpu, nccl on cuda."),
-          calibration: Optional[str] = typer.Option(
+          calibration: str | None = typer.Option(
               None, help="Post-hoc calibration of binary tasks, fitted on validation and folded into the ONNX "
                          "graph: platt (default) | none."),
-          watch_time_correction: Optional[str] = typer.Option(
+          watch_time_correction: str | None = typer.Option(
               None, help="Serve regression tasks as expected values with a factor fitted on validation: "
                          "ratio (default) | smearing | none."),
           quiet: bool = typer.Option(False, help="No progress bars.")):
@@ -133,14 +132,13 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
 @features_app.command("load")
 def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a directory holding dataset.yaml."),
                   model_name: str = typer.Option("demo", "--model-name", envvar="MTRANK_MODEL_NAME"),
-                  version: Optional[int] = typer.Option(None, help="Bundle version (default: newest)."),
+                  version: int | None = typer.Option(None, help="Bundle version (default: newest)."),
                   store: Path = STORE, redis_url: str = REDIS_URL, prefix: str = PREFIX,
                   quiet: bool = typer.Option(False)):
     """Materialise the user and item features of a bundle's schema into Redis."""
+    from service.redis_client import client_for_url
     from service.store import bundle_dir
     from training.materialize import load_features
-
-    from service.redis_client import client_for_url
 
     client = client_for_url(redis_url)
     with _user_errors("features load"):
@@ -151,7 +149,7 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
 
 @app.command()
 def serve(host: str = HOST, port: int = PORT,
-          workers: Optional[int] = typer.Option(None, "--workers", envvar="MTRANK_WORKERS",
+          workers: int | None = typer.Option(None, "--workers", envvar="MTRANK_WORKERS",
                                                 help="uvicorn worker processes (default: one per visible GPU when "
                                                      "MTRANK_PROVIDERS asks for CUDA and it is available, else one "
                                                      "per usable core). onnxruntime threads per worker default to "
@@ -222,8 +220,8 @@ app.add_typer(logs_app, name="logs")
 def logs_export(out: Path = typer.Option(..., "--out", help="Parquet file to write."),
                 stream: str = typer.Option("mtrank:predictions", "--stream", envvar="MTRANK_PREDLOG_STREAM",
                                            help="Stream key."),
-                since: Optional[str] = typer.Option(None, help="From: stream id, unix ms or ISO 8601 time (UTC)."),
-                until: Optional[str] = typer.Option(None, help="Up to (inclusive), same forms."),
+                since: str | None = typer.Option(None, help="From: stream id, unix ms or ISO 8601 time (UTC)."),
+                until: str | None = typer.Option(None, help="Up to (inclusive), same forms."),
                 redis_url: str = REDIS_URL,
                 page: int = typer.Option(1000, help="Entries per XRANGE call.")):
     """Write the prediction log to Parquet: one row per ranked request, list columns for the items
@@ -316,12 +314,11 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
     import redis
     import uvicorn
 
+    from service.redis_client import client_for_url
     from training.data.synth import SynthConfig, generate
     from training.materialize import load_features
     from training.train import TrainConfig, format_metrics
     from training.train import train as run_train
-
-    from service.redis_client import client_for_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     client = client_for_url(redis_url)

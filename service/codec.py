@@ -38,7 +38,7 @@ class EntityCodec:
     seq_vocab: np.ndarray  # int64 [seq_width]
 
     @classmethod
-    def for_schema(cls, schema: FeatureSchema, entity: Entity) -> "EntityCodec":
+    def for_schema(cls, schema: FeatureSchema, entity: Entity) -> EntityCodec:
         return cls(
             entity=entity,
             n_sparse=len(schema.sparse_of(entity)),
@@ -78,7 +78,7 @@ class EntityCodec:
         s = self.size
         return [raw[i * s:(i + 1) * s] for i in range(n)]
 
-    def decode(self, values: list[bytes | None]) -> "Decoded":
+    def decode(self, values: list[bytes | None]) -> Decoded:
         """Decode an MGET reply. Missing or malformed values get the schema defaults.
 
         Returns whole arrays (int64 ids, float32 dense) and the masks of which values were

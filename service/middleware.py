@@ -107,7 +107,7 @@ class EdgeMiddleware:
         self._waiters.append(fut)
         try:
             await asyncio.wait_for(fut, self.queue_timeout_s - (time.perf_counter() - t0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._discard(fut)
             return "queue_time"
         except BaseException:  # cancelled (the client went away, or shutdown)

@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -190,7 +190,7 @@ def stream_bound(value: str | None, default: str) -> str:
     except ValueError:
         raise ValueError(f"not a stream id, unix milliseconds or ISO 8601 time: {value!r}") from None
     if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
+        t = t.replace(tzinfo=UTC)
     return str(int(t.timestamp() * 1000))
 
 

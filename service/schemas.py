@@ -18,8 +18,16 @@ import uuid
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema, WrapValidator,
-                      create_model)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    WrapValidator,
+    create_model,
+)
 
 #: visible ASCII, no spaces: safe in a response header and in a log line
 REQUEST_ID_PATTERN = r"^[!-~]+$"

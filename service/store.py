@@ -33,8 +33,16 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, PRECISIONS, VOCAB_FILE, BundleManifest,
-                              model_inputs, sha256_file)
+from service.contract import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PRECISION_FILES,
+    PRECISIONS,
+    VOCAB_FILE,
+    BundleManifest,
+    model_inputs,
+    sha256_file,
+)
 from service.providers import ProviderMismatch, check_session_providers, preload_cuda_dlls, uses_run_gate
 from service.settings import PROVIDER_ALIASES
 

@@ -41,8 +41,16 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, VOCAB_FILE, BundleManifest,
-                              OutputCalibration, model_inputs, sha256_file)
+from service.contract import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PRECISION_FILES,
+    VOCAB_FILE,
+    BundleManifest,
+    OutputCalibration,
+    model_inputs,
+    sha256_file,
+)
 from service.store import list_versions
 from training.models.blocks import MLP, EmbeddingLayer, Experts, MultiTaskModel
 from training.quantize import Int8Job, make_int8

@@ -31,7 +31,7 @@ config gives byte-identical files.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +215,7 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
 
     # --- exposures: who, what, when, on which device; affinity and engagement per row
     user_p = users["activity"] / users["activity"].sum()
-    t0 = int(datetime.fromisoformat(cfg.start).replace(tzinfo=timezone.utc).timestamp())
+    t0 = int(datetime.fromisoformat(cfg.start).replace(tzinfo=UTC).timestamp())
     hour_p = HOUR_TRAFFIC / HOUR_TRAFFIC.sum()
     cols = {k: [] for k in ("uid", "iid", "ts", "dev", "a", "e")}
     for s in range(0, N, cfg.chunk):
