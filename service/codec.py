@@ -92,7 +92,7 @@ class EntityCodec:
         dense[:] = self.dense_defaults
         seq = np.zeros((n, self.seq_width), dtype=np.int64)
         if ok.any():
-            rec = np.frombuffer(b"".join(v for v, good in zip(values, ok) if good), dtype=self.dtype)
+            rec = np.frombuffer(b"".join(v for v, good in zip(values, ok, strict=True) if good), dtype=self.dtype)
             sparse[ok] = rec["sparse"]
             dense[ok] = rec["dense"]
             seq[ok] = rec["seq"]

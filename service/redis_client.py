@@ -353,13 +353,13 @@ class FeatureStore:
             except StoreUnavailable as e:
                 errors.append(e)
                 continue
-            for g, reply in zip(groups, replies):
+            for g, reply in zip(groups, replies, strict=True):
                 if isinstance(reply, Exception):
                     if isinstance(reply, (MovedError, AskError)):
                         self._schedule_refresh()
                     errors.append(StoreUnavailable("down", self._scrub(f"{node.name}: {reply}")))
                     continue
-                for p, v in zip(g, reply):
+                for p, v in zip(g, reply, strict=True):
                     out[p] = v
         if errors:
             first = errors[0]

@@ -320,7 +320,7 @@ class LayerTable:
 
     @classmethod
     def build(cls, layer: LayerSpec, salt: str, buckets: int) -> LayerTable:
-        ranges = sorted(zip(variant_ranges(layer, buckets), layer.variants), key=lambda x: x[0])
+        ranges = sorted(zip(variant_ranges(layer, buckets), layer.variants, strict=True), key=lambda x: x[0])
         return cls(name=layer.name, salt=salt, buckets=buckets, starts=tuple(r[0] for r, _ in ranges),
                    ends=tuple(r[1] for r, _ in ranges), variants=tuple(v for _, v in ranges))
 

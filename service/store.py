@@ -106,7 +106,7 @@ class Bundle:
                 outs = self.session.run(self.manifest.outputs, dict(inputs))
         else:
             outs = self.session.run(self.manifest.outputs, dict(inputs))
-        return {name: np.asarray(o).reshape(-1) for name, o in zip(self.manifest.outputs, outs)}
+        return {name: np.asarray(o).reshape(-1) for name, o in zip(self.manifest.outputs, outs, strict=True)}
 
 
 #: at most this many onnxruntime runs at once in this process (see :func:`limit_concurrent_runs`)

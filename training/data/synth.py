@@ -226,7 +226,7 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
         ts = t0 + rng.integers(0, cfg.days, m) * 86400 + hour * 3600 + rng.integers(0, 3600, m)
         dev = (rng.random(m)[:, None] > users["dev_cdf"][uid]).sum(1).clip(0, 2)
         a = _affinity(cfg, users, items, uid, iid) + HOUR_CLICK[hour] + DEVICE_CLICK[dev]
-        for k, x in zip(cols, (uid, iid, ts, dev, a, rng.standard_normal(m))):
+        for k, x in zip(cols, (uid, iid, ts, dev, a, rng.standard_normal(m)), strict=True):
             cols[k].append(x)
         step("exposures")
     uid, iid, ts, dev, a, e = (np.concatenate(cols.pop(k)) for k in list(cols))
