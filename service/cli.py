@@ -17,7 +17,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task ranking: train, export, load features, serve.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Multi-task ranking: train, export, load features, serve.")
 features_app = typer.Typer(no_args_is_help=True, help="Feature store (Redis) commands.")
 app.add_typer(features_app, name="features")
 
@@ -60,7 +61,8 @@ def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory.")
 def movielens(out: Path = typer.Option(Path("data/movielens-100k"), help="Output directory (outside git)."),
               source: Path | None = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
               seed: int = typer.Option(0, help="Seed of the sampled non-clicked exposures.")):
-    """Turn MovieLens-100K into a multi-task exposure log (our implicit-exposure protocol: see training/data/movielens.py).
+    """Turn MovieLens-100K into a multi-task exposure log (our implicit-exposure protocol: see
+    training/data/movielens.py).
 
     Train on it with `mtrank train --data OUT --split random` or `--split column` (per-user time split)."""
     from training.data.movielens import DEFAULT_SOURCE, build
@@ -93,11 +95,13 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
           store: Path = STORE,
           epochs: int = typer.Option(8), batch_size: int = typer.Option(2048), lr: float = typer.Option(2e-3),
           patience: int = typer.Option(2, help="Early-stopping patience in epochs."),
-          split: str = typer.Option("random", help="random (8:1:1, seeded) | time | column (the spec's exposures.split)"),
+          split: str = typer.Option("random",
+                                     help="random (8:1:1, seeded) | time | column (the spec's exposures.split)"),
           seed: int = typer.Option(42), max_rows: int | None = typer.Option(None, help="Use only the first rows."),
           model_config: str = typer.Option("{}", help='Architecture overrides as JSON, e.g. \'{"levels": 3}\'.'),
           int8: bool = typer.Option(False, "--int8/--no-int8",
-                                    help="Also write model.int8.onnx into the bundle (AUC deltas vs fp32 in the manifest)."),
+                                    help="Also write model.int8.onnx into the bundle "
+                                         "(AUC deltas vs fp32 in the manifest)."),
           device: str = typer.Option("cpu", help="cpu | cuda | auto. Under torchrun: gloo on cpu, nccl on cuda."),
           calibration: str | None = typer.Option(
               None, help="Post-hoc calibration of binary tasks, fitted on validation and folded into the ONNX "
@@ -326,7 +330,7 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
         client.ping()
     except redis.RedisError as e:
         typer.echo(f"Redis at {_redact(redis_url)} does not answer ({e}); start one or set MTRANK_REDIS_URL", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     t0 = time.perf_counter()
     typer.echo(f"[1/4] synthetic data -> {data}")
     if not (data / "dataset.yaml").exists():

@@ -237,7 +237,8 @@ class FeatureStore:
                 self.client.nodes_manager.initialize()
                 self._load_topology()
             except Exception as e:  # keep the old table; the next failure schedules another try
-                log.warning("feature store: cluster topology refresh failed: %s", self._scrub(f"{type(e).__name__}: {e}"))
+                log.warning("feature store: cluster topology refresh failed: %s",
+                            self._scrub(f"{type(e).__name__}: {e}"))
             finally:
                 self._refreshing = False
 

@@ -337,4 +337,5 @@ def _check_session(session: ort.InferenceSession, manifest: BundleManifest, path
     if wrong:
         raise BundleError(f"{path}: model input types differ from the manifest (model, manifest): {wrong}")
     if sorted(outs) != sorted(manifest.outputs):
-        raise BundleError(f"{path}: model outputs {sorted(outs)} differ from manifest outputs {sorted(manifest.outputs)}")
+        raise BundleError(f"{path}: model outputs {sorted(outs)} differ from manifest outputs "
+                          f"{sorted(manifest.outputs)}")

@@ -1,6 +1,8 @@
 """``POST /rank``: parse the body (:mod:`service.limits`), route the user, rank, answer the bytes."""
 
 # no `from __future__ import annotations`: FastAPI must see the real types of the route signatures
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -57,7 +59,7 @@ def router(rt: Runtime) -> APIRouter:
     @r.post("/rank", response_model=RankResponse, description=RANK_DESCRIPTION, responses=RESPONSES,
             openapi_extra={"requestBody": {"required": True,
                                            "content": {"application/json": {"schema": request_schema}}}})
-    def rank(request: Request, body: RankRequest = Depends(rank_body),
+    def rank(request: Request, body: Annotated[RankRequest, Depends(rank_body)],
              x_mtrank_variant: str | None = Header(default=None, alias=FORCE_HEADER,
                                                    description="force a variant (QA; only when the config "
                                                                "allows it)")) -> Response:

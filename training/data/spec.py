@@ -230,8 +230,10 @@ class DatasetSpec(_Spec):
         """Every column the spec names exists in its table (read from the files' headers only)."""
         ex = self.exposures
         ex_cols = set(table_columns(self.path(ex.path), ex, "exposures"))
-        user_cols = ex_cols if self.users is None else set(table_columns(self.path(self.users.path), self.users, "users"))
-        item_cols = ex_cols if self.items is None else set(table_columns(self.path(self.items.path), self.items, "items"))
+        user_cols = ex_cols if self.users is None else \
+            set(table_columns(self.path(self.users.path), self.users, "users"))
+        item_cols = ex_cols if self.items is None else \
+            set(table_columns(self.path(self.items.path), self.items, "items"))
 
         def need(loc: tuple, column: str, cols: set[str], table: str) -> None:
             if column not in cols:
