@@ -205,7 +205,9 @@ def serve(host: str = HOST, port: int = PORT,
     try:
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=n,
                     log_level=log_level.lower(), log_config=log_config,
-                    access_log=False, timeout_graceful_shutdown=settings.shutdown_drain_s,
+                    access_log=False,
+                    # annotated int | None, but only passed to asyncio.wait_for as its timeout: a float is fine
+                    timeout_graceful_shutdown=settings.shutdown_drain_s,  # type: ignore[arg-type]
                     # a worker importing the app on a loaded machine can take longer than uvicorn's 5 s
                     # health-check ping (it was then killed and restarted in a loop)
                     timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)

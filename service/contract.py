@@ -260,8 +260,10 @@ class BundleManifest(BaseModel):
         """``(file name, sha256)`` of the model in ``precision``; KeyError when the bundle lacks it."""
         if precision == "fp32":
             return MODEL_FILE, self.sha256
-        entry = self.precisions[precision]
-        return entry.file, entry.sha256
+        for p, entry in self.precisions.items():  # the keys are Precision literals, ``precision`` any str
+            if p == precision:
+                return entry.file, entry.sha256
+        raise KeyError(precision)
 
     @model_validator(mode="after")
     def _check(self) -> BundleManifest:

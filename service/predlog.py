@@ -130,9 +130,10 @@ class PredictionLog:
                 log.exception("prediction log: %d records dropped", len(batch))
 
     def _write(self, batch: list) -> None:
-        if self._client is None:
-            self._client = self._client_factory()
-        pipe = self._client.pipeline(transaction=False)
+        client = self._client
+        if client is None:
+            client = self._client = self._client_factory()
+        pipe = client.pipeline(transaction=False)
         for rec in batch:
             pipe.xadd(self.stream, {FIELD: encode(*rec)}, maxlen=self.maxlen, approximate=True)
         pipe.execute()

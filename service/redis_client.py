@@ -434,7 +434,7 @@ def make_client(settings: Settings):
 def client_for_url(url: str, timeout_s: float = 5.0, cluster: bool | None = None):
     """A redis-py client for tools (loader, demo): a cluster client for a ``+cluster`` URL or
     ``cluster=True``, else a plain one."""
-    return make_client(Settings(redis_url=url, redis_timeout_ms=timeout_s * 1000,
+    return make_client(Settings(redis_url=url, redis_timeout_ms=round(timeout_s * 1000),
                                 redis_cluster=bool(cluster)))
 
 

@@ -340,8 +340,9 @@ class LayerTable:
 
 def variant_ranges(layer: LayerSpec, buckets: int) -> list[tuple[int, int]]:
     """Inclusive bucket range of each variant of a (validated) layer, in the layer's order."""
-    if all(v.buckets is not None for v in layer.variants):
-        return [tuple(v.buckets) for v in layer.variants]  # type: ignore[misc]
+    fixed = [v.buckets for v in layer.variants if v.buckets is not None]
+    if len(fixed) == len(layer.variants):
+        return fixed
     out, cum = [], 0.0
     for v in layer.variants:
         start = round(cum * buckets / 100)
@@ -385,7 +386,7 @@ def _compose(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
         raise RoutingConfigError(source, [ConfigIssue((), f"not valid YAML: {e.problem or e}", line)]) from None
     except yaml.YAMLError as e:
         raise RoutingConfigError(source, [ConfigIssue((), f"not valid YAML: {e}")]) from None
-    if not isinstance(data, dict):
+    if node is None or not isinstance(data, dict):
         raise RoutingConfigError(source, [ConfigIssue((), "the config must be a mapping (salt, layers or "
                                                           "variants, ...)", 1)])
     lines: dict[Loc, int] = {(): 1}

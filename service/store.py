@@ -285,7 +285,7 @@ def warm_up(bundle: Bundle, sizes: Sequence[int] = (1, 16, 128)) -> None:
 def bundle_signature(path: str | os.PathLike) -> tuple:
     """(size, mtime_ns) of the bundle's files, every precision's model included (None for a missing
     one): changes when a file does."""
-    out = []
+    out: list[tuple[int, int] | None] = []
     for f in (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, *(f for p, f in PRECISION_FILES.items() if p != "fp32")):
         try:
             st = os.stat(Path(path) / f)
@@ -302,7 +302,8 @@ def default_inputs(manifest: BundleManifest, n_items: int) -> dict[str, np.ndarr
     for mi in manifest.inputs:
         n = n_items if mi.entity == "item" else 1
         if mi.kind == "dense":
-            means = np.array([schema.field(f).mean for f in mi.fields], dtype=np.float32)
+            mean = {f.name: f.mean for f in schema.dense}
+            means = np.array([mean[f] for f in mi.fields], dtype=np.float32)
             out[mi.name] = np.tile(means, (n, 1))
         else:
             out[mi.name] = np.zeros((n, mi.width), dtype=np.int64)

@@ -281,6 +281,7 @@ class ServingManager:
             fetchers[mv] = fetcher
             fname, weights = planner.fusion_of(spec, b.manifest.tasks, self.settings)
             ranker = Ranker(b, fetcher, fusion_name=fname, weights=weights, variant=spec.name)
+            assert spec.model is not None  # checked by routing.check_config
             variants.append(Variant(name=spec.name, first=first, last=last, model_spec=str(spec.model.version),
                                     ranker=ranker))
         return variants, fetchers
