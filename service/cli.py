@@ -61,8 +61,7 @@ def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory.")
 def movielens(out: Path = typer.Option(Path("data/movielens-100k"), help="Output directory (outside git)."),
               source: Path | None = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
               seed: int = typer.Option(0, help="Seed of the sampled non-clicked exposures.")):
-    """Turn MovieLens-100K into a multi-task exposure log (our implicit-exposure protocol: see
-    training/data/movielens.py).
+    """Turn MovieLens-100K into a multi-task exposure log (our implicit-exposure protocol, training/data/movielens.py).
 
     Train on it with `mtrank train --data OUT --split random` or `--split column` (per-user time split)."""
     from training.data.movielens import DEFAULT_SOURCE, build
