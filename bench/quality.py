@@ -152,7 +152,8 @@ def table(report: dict) -> str:
                          f"{np.nanmean([r['train_seconds'] for r in rs]):.0f} | "
                          f"{np.nanmean([r['onnx_ms_at_500'] for r in rs]):.2f} | {len(rs)} |")
     seeds = sorted({r["seed"] for r in runs})
-    return (f"Mean ± std over seeds {seeds} (test split; n per row in the last column). AUC: higher is better; RMSE of log1p(label) on "
+    return (f"Mean ± std over seeds {seeds} (test split; n per row in the last column). "
+            "AUC: higher is better; RMSE of log1p(label) on "
             f"clicked rows: lower is better.\n" + "\n".join(lines) + "\n")
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import orjson
@@ -79,7 +79,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         rec: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -102,7 +102,7 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """``time level logger: message {fields as JSON}``, secrets scrubbed."""
 
-    def __init__(self, fmt: str | None = None, datefmt: str | None = None, style: str = "%", **kw):
+    def __init__(self, fmt: str | None = None, datefmt: str | None = None, style: Literal["%", "{", "$"] = "%", **kw):
         super().__init__(fmt or TEXT_FORMAT, datefmt, style, **kw)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -143,9 +143,9 @@ def configure(level: str | int = "INFO", fmt: str = "json") -> None:
     log.setLevel(level)
     root = logging.getLogger()
     if not root.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(formatter(fmt))
-        root.addHandler(h)
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(formatter(fmt))
+        root.addHandler(stream)
         root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         for h in logging.getLogger(name).handlers:

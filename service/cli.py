@@ -14,11 +14,11 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task ranking: train, export, load features, serve.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Multi-task ranking: train, export, load features, serve.")
 features_app = typer.Typer(no_args_is_help=True, help="Feature store (Redis) commands.")
 app.add_typer(features_app, name="features")
 
@@ -59,9 +59,9 @@ def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory.")
 
 @app.command()
 def movielens(out: Path = typer.Option(Path("data/movielens-100k"), help="Output directory (outside git)."),
-              source: Optional[Path] = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
+              source: Path | None = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
               seed: int = typer.Option(0, help="Seed of the sampled non-clicked exposures.")):
-    """Turn MovieLens-100K into a multi-task exposure log (our implicit-exposure protocol: see training/data/movielens.py).
+    """Turn MovieLens-100K into a multi-task exposure log (our implicit-exposure protocol, training/data/movielens.py).
 
     Train on it with `mtrank train --data OUT --split random` or `--split column` (per-user time split)."""
     from training.data.movielens import DEFAULT_SOURCE, build
@@ -86,24 +86,26 @@ def _user_errors(command: str):
 @app.command()
 def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory holding dataset.yaml."),
           arch: str = typer.Option("ple", help="ple | mmoe | shared_bottom | dtrn"),
-          backbone: Optional[str] = typer.Option(None, help="DTRN's backbone: towers | mmoe | ple (default ple)."),
-          mutual_learning: Optional[bool] = typer.Option(
+          backbone: str | None = typer.Option(None, help="DTRN's backbone: towers | mmoe | ple (default ple)."),
+          mutual_learning: bool | None = typer.Option(
               None, "--mutual-learning/--no-mutual-learning",
               help="Deep Mutual Learning across the task towers (CTFM + GKD), on any architecture."),
           name: str = typer.Option("demo", help="Model name in the store."),
           store: Path = STORE,
           epochs: int = typer.Option(8), batch_size: int = typer.Option(2048), lr: float = typer.Option(2e-3),
           patience: int = typer.Option(2, help="Early-stopping patience in epochs."),
-          split: str = typer.Option("random", help="random (8:1:1, seeded) | time | column (the spec's exposures.split)"),
-          seed: int = typer.Option(42), max_rows: Optional[int] = typer.Option(None, help="Use only the first rows."),
+          split: str = typer.Option("random",
+                                     help="random (8:1:1, seeded) | time | column (the spec's exposures.split)"),
+          seed: int = typer.Option(42), max_rows: int | None = typer.Option(None, help="Use only the first rows."),
           model_config: str = typer.Option("{}", help='Architecture overrides as JSON, e.g. \'{"levels": 3}\'.'),
           int8: bool = typer.Option(False, "--int8/--no-int8",
-                                    help="Also write model.int8.onnx into the bundle (AUC deltas vs fp32 in the manifest)."),
+                                    help="Also write model.int8.onnx into the bundle "
+                                         "(AUC deltas vs fp32 in the manifest)."),
           device: str = typer.Option("cpu", help="cpu | cuda | auto. Under torchrun: gloo on cpu, nccl on cuda."),
-          calibration: Optional[str] = typer.Option(
+          calibration: str | None = typer.Option(
               None, help="Post-hoc calibration of binary tasks, fitted on validation and folded into the ONNX "
                          "graph: platt (default) | none."),
-          watch_time_correction: Optional[str] = typer.Option(
+          watch_time_correction: str | None = typer.Option(
               None, help="Serve regression tasks as expected values with a factor fitted on validation: "
                          "ratio (default) | smearing | none."),
           quiet: bool = typer.Option(False, help="No progress bars.")):
@@ -133,14 +135,13 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
 @features_app.command("load")
 def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a directory holding dataset.yaml."),
                   model_name: str = typer.Option("demo", "--model-name", envvar="MTRANK_MODEL_NAME"),
-                  version: Optional[int] = typer.Option(None, help="Bundle version (default: newest)."),
+                  version: int | None = typer.Option(None, help="Bundle version (default: newest)."),
                   store: Path = STORE, redis_url: str = REDIS_URL, prefix: str = PREFIX,
                   quiet: bool = typer.Option(False)):
     """Materialise the user and item features of a bundle's schema into Redis."""
+    from service.redis_client import client_for_url
     from service.store import bundle_dir
     from training.materialize import load_features
-
-    from service.redis_client import client_for_url
 
     client = client_for_url(redis_url)
     with _user_errors("features load"):
@@ -151,7 +152,7 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
 
 @app.command()
 def serve(host: str = HOST, port: int = PORT,
-          workers: Optional[int] = typer.Option(None, "--workers", envvar="MTRANK_WORKERS",
+          workers: int | None = typer.Option(None, "--workers", envvar="MTRANK_WORKERS",
                                                 help="uvicorn worker processes (default: one per visible GPU when "
                                                      "MTRANK_PROVIDERS asks for CUDA and it is available, else one "
                                                      "per usable core). onnxruntime threads per worker default to "
@@ -203,7 +204,9 @@ def serve(host: str = HOST, port: int = PORT,
     try:
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=n,
                     log_level=log_level.lower(), log_config=log_config,
-                    access_log=False, timeout_graceful_shutdown=settings.shutdown_drain_s,
+                    access_log=False,
+                    # annotated int | None, but only passed to asyncio.wait_for as its timeout: a float is fine
+                    timeout_graceful_shutdown=settings.shutdown_drain_s,  # type: ignore[arg-type]
                     # a worker importing the app on a loaded machine can take longer than uvicorn's 5 s
                     # health-check ping (it was then killed and restarted in a loop)
                     timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
@@ -222,8 +225,8 @@ app.add_typer(logs_app, name="logs")
 def logs_export(out: Path = typer.Option(..., "--out", help="Parquet file to write."),
                 stream: str = typer.Option("mtrank:predictions", "--stream", envvar="MTRANK_PREDLOG_STREAM",
                                            help="Stream key."),
-                since: Optional[str] = typer.Option(None, help="From: stream id, unix ms or ISO 8601 time (UTC)."),
-                until: Optional[str] = typer.Option(None, help="Up to (inclusive), same forms."),
+                since: str | None = typer.Option(None, help="From: stream id, unix ms or ISO 8601 time (UTC)."),
+                until: str | None = typer.Option(None, help="Up to (inclusive), same forms."),
                 redis_url: str = REDIS_URL,
                 page: int = typer.Option(1000, help="Entries per XRANGE call.")):
     """Write the prediction log to Parquet: one row per ranked request, list columns for the items
@@ -316,12 +319,11 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
     import redis
     import uvicorn
 
+    from service.redis_client import client_for_url
     from training.data.synth import SynthConfig, generate
     from training.materialize import load_features
     from training.train import TrainConfig, format_metrics
     from training.train import train as run_train
-
-    from service.redis_client import client_for_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     client = client_for_url(redis_url)
@@ -329,7 +331,7 @@ def demo(host: str = HOST, port: int = PORT, redis_url: str = REDIS_URL, prefix:
         client.ping()
     except redis.RedisError as e:
         typer.echo(f"Redis at {_redact(redis_url)} does not answer ({e}); start one or set MTRANK_REDIS_URL", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     t0 = time.perf_counter()
     typer.echo(f"[1/4] synthetic data -> {data}")
     if not (data / "dataset.yaml").exists():

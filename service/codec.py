@@ -38,7 +38,8 @@ class EntityCodec:
     seq_vocab: np.ndarray  # int64 [seq_width]
 
     @classmethod
-    def for_schema(cls, schema: FeatureSchema, entity: Entity) -> "EntityCodec":
+    def for_schema(cls, schema: FeatureSchema, entity: Entity) -> EntityCodec:
+        vocab = {f.name: f.vocab_size for f in schema.sparse}
         return cls(
             entity=entity,
             n_sparse=len(schema.sparse_of(entity)),
@@ -46,8 +47,9 @@ class EntityCodec:
             seq_width=sum(f.max_len for f in schema.sequence_of(entity)),
             dense_defaults=np.array([f.default for f in schema.dense_of(entity)], dtype=np.float32),
             sparse_vocab=np.array([f.vocab_size for f in schema.sparse_of(entity)], dtype=np.int64),
-            seq_vocab=np.array([schema.field(f.vocab_of).vocab_size for f in schema.sequence_of(entity)
-                                for _ in range(f.max_len)], dtype=np.int64),
+            # vocab_of names a sparse field (FeatureSchema checks it)
+            seq_vocab=np.array([vocab[f.vocab_of] for f in schema.sequence_of(entity) for _ in range(f.max_len)],
+                               dtype=np.int64),
         )
 
     @property
@@ -78,7 +80,7 @@ class EntityCodec:
         s = self.size
         return [raw[i * s:(i + 1) * s] for i in range(n)]
 
-    def decode(self, values: list[bytes | None]) -> "Decoded":
+    def decode(self, values: list[bytes | None]) -> Decoded:
         """Decode an MGET reply. Missing or malformed values get the schema defaults.
 
         Returns whole arrays (int64 ids, float32 dense) and the masks of which values were
@@ -92,7 +94,8 @@ class EntityCodec:
         dense[:] = self.dense_defaults
         seq = np.zeros((n, self.seq_width), dtype=np.int64)
         if ok.any():
-            rec = np.frombuffer(b"".join(v for v, good in zip(values, ok) if good), dtype=self.dtype)
+            good = b"".join(v for v, is_ok in zip(values, ok, strict=True) if is_ok and v is not None)
+            rec = np.frombuffer(good, dtype=self.dtype)
             sparse[ok] = rec["sparse"]
             dense[ok] = rec["dense"]
             seq[ok] = rec["seq"]

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -111,7 +111,7 @@ class FeatureSchema(_Strict):
     vocab_sha256: str = ""
 
     @model_validator(mode="after")
-    def _check(self) -> "FeatureSchema":
+    def _check(self) -> FeatureSchema:
         names = [f.name for f in self.all_fields()]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -198,7 +198,7 @@ class PrecisionFile(_Strict):
     within_tolerance: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> "PrecisionFile":
+    def _check(self) -> PrecisionFile:
         if "/" in self.file or "\\" in self.file or self.file.startswith(".") or self.file in (
                 MODEL_FILE, MANIFEST_FILE, VOCAB_FILE):
             raise ValueError(f"file {self.file!r} must be a plain file name other than the bundle's own files")
@@ -247,7 +247,7 @@ class BundleManifest(BaseModel):
     metrics: dict[str, float] = {}
     train_config: dict = {}
     sha256: str
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     library_versions: dict[str, str] = {}
     #: other precisions of the model (absent in older bundles: fp32 only)
     precisions: dict[OptionalPrecision, PrecisionFile] = {}
@@ -260,11 +260,13 @@ class BundleManifest(BaseModel):
         """``(file name, sha256)`` of the model in ``precision``; KeyError when the bundle lacks it."""
         if precision == "fp32":
             return MODEL_FILE, self.sha256
-        entry = self.precisions[precision]
-        return entry.file, entry.sha256
+        for p, entry in self.precisions.items():  # the keys are Precision literals, ``precision`` any str
+            if p == precision:
+                return entry.file, entry.sha256
+        raise KeyError(precision)
 
     @model_validator(mode="after")
-    def _check(self) -> "BundleManifest":
+    def _check(self) -> BundleManifest:
         task_names = [t.name for t in self.tasks]
         if sorted(task_names) != sorted(self.outputs):
             raise ValueError(f"outputs {self.outputs} must be one per task {task_names}")
@@ -281,7 +283,7 @@ class BundleManifest(BaseModel):
         return self.model_dump_json(indent=2)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "BundleManifest":
+    def from_json(cls, text: str | bytes) -> BundleManifest:
         return cls.model_validate_json(text)
 
 

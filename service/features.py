@@ -142,7 +142,7 @@ class FeatureFetcher:
             keys = [user_key(ns, user_id), self._meta_key]
             keys.extend([item_key(ns, item_ids[j]) for j in fetched])
             values, degraded = self._read(keys)
-            for j, v in zip(fetched, values[2:]):
+            for j, v in zip(fetched, values[2:], strict=True):
                 item_values[j] = v
             user_values, tag = values[:1], values[1]
             if degraded is None and cache.retag(tag) and from_cache:
@@ -150,7 +150,7 @@ class FeatureFetcher:
                 again = sorted(set(range(len(item_ids))).difference(fetched))
                 fresh, degraded = self._read([item_key(ns, item_ids[j]) for j in again], until)
                 if degraded is None:
-                    for j, v in zip(again, fresh):
+                    for j, v in zip(again, fresh, strict=True):
                         item_values[j] = v
                     fetched, from_cache = list(range(len(item_ids))), 0
         t1 = time.perf_counter()

@@ -56,7 +56,7 @@ class ItemCache:
         young, old = self._young, self._old
         values = list(map(young.get, ids))
         if old and None in values:
-            values = [v if v is not None else old.get(i) for v, i in zip(values, ids)]
+            values = [v if v is not None else old.get(i) for v, i in zip(values, ids, strict=True)]
         misses = values.count(None)
         with self._lock:  # counters only; exact under threads
             self.hits += len(values) - misses

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from email.message import Message
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import HTTPException
@@ -30,6 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from service.schemas import REQUEST_ID_MAX
+
+M = TypeVar("M", bound=BaseModel)
 
 MAX_ERRORS = 20
 _RID = re.compile(rb"[!-~]{1,%d}" % REQUEST_ID_MAX)
@@ -85,7 +88,7 @@ def parse_json(raw: bytes) -> Any:
         raise RequestValidationError([err]) from None
 
 
-def public_errors(errors: list[dict], prefix: tuple = ()) -> list[dict]:
+def public_errors(errors: Sequence[Mapping[str, Any]], prefix: tuple = ()) -> list[dict]:
     """Validation errors as answered: ``type``, ``loc`` (with ``prefix``), ``msg``, simple ``ctx``;
     never the input; at most MAX_ERRORS (plus one line saying how many more)."""
     out = []
@@ -108,7 +111,7 @@ def public_errors(errors: list[dict], prefix: tuple = ()) -> list[dict]:
     return out
 
 
-def validate(model: type[BaseModel], obj: Any) -> BaseModel:
+def validate(model: type[M], obj: Any) -> M:
     """``obj`` (parsed JSON) as ``model``, or RequestValidationError with ``body`` locs."""
     try:
         return model.model_validate(obj)
@@ -117,7 +120,7 @@ def validate(model: type[BaseModel], obj: Any) -> BaseModel:
                                                    prefix=("body",))) from None
 
 
-def parse_body(raw: bytes, ctype: str | None, model: type[BaseModel]) -> BaseModel:
+def parse_body(raw: bytes, ctype: str | None, model: type[M]) -> M:
     """Content type, JSON and schema of one request body (415 / 422)."""
     check_json_content_type(ctype)
     return validate(model, parse_json(raw))

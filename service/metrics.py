@@ -38,7 +38,15 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 STAGES = ("fetch", "assemble", "inference", "fusion", "serialise", "total")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
@@ -82,10 +90,10 @@ _STAGE = {s: RANK_STAGE.labels(s) for s in STAGES}
 _MISSING_USER = MISSING.labels("user")
 _MISSING_ITEM = MISSING.labels("item")
 _CORRUPT_ITEM = CORRUPT.labels("item")
-_requests: dict[tuple, object] = {}
-_durations: dict[int, object] = {}
-_degraded: dict[str, object] = {}
-_dropped: dict[str, object] = {}
+_requests: dict[tuple[str | None, str | None, int | None, int], Counter] = {}
+_durations: dict[int, Histogram] = {}
+_degraded: dict[str, Counter] = {}
+_dropped: dict[str, Counter] = {}
 _breaker_last: list[float | None] = [None]
 _degraded_last: list[float | None] = [None]
 
@@ -126,10 +134,10 @@ def observe_ranked(timings: dict[str, float], n_items: int, user_missing: bool, 
     if items_corrupt:
         _CORRUPT_ITEM.inc(items_corrupt)
     if degraded:
-        child = _degraded.get(degraded)
-        if child is None:
-            child = _degraded.setdefault(degraded, DEGRADED.labels(degraded))
-        child.inc()
+        counter = _degraded.get(degraded)
+        if counter is None:
+            counter = _degraded.setdefault(degraded, DEGRADED.labels(degraded))
+        counter.inc()
     if cache_on and items_from_cache is not None:
         if items_from_cache:
             CACHE_HITS.inc(items_from_cache)

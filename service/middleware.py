@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ class RequestInfo:
         self.model = ranker.model_ref
 
 
-def _json_response(status: int, body: dict, extra: list[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
+def _json_response(status: int, body: dict, extra: Sequence[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
     data = orjson.dumps(body)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
     return ({"type": "http.response.start", "status": status, "headers": headers},
@@ -107,7 +108,7 @@ class EdgeMiddleware:
         self._waiters.append(fut)
         try:
             await asyncio.wait_for(fut, self.queue_timeout_s - (time.perf_counter() - t0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._discard(fut)
             return "queue_time"
         except BaseException:  # cancelled (the client went away, or shutdown)

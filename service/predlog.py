@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -130,9 +130,10 @@ class PredictionLog:
                 log.exception("prediction log: %d records dropped", len(batch))
 
     def _write(self, batch: list) -> None:
-        if self._client is None:
-            self._client = self._client_factory()
-        pipe = self._client.pipeline(transaction=False)
+        client = self._client
+        if client is None:
+            client = self._client = self._client_factory()
+        pipe = client.pipeline(transaction=False)
         for rec in batch:
             pipe.xadd(self.stream, {FIELD: encode(*rec)}, maxlen=self.maxlen, approximate=True)
         pipe.execute()
@@ -190,7 +191,7 @@ def stream_bound(value: str | None, default: str) -> str:
     except ValueError:
         raise ValueError(f"not a stream id, unix milliseconds or ISO 8601 time: {value!r}") from None
     if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
+        t = t.replace(tzinfo=UTC)
     return str(int(t.timestamp() * 1000))
 
 

@@ -96,8 +96,8 @@ class Ranker:
         per_task = [scores[t][idx].tolist() for t in self.tasks]
         tasks = self.tasks
         ranked = [
-            {"item_id": item_id, "score": s, "scores": dict(zip(tasks, task_values))}
-            for item_id, s, task_values in zip(ids, top, zip(*per_task))
+            {"item_id": item_id, "score": s, "scores": dict(zip(tasks, task_values, strict=True))}
+            for item_id, s, task_values in zip(ids, top, zip(*per_task, strict=True), strict=True)
         ]
         return orjson.dumps({
             "request_id": request.request_id,

@@ -237,7 +237,8 @@ class FeatureStore:
                 self.client.nodes_manager.initialize()
                 self._load_topology()
             except Exception as e:  # keep the old table; the next failure schedules another try
-                log.warning("feature store: cluster topology refresh failed: %s", self._scrub(f"{type(e).__name__}: {e}"))
+                log.warning("feature store: cluster topology refresh failed: %s",
+                            self._scrub(f"{type(e).__name__}: {e}"))
             finally:
                 self._refreshing = False
 
@@ -353,13 +354,13 @@ class FeatureStore:
             except StoreUnavailable as e:
                 errors.append(e)
                 continue
-            for g, reply in zip(groups, replies):
+            for g, reply in zip(groups, replies, strict=True):
                 if isinstance(reply, Exception):
                     if isinstance(reply, (MovedError, AskError)):
                         self._schedule_refresh()
                     errors.append(StoreUnavailable("down", self._scrub(f"{node.name}: {reply}")))
                     continue
-                for p, v in zip(g, reply):
+                for p, v in zip(g, reply, strict=True):
                     out[p] = v
         if errors:
             first = errors[0]
@@ -433,7 +434,7 @@ def make_client(settings: Settings):
 def client_for_url(url: str, timeout_s: float = 5.0, cluster: bool | None = None):
     """A redis-py client for tools (loader, demo): a cluster client for a ``+cluster`` URL or
     ``cluster=True``, else a plain one."""
-    return make_client(Settings(redis_url=url, redis_timeout_ms=timeout_s * 1000,
+    return make_client(Settings(redis_url=url, redis_timeout_ms=round(timeout_s * 1000),
                                 redis_cluster=bool(cluster)))
 
 

@@ -33,8 +33,16 @@ from typing import Annotated, Any
 
 import mmh3
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
-                      field_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 from service.contract import PRECISIONS
 from service.fusion import FUSIONS
@@ -51,7 +59,7 @@ Loc = tuple[str | int, ...]
 
 def bucket_of(salt: str, user_id: str, buckets: int = DEFAULT_BUCKETS) -> int:
     """The bucket of ``user_id``: unsigned MurmurHash3 x86 32 (seed 0) of ``"<salt>:<user_id>"`` % buckets."""
-    return mmh3.hash(f"{salt}:{user_id}".encode("utf-8"), 0, signed=False) % buckets
+    return mmh3.hash(f"{salt}:{user_id}".encode(), 0, signed=False) % buckets
 
 
 def is_safe_name(name: str) -> bool:
@@ -245,7 +253,7 @@ class RoutingConfig(_Spec):
                 return self._lines[tuple(loc[:i])]
         return None
 
-    def issue(self, loc: Loc, message: str) -> "ConfigIssue":
+    def issue(self, loc: Loc, message: str) -> ConfigIssue:
         return ConfigIssue(loc=tuple(loc), message=message, line=self.line_of(loc))
 
     def variant_loc(self, variant: str) -> Loc:
@@ -253,7 +261,7 @@ class RoutingConfig(_Spec):
         vi = [v.name for v in self.ranking.variants].index(variant)
         return ("layers", li, "variants", vi)
 
-    def table(self, layer: LayerSpec | str | None = None) -> "LayerTable":
+    def table(self, layer: LayerSpec | str | None = None) -> LayerTable:
         layer = self.ranking if layer is None else self.layer(layer) if isinstance(layer, str) else layer
         return LayerTable.build(layer, self.salt_of(layer), self.buckets)
 
@@ -311,8 +319,8 @@ class LayerTable:
     variants: tuple[VariantSpec, ...]
 
     @classmethod
-    def build(cls, layer: LayerSpec, salt: str, buckets: int) -> "LayerTable":
-        ranges = sorted(zip(variant_ranges(layer, buckets), layer.variants), key=lambda x: x[0])
+    def build(cls, layer: LayerSpec, salt: str, buckets: int) -> LayerTable:
+        ranges = sorted(zip(variant_ranges(layer, buckets), layer.variants, strict=True), key=lambda x: x[0])
         return cls(name=layer.name, salt=salt, buckets=buckets, starts=tuple(r[0] for r, _ in ranges),
                    ends=tuple(r[1] for r, _ in ranges), variants=tuple(v for _, v in ranges))
 
@@ -332,8 +340,9 @@ class LayerTable:
 
 def variant_ranges(layer: LayerSpec, buckets: int) -> list[tuple[int, int]]:
     """Inclusive bucket range of each variant of a (validated) layer, in the layer's order."""
-    if all(v.buckets is not None for v in layer.variants):
-        return [tuple(v.buckets) for v in layer.variants]  # type: ignore[misc]
+    fixed = [v.buckets for v in layer.variants if v.buckets is not None]
+    if len(fixed) == len(layer.variants):
+        return fixed
     out, cum = [], 0.0
     for v in layer.variants:
         start = round(cum * buckets / 100)
@@ -377,7 +386,7 @@ def _compose(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
         raise RoutingConfigError(source, [ConfigIssue((), f"not valid YAML: {e.problem or e}", line)]) from None
     except yaml.YAMLError as e:
         raise RoutingConfigError(source, [ConfigIssue((), f"not valid YAML: {e}")]) from None
-    if not isinstance(data, dict):
+    if node is None or not isinstance(data, dict):
         raise RoutingConfigError(source, [ConfigIssue((), "the config must be a mapping (salt, layers or "
                                                           "variants, ...)", 1)])
     lines: dict[Loc, int] = {(): 1}

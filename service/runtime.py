@@ -95,11 +95,12 @@ class Runtime:
         self.manager = ServingManager(s, self.redis_client, store_error)
         self.manager.start()  # an invalid MTRANK_ROUTING_CONFIG raises here: the service does not start
         st = self.serving
-        for v in st.variants if st is not None else ():
-            b = v.bundle
-            log.info("serving %s v%d (%s) on %s (requested %s) as variant %r, buckets %d-%d of %d; fusion %s %s",
-                     b.name, b.version, b.manifest.architecture, b.provider, ",".join(b.requested_providers),
-                     v.name, v.first, v.last, st.config.buckets, v.ranker.fusion_name, v.ranker.weights)
+        if st is not None:
+            for v in st.variants:
+                b = v.bundle
+                log.info("serving %s v%d (%s) on %s (requested %s) as variant %r, buckets %d-%d of %d; fusion %s %s",
+                         b.name, b.version, b.manifest.architecture, b.provider, ",".join(b.requested_providers),
+                         v.name, v.first, v.last, st.config.buckets, v.ranker.fusion_name, v.ranker.weights)
         if s.store_poll_s > 0:
             self.watcher = Watcher(self.manager, s.store_poll_s).start()
         if s.admin_token is None:

@@ -16,10 +16,18 @@ from __future__ import annotations
 
 import uuid
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema, WrapValidator,
-                      create_model)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    WrapValidator,
+    create_model,
+)
 
 #: visible ASCII, no spaces: safe in a response header and in a log line
 REQUEST_ID_PATTERN = r"^[!-~]+$"
@@ -69,7 +77,12 @@ def id_list_type(max_length: int, max_items: int) -> Any:
                      WithJsonSchema(schema, mode="validation")]
 
 
-Id = id_type(DEFAULT_MAX_ID_LENGTH)
+if TYPE_CHECKING:  # what the validated values are (the types are built at run time, which mypy cannot follow)
+    Id = str
+    ItemIds = list[str]
+else:
+    Id = id_type(DEFAULT_MAX_ID_LENGTH)
+    ItemIds = id_list_type(DEFAULT_MAX_ID_LENGTH, DEFAULT_MAX_ITEMS)
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=REQUEST_ID_MAX, pattern=REQUEST_ID_PATTERN)]
 
 
@@ -83,7 +96,7 @@ class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: Id
-    items: id_list_type(DEFAULT_MAX_ID_LENGTH, DEFAULT_MAX_ITEMS) = Field(
+    items: ItemIds = Field(
         description=f"candidate item ids, in request order. {DUPLICATES_DOC}")
     context: dict[str, Any] | None = Field(default=None,
                                            description="request context fields of the model's feature schema "

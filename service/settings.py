@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     predlog_maxlen: int = Field(default=1_000_000, ge=1, description="approximate MAXLEN of the stream")
 
     @model_validator(mode="after")
-    def _default_workers(self) -> "Settings":
+    def _default_workers(self) -> Settings:
         if "workers" not in self.model_fields_set:
             from service.providers import default_workers, visible_gpus, wants_cuda
 

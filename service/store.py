@@ -33,8 +33,16 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, PRECISIONS, VOCAB_FILE, BundleManifest,
-                              model_inputs, sha256_file)
+from service.contract import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PRECISION_FILES,
+    PRECISIONS,
+    VOCAB_FILE,
+    BundleManifest,
+    model_inputs,
+    sha256_file,
+)
 from service.providers import ProviderMismatch, check_session_providers, preload_cuda_dlls, uses_run_gate
 from service.settings import PROVIDER_ALIASES
 
@@ -98,7 +106,7 @@ class Bundle:
                 outs = self.session.run(self.manifest.outputs, dict(inputs))
         else:
             outs = self.session.run(self.manifest.outputs, dict(inputs))
-        return {name: np.asarray(o).reshape(-1) for name, o in zip(self.manifest.outputs, outs)}
+        return {name: np.asarray(o).reshape(-1) for name, o in zip(self.manifest.outputs, outs, strict=True)}
 
 
 #: at most this many onnxruntime runs at once in this process (see :func:`limit_concurrent_runs`)
@@ -277,7 +285,7 @@ def warm_up(bundle: Bundle, sizes: Sequence[int] = (1, 16, 128)) -> None:
 def bundle_signature(path: str | os.PathLike) -> tuple:
     """(size, mtime_ns) of the bundle's files, every precision's model included (None for a missing
     one): changes when a file does."""
-    out = []
+    out: list[tuple[int, int] | None] = []
     for f in (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, *(f for p, f in PRECISION_FILES.items() if p != "fp32")):
         try:
             st = os.stat(Path(path) / f)
@@ -294,7 +302,8 @@ def default_inputs(manifest: BundleManifest, n_items: int) -> dict[str, np.ndarr
     for mi in manifest.inputs:
         n = n_items if mi.entity == "item" else 1
         if mi.kind == "dense":
-            means = np.array([schema.field(f).mean for f in mi.fields], dtype=np.float32)
+            mean = {f.name: f.mean for f in schema.dense}
+            means = np.array([mean[f] for f in mi.fields], dtype=np.float32)
             out[mi.name] = np.tile(means, (n, 1))
         else:
             out[mi.name] = np.zeros((n, mi.width), dtype=np.int64)
@@ -329,4 +338,5 @@ def _check_session(session: ort.InferenceSession, manifest: BundleManifest, path
     if wrong:
         raise BundleError(f"{path}: model input types differ from the manifest (model, manifest): {wrong}")
     if sorted(outs) != sorted(manifest.outputs):
-        raise BundleError(f"{path}: model outputs {sorted(outs)} differ from manifest outputs {sorted(manifest.outputs)}")
+        raise BundleError(f"{path}: model outputs {sorted(outs)} differ from manifest outputs "
+                          f"{sorted(manifest.outputs)}")

@@ -95,7 +95,8 @@ def fit_ratio(pred: np.ndarray, y: np.ndarray) -> float | None:
     """The factor ``mean(1 + y) / mean(exp(max(pred, 0)))`` (served mean = observed mean); None without rows."""
     if not len(y):
         return None
-    s = float(np.mean(1 + np.maximum(y.astype(np.float64), 0)) / np.mean(np.exp(np.maximum(pred.astype(np.float64), 0))))
+    s = float(np.mean(1 + np.maximum(y.astype(np.float64), 0))
+              / np.mean(np.exp(np.maximum(pred.astype(np.float64), 0))))
     return s if math.isfinite(s) and s > 0 else None
 
 

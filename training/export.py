@@ -41,8 +41,16 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from service.contract import (MANIFEST_FILE, MODEL_FILE, PRECISION_FILES, VOCAB_FILE, BundleManifest,
-                              OutputCalibration, model_inputs, sha256_file)
+from service.contract import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PRECISION_FILES,
+    VOCAB_FILE,
+    BundleManifest,
+    OutputCalibration,
+    model_inputs,
+    sha256_file,
+)
 from service.store import list_versions
 from training.models.blocks import MLP, EmbeddingLayer, Experts, MultiTaskModel
 from training.quantize import Int8Job, make_int8
@@ -68,7 +76,7 @@ def request_once(model: nn.Module, on: bool = True):
     try:
         yield model
     finally:
-        for m, b in zip(layers, before):
+        for m, b in zip(layers, before, strict=True):
             m.request_once = b
 
 
@@ -103,7 +111,7 @@ class ServingModel(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         with request_once(self.model, self.request_once):
-            out = self.model(dict(zip(self.input_names, inputs)))
+            out = self.model(dict(zip(self.input_names, inputs, strict=True)))
         return tuple(self._output(t, out[t.name]) for t in self.model.tasks)
 
 
@@ -159,7 +167,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
                     lin.bias.copy_((lin.bias.double() * s + shift).float())
                     m[i + 1] = nn.Identity()
         elif isinstance(m, Experts) and m.norms is not None:
-            for w, b, bn in zip(m.weights, m.biases, m.norms):
+            for w, b, bn in zip(m.weights, m.biases, m.norms, strict=True):
                 s, shift = (t.view(m.n_experts, 1, -1) for t in scale_shift(bn))  # [E, 1, h]
                 w.copy_((w.double() * s).float())
                 b.copy_((b.double() * s + shift).float())
@@ -220,7 +228,7 @@ def check_parity(serving: ServingModel, onnx_path: str | Path, parity_inputs: di
             got = session.run([t.name for t in model.tasks], case)
             with torch.no_grad():
                 want = serving(*(torch.from_numpy(case[n]).to(device) for n in names))
-            for t, g, w in zip(model.tasks, got, want):
+            for t, g, w in zip(model.tasks, got, want, strict=True):
                 g, w = g.astype(np.float64), w.cpu().numpy().astype(np.float64)
                 if g.shape != w.shape:
                     raise ExportParityError(f"task {t.name!r}: onnx shape {g.shape} != torch shape {w.shape}")

@@ -80,9 +80,9 @@ def load_features(data: str | Path, bundle_dir: str | Path, client: redis.Redis 
 def _write(client, keys: list[str], values: list[bytes], chunk: int) -> None:
     """Write one batch: MSETs of ``chunk`` keys in one pipeline, or per slot on a cluster."""
     if isinstance(client, RedisCluster):
-        client.mset_nonatomic(dict(zip(keys, values)))
+        client.mset_nonatomic(dict(zip(keys, values, strict=True)))
         return
     pipe = client.pipeline(transaction=False)
     for j in range(0, len(keys), chunk):
-        pipe.mset(dict(zip(keys[j:j + chunk], values[j:j + chunk])))
+        pipe.mset(dict(zip(keys[j:j + chunk], values[j:j + chunk], strict=True)))
     pipe.execute()

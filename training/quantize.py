@@ -44,8 +44,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                      quantize_static)
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from service.contract import PRECISION_FILES, PrecisionFile, TaskSpec, sha256_file
 from training.metrics import metrics_of
@@ -143,7 +142,7 @@ def run_onnx(path: str | Path, inputs: dict[str, np.ndarray], tasks: list[TaskSp
     names = [t.name for t in tasks]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for i in range(0, n, batch_rows):
-        for k, v in zip(names, session.run(names, {k: v[i:i + batch_rows] for k, v in inputs.items()})):
+        for k, v in zip(names, session.run(names, {k: v[i:i + batch_rows] for k, v in inputs.items()}), strict=True):
             parts[k].append(np.asarray(v).reshape(-1))
     return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in parts.items()}
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib
+
 from service.contract import OutputCalibration
 from training.metrics import ECE_BINS
 
-import matplotlib
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 
 DEFINITIONS = {
     "ece": f"expected calibration error on the test split, {ECE_BINS} equal-width bins of the predicted "

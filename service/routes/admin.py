@@ -2,6 +2,8 @@
 /admin/reload``, ``GET /admin/models``, ``POST /admin/models/load`` and ``/admin/models/unload``."""
 
 # no `from __future__ import annotations`: FastAPI must see the real types of the route signatures
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
@@ -19,23 +21,24 @@ def router(rt: Runtime, token: SecretStr) -> APIRouter:
             raise NotReady("starting")
         return rt.manager
 
+    Admin = Annotated[ServingManager, Depends(require_admin)]
     r = APIRouter(prefix="/admin", tags=["admin"])
 
     @r.post("/reload")
-    def admin_reload(manager: ServingManager = Depends(require_admin)) -> JSONResponse:
+    def admin_reload(manager: Admin) -> JSONResponse:
         report = manager.reload("admin")
         return JSONResponse(report.as_dict(), status_code=200 if report.ok else 422)
 
     @r.get("/models")
-    def admin_models(manager: ServingManager = Depends(require_admin)) -> JSONResponse:
+    def admin_models(manager: Admin) -> JSONResponse:
         return JSONResponse(admin.describe(manager))
 
     @r.post("/models/load")
-    def admin_load(body: ModelId, manager: ServingManager = Depends(require_admin)) -> JSONResponse:
+    def admin_load(body: ModelId, manager: Admin) -> JSONResponse:
         return JSONResponse(admin.load_model(manager, ModelVersion(body.name, body.version)))
 
     @r.post("/models/unload")
-    def admin_unload(body: ModelId, manager: ServingManager = Depends(require_admin)) -> JSONResponse:
+    def admin_unload(body: ModelId, manager: Admin) -> JSONResponse:
         return JSONResponse(admin.unload_model(manager, ModelVersion(body.name, body.version)))
 
     return r

@@ -66,9 +66,9 @@ async def _operator_error(request: Request, exc: OperatorError) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(UnknownVariant, _unknown_variant)
-    app.add_exception_handler(ContextError, _context_error)
-    app.add_exception_handler(NotReady, _not_ready)
-    app.add_exception_handler(redis.RedisError, _redis_error)
-    app.add_exception_handler(OperatorError, _operator_error)
+    app.exception_handler(RequestValidationError)(_invalid)
+    app.exception_handler(UnknownVariant)(_unknown_variant)
+    app.exception_handler(ContextError)(_context_error)
+    app.exception_handler(NotReady)(_not_ready)
+    app.exception_handler(redis.RedisError)(_redis_error)
+    app.exception_handler(OperatorError)(_operator_error)

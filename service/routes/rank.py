@@ -1,6 +1,8 @@
 """``POST /rank``: parse the body (:mod:`service.limits`), route the user, rank, answer the bytes."""
 
 # no `from __future__ import annotations`: FastAPI must see the real types of the route signatures
+from typing import Annotated, Any
+
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -27,7 +29,7 @@ feature schema only (422). {DUPLICATES_DOC} The request id (X-Request-Id header,
 request_id, else generated) is echoed in the X-Request-Id response header. Beyond the worker's
 queue-time target (MTRANK_SHED_QUEUE_MS) or queue bound the answer is 429 with Retry-After."""
 _ERR = {"model": ErrorResponse}
-RESPONSES = {413: {**_ERR, "description": "body larger than MTRANK_MAX_BODY_BYTES"},
+RESPONSES: dict[int | str, dict[str, Any]] = {413: {**_ERR, "description": "body larger than MTRANK_MAX_BODY_BYTES"},
              415: {**_ERR, "description": "body is not JSON"},
              422: {"model": ValidationErrorResponse, "description": "invalid request (detail names the field)"},
              429: {**_ERR, "description": "overloaded: no slot within MTRANK_SHED_QUEUE_MS (with Retry-After)"},
@@ -57,7 +59,7 @@ def router(rt: Runtime) -> APIRouter:
     @r.post("/rank", response_model=RankResponse, description=RANK_DESCRIPTION, responses=RESPONSES,
             openapi_extra={"requestBody": {"required": True,
                                            "content": {"application/json": {"schema": request_schema}}}})
-    def rank(request: Request, body: RankRequest = Depends(rank_body),
+    def rank(request: Request, body: Annotated[RankRequest, Depends(rank_body)],
              x_mtrank_variant: str | None = Header(default=None, alias=FORCE_HEADER,
                                                    description="force a variant (QA; only when the config "
                                                                "allows it)")) -> Response:
@@ -78,7 +80,8 @@ def router(rt: Runtime) -> APIRouter:
         info.result = result
         metrics.set_degraded(result.degraded is not None)  # also set by /readyz: the latest finding wins
         if rt.predlog is not None:
-            rt.predlog.offer(body.user_id, info.variant, route.bucket, result.n_items, result.body, result.degraded)
+            rt.predlog.offer(body.user_id, route.variant.name, route.bucket, result.n_items, result.body,
+                             result.degraded)
         return Response(content=result.body, media_type="application/json")
 
     return r

@@ -271,7 +271,7 @@ class ServingManager:
         assert self.store is not None
         fetchers: dict[ModelVersion, FeatureFetcher] = {}
         variants = []
-        for (spec, lb), first, last in zip(resolved, table.starts, table.ends):
+        for (spec, lb), first, last in zip(resolved, table.starts, table.ends, strict=True):
             b = lb.bundle
             mv = lb.key.model_version
             fetcher = fetchers.get(mv) or self._fetchers.get(mv)
@@ -281,6 +281,7 @@ class ServingManager:
             fetchers[mv] = fetcher
             fname, weights = planner.fusion_of(spec, b.manifest.tasks, self.settings)
             ranker = Ranker(b, fetcher, fusion_name=fname, weights=weights, variant=spec.name)
+            assert spec.model is not None  # checked by routing.check_config
             variants.append(Variant(name=spec.name, first=first, last=last, model_spec=str(spec.model.version),
                                     ranker=ranker))
         return variants, fetchers
@@ -290,7 +291,7 @@ class ServingManager:
         """Step 4: swap in a new state (one reference), or keep the old one when nothing changed."""
         old = self._state
         unchanged = old is not None and old.config == cfg and dict(old.bundles) == held and all(
-            ov.ranker.bundle is nv.ranker.bundle for ov, nv in zip(old.variants, variants))
+            ov.ranker.bundle is nv.ranker.bundle for ov, nv in zip(old.variants, variants, strict=True))
         if not unchanged:
             report.dropped = [str(k) for k in sorted(self.bundles.held) if k not in held]
             self.generation += 1

@@ -103,8 +103,8 @@ def resolve(spec: VariantSpec, held: Mapping[BundleKey, LoadedBundle]) -> Loaded
         return held.get(BundleKey(m.name, m.version, precision))
     cands = sorted((k for k in held if k.name == m.name and k.precision == precision), key=lambda k: k.version)
     good = [k for k in cands if held[k].features_confirmed]
-    pick = (good or cands or [None])[-1]
-    return held[pick] if pick is not None else None
+    pool = good or cands
+    return held[pool[-1]] if pool else None
 
 
 def resolve_variants(cfg: RoutingConfig, table: LayerTable, held: Mapping[BundleKey, LoadedBundle],

@@ -106,7 +106,7 @@ class FeatureSpec(_Spec):
         return self.column or self.name
 
     @model_validator(mode="after")
-    def _check(self) -> "FeatureSpec":
+    def _check(self) -> FeatureSpec:
         for key in ("max_len", "vocab_of"):
             if self.kind == "sequence" and getattr(self, key) is None:
                 raise _At((key,), f"a sequence feature needs {key}")
@@ -133,7 +133,7 @@ class Table(_Spec):
         return self.sep or CSV_SUFFIXES.get(Path(self.path).suffix.lower(), ",")
 
     @model_validator(mode="after")
-    def _check(self) -> "Table":
+    def _check(self) -> Table:
         suffix = Path(self.path).suffix.lower()
         if suffix not in CSV_SUFFIXES and suffix not in PARQUET_SUFFIXES:
             raise _At(("path",), f"unsupported table format {suffix or '(no extension)'!r} "
@@ -189,7 +189,7 @@ class DatasetSpec(_Spec):
     root: Path = Field(default=Path("."), exclude=True)
 
     @model_validator(mode="after")
-    def _check(self) -> "DatasetSpec":
+    def _check(self) -> DatasetSpec:
         f_names = [f.name for f in self.features]
         dup = _first_duplicate(f_names)
         if dup is not None:
@@ -230,8 +230,10 @@ class DatasetSpec(_Spec):
         """Every column the spec names exists in its table (read from the files' headers only)."""
         ex = self.exposures
         ex_cols = set(table_columns(self.path(ex.path), ex, "exposures"))
-        user_cols = ex_cols if self.users is None else set(table_columns(self.path(self.users.path), self.users, "users"))
-        item_cols = ex_cols if self.items is None else set(table_columns(self.path(self.items.path), self.items, "items"))
+        user_cols = ex_cols if self.users is None else \
+            set(table_columns(self.path(self.users.path), self.users, "users"))
+        item_cols = ex_cols if self.items is None else \
+            set(table_columns(self.path(self.items.path), self.items, "items"))
 
         def need(loc: tuple, column: str, cols: set[str], table: str) -> None:
             if column not in cols:

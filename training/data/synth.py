@@ -31,7 +31,7 @@ config gives byte-identical files.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -193,9 +193,10 @@ def _conv_logit(users, items, uid, iid, a, e):
 
 # ----------------------------------------------------------------------------- main
 
-def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bool = True) -> Path:
-    """Writes exposures.parquet, users.parquet, items.parquet and dataset.yaml into out_dir;
-    returns the dataset.yaml path."""
+def generate(out_dir: str | Path, cfg: SynthConfig | None = None, progress: bool = True) -> Path:
+    """Writes exposures.parquet, users.parquet, items.parquet and dataset.yaml into out_dir (``cfg``:
+    the defaults of :class:`SynthConfig` when None); returns the dataset.yaml path."""
+    cfg = cfg if cfg is not None else SynthConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -215,7 +216,7 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
 
     # --- exposures: who, what, when, on which device; affinity and engagement per row
     user_p = users["activity"] / users["activity"].sum()
-    t0 = int(datetime.fromisoformat(cfg.start).replace(tzinfo=timezone.utc).timestamp())
+    t0 = int(datetime.fromisoformat(cfg.start).replace(tzinfo=UTC).timestamp())
     hour_p = HOUR_TRAFFIC / HOUR_TRAFFIC.sum()
     cols = {k: [] for k in ("uid", "iid", "ts", "dev", "a", "e")}
     for s in range(0, N, cfg.chunk):
@@ -226,7 +227,7 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
         ts = t0 + rng.integers(0, cfg.days, m) * 86400 + hour * 3600 + rng.integers(0, 3600, m)
         dev = (rng.random(m)[:, None] > users["dev_cdf"][uid]).sum(1).clip(0, 2)
         a = _affinity(cfg, users, items, uid, iid) + HOUR_CLICK[hour] + DEVICE_CLICK[dev]
-        for k, x in zip(cols, (uid, iid, ts, dev, a, rng.standard_normal(m))):
+        for k, x in zip(cols, (uid, iid, ts, dev, a, rng.standard_normal(m)), strict=True):
             cols[k].append(x)
         step("exposures")
     uid, iid, ts, dev, a, e = (np.concatenate(cols.pop(k)) for k in list(cols))
@@ -257,7 +258,8 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
         ha = _affinity(cfg, users, items, huid, hiid)
         he = rng.standard_normal(b * K)
         hclick = (rng.random(b * K) < _sigmoid(ha + c0)).reshape(b, K) & (np.arange(K) < seen[s:s + b, None])
-        hconv = hclick & (rng.random(b * K) < _sigmoid(_conv_logit(users, items, huid, hiid, ha, he) + c1)).reshape(b, K)
+        hconv = hclick & (rng.random(b * K)
+                          < _sigmoid(_conv_logit(users, items, huid, hiid, ha, he) + c1)).reshape(b, K)
         hiid = hiid.reshape(b, K)  # column 0 = most recent
         for name, mask in (("clicked", hclick), ("converted", hconv)):
             lengths, values, max_len = seqs[name]
@@ -280,7 +282,8 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
         "item_id": pa.array(iid[order] + 1, pa.int64()),
         "ts": pa.array(ts, pa.int64()),
         "hour": pa.array(((ts - t0) // 3600 % 24).astype(np.int32)),
-        "device": pa.DictionaryArray.from_arrays(pa.array(dev[order].astype(np.int32)), list(DEVICES)).cast(pa.string()),
+        "device": pa.DictionaryArray.from_arrays(pa.array(dev[order].astype(np.int32)),
+                                                 list(DEVICES)).cast(pa.string()),
         "click": pa.array(click[order].astype(np.int8)),
         "conversion": pa.array(conversion[order]),
         "watch_time": pa.array(watch_time[order]),
@@ -288,7 +291,8 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
     users_t = pa.table({
         "user_id": pa.array(np.arange(1, U + 1), pa.int64()),
         "age_bucket": pa.array(users["age"].astype(np.int32)),
-        "gender": pa.DictionaryArray.from_arrays(pa.array(users["gender"].astype(np.int32)), list(GENDERS)).cast(pa.string()),
+        "gender": pa.DictionaryArray.from_arrays(pa.array(users["gender"].astype(np.int32)),
+                                                 list(GENDERS)).cast(pa.string()),
         "region": pa.array(users["region"].astype(np.int32)),
         "activity": pa.array(users["activity"]),
         "tenure_days": pa.array(users["tenure"]),
@@ -315,8 +319,9 @@ def generate(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress: bo
     return spec_path
 
 
-def dataset_spec(cfg: SynthConfig = SynthConfig()) -> DatasetSpec:
-    """The spec describing the files :func:`generate` writes."""
+def dataset_spec(cfg: SynthConfig | None = None) -> DatasetSpec:
+    """The spec describing the files :func:`generate` writes (``cfg`` as there)."""
+    cfg = cfg if cfg is not None else SynthConfig()
     def f(name, entity, kind, **kw):
         return FeatureSpec(name=name, entity=entity, kind=kind, **kw)
 
