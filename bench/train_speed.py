@@ -125,8 +125,8 @@ def time_fit(model, ds, a, seed: int) -> dict:
 def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
-
     from rechub_peer import RechubConfig, RechubModel
+
     from training.models import build_model
 
     overrides = json.loads(a.model_config)
@@ -141,7 +141,8 @@ def main(argv=None) -> int:
         return lambda: build_model("ple", ds.schema, ds.tasks, **{**overrides, "batch_norm": bn})
 
     def peer(bn: bool):
-        return lambda: RechubModel(ds.schema, ds.tasks, RechubConfig(model="ple", **{**peer_overrides, "batch_norm": bn}))
+        cfg = RechubConfig(model="ple", **{**peer_overrides, "batch_norm": bn})
+        return lambda: RechubModel(ds.schema, ds.tasks, cfg)
 
     pairs = {True: ("ours, with BatchNorm", "torch-rechub, with BatchNorm"),
              False: ("ours, without BatchNorm", "torch-rechub, without BatchNorm")}

@@ -61,7 +61,8 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # architecture config overrides
     int8: bool = False  # also write an int8 model into the bundle (training.quantize), AUC deltas in the manifest
     device: str = "cpu"  # cpu | cuda | auto; under torchrun, cuda trains with nccl (one GPU per rank), cpu with gloo
-    calibration: str = "platt"  # platt | none: post-hoc map of binary outputs, fitted on validation (training.calibration)
+    # platt | none: post-hoc map of binary outputs, fitted on validation (training.calibration)
+    calibration: str = "platt"
     watch_time_correction: str = "ratio"  # ratio | smearing | none: regression outputs as expected values (ditto)
 
     def __post_init__(self):
@@ -70,7 +71,9 @@ class TrainConfig:
 
 def _tensors(batch: dict[str, np.ndarray], device: torch.device | None = None) -> dict[str, torch.Tensor]:
     out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-    return out if device is None or device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in out.items()}
+    if device is None or device.type == "cpu":
+        return out
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 class TrainStep(nn.Module):

@@ -89,7 +89,7 @@ def healthcheck_cmd(svc: dict) -> str:
 class Block(list):
     """Statements of one nginx block: ``(name, args, Block | None)``."""
 
-    def all(self, name: str) -> list[tuple[str, list[str], "Block | None"]]:
+    def all(self, name: str) -> list[tuple[str, list[str], Block | None]]:
         return [s for s in self if s[0] == name]
 
     def one(self, name: str):

@@ -14,7 +14,6 @@ from service.store import bundle_dir, list_versions
 from tests.support.redis_server import RedisProc
 from training import bootstrap
 
-
 PASSWORD = "job-test-password-4f1c"
 
 

@@ -20,6 +20,7 @@ One test, in phases (each prints a timing line), always ending with `down -v`:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -39,9 +40,9 @@ import pytest
 
 from service.fusion import fuse
 from service.settings import Settings
-from tests.support.ports import free_port
 from tests.deploy.readers import ROOT
 from tests.support import loadgen
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.docker
 
@@ -171,7 +172,7 @@ def check_ranking(resp: dict) -> None:
     assert [i["item_id"] for i in items] != [] and sorted(i["item_id"] for i in items) == sorted(ITEMS)
     fused = [i["score"] for i in items]
     assert all(s is not None and math.isfinite(s) for s in fused)
-    assert all(a >= b for a, b in zip(fused, fused[1:])), "items are sorted by descending fused score"
+    assert all(a >= b for a, b in itertools.pairwise(fused)), "items are sorted by descending fused score"
     assert len(set(fused)) > 50, "the scores depend on the item"
     for i in items:
         s = i["scores"]
@@ -244,7 +245,7 @@ def test_compose_stack():
 
         # -- up ---------------------------------------------------------------------------------
         s.c("up", "-d", "--no-build", timeout=900)
-        job = s.wait_job(None, timeout=60)
+        s.wait_job(None, timeout=60)
         (job_id,) = s.ids("job", all_=True)
         job_log = s.logs(job_id)
         assert "mtrank train" in job_log and "mtrank features load" in job_log, job_log[-3000:]
@@ -346,7 +347,8 @@ def test_compose_stack():
         assert statuses(after) == Counter({200: len(after)}) and after, dict(statuses(after))
         assert s.ids("service") == [r for r in replicas if r != victim]
         worst = max(o.seconds for o in result["out"])
-        phase("kill", f"during: {dict(during)}, slowest {worst * 1000:.0f} ms; after, 1 replica: {dict(statuses(after))}")
+        phase("kill", f"during: {dict(during)}, slowest {worst * 1000:.0f} ms; "
+                      f"after, 1 replica: {dict(statuses(after))}")
 
         # -- again ------------------------------------------------------------------------------
         s.d("restart", redis_id)

@@ -7,19 +7,24 @@ torch and runs as a non-root user. With a `docker compose` CLI, `docker compose 
 import fnmatch
 import importlib.util
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 from urllib.parse import urlsplit
 
 import pytest
-from typer.testing import CliRunner
 
-from service.cli import app
 from service.settings import Settings
-from tests.deploy.readers import (ROOT, TEST_ENV, duration_s, env_of, healthcheck_cmd, interpolate,
-                                  interpolation_vars, service_replicas)
+from tests.deploy.readers import (
+    ROOT,
+    TEST_ENV,
+    duration_s,
+    env_of,
+    healthcheck_cmd,
+    interpolate,
+    interpolation_vars,
+    service_replicas,
+)
 
 
 def settings_from(env: dict[str, str], monkeypatch) -> Settings:

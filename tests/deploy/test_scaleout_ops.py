@@ -16,8 +16,15 @@ import pytest
 import yaml
 
 from service.settings import Settings
-from tests.deploy.readers import DEPLOY, ROOT, env_of, healthcheck_cmd, nginx_size, promql_metric_names, \
-    service_replicas
+from tests.deploy.readers import (
+    DEPLOY,
+    ROOT,
+    env_of,
+    healthcheck_cmd,
+    nginx_size,
+    promql_metric_names,
+    service_replicas,
+)
 
 #: Every metric the Grafana dashboard queries, as exposed on /metrics (counters with ``_total``;
 #: histograms by family name, their _bucket/_sum/_count series follow). The one list to align with
@@ -68,7 +75,7 @@ def _server(nginx):
     return nginx.one("http")[2].one("server")[2]
 
 
-def _locations(server) -> dict[str, "object"]:
+def _locations(server) -> dict[str, object]:
     return {" ".join(args): body for stmt, args, body in server if stmt == "location"}
 
 

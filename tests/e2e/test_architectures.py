@@ -67,7 +67,8 @@ def test_architecture_serves_through_rank(data, name):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"]["name"] == name and body["missing"] == {"user": False, "items": 1}
-    expected = expected_outputs({"bundle": bundle, "prefix": data["prefix"], "redis": data["redis"]}, user, items, context)
+    where = {"bundle": bundle, "prefix": data["prefix"], "redis": data["redis"]}
+    expected = expected_outputs(where, user, items, context)
     pos = {item: i for i, item in enumerate(items)}
     assert len(body["items"]) == len(items)
     for row in body["items"]:

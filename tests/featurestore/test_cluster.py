@@ -70,8 +70,9 @@ def cluster(tmp_path_factory):
     procs = []
     try:
         for i in range(3):
-            p = RedisProc(root / f"n{i}", port=cluster_port(), args=("--cluster-enabled", "yes", "--cluster-config-file",
-                                                str(root / f"nodes-{i}.conf"), "--cluster-node-timeout", "5000"))
+            args = ("--cluster-enabled", "yes", "--cluster-config-file", str(root / f"nodes-{i}.conf"),
+                    "--cluster-node-timeout", "5000")
+            p = RedisProc(root / f"n{i}", port=cluster_port(), args=args)
             procs.append(p.start())
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p.port}" for p in procs],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
@@ -163,8 +164,8 @@ def test_a_moved_slot_is_followed_after_one_degraded_read(loaded, world, rig):
     with pytest.raises(StoreUnavailable) as e:
         st.mget(keys)
     part = e.value.partial
-    assert part[0] is None and [v for k, v in zip(keys, part) if key_slot(k.encode()) != slot] == [
-        v for k, v in zip(keys, want) if key_slot(k.encode()) != slot]
+    assert part[0] is None and [v for k, v in zip(keys, part, strict=True) if key_slot(k.encode()) != slot] == [
+        v for k, v in zip(keys, want, strict=True) if key_slot(k.encode()) != slot]
     t0 = time.monotonic()
     while True:
         try:

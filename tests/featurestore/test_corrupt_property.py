@@ -67,7 +67,8 @@ def test_arbitrary_bytes_never_fail_a_rank(prop_rig, sizes, redis_server, caplog
     @given(user=values(size_u), items=st.lists(values(size_i), min_size=N_ITEMS, max_size=N_ITEMS))
     def check(user, items):
         pipe = client.pipeline(transaction=False)
-        for key, v in [(user_key(ns, USER_ID), user)] + [(item_key(ns, i), v) for i, v in zip(ITEM_IDS, items)]:
+        values = [(user_key(ns, USER_ID), user)] + [(item_key(ns, i), v) for i, v in zip(ITEM_IDS, items, strict=True)]
+        for key, v in values:
             pipe.delete(key) if v is None else pipe.set(key, v)
         pipe.execute()
         caplog.clear()
@@ -76,8 +77,8 @@ def test_arbitrary_bytes_never_fail_a_rank(prop_rig, sizes, redis_server, caplog
             feats = fetcher.fetch(USER_ID, ITEM_IDS)
         u_ok = well_formed(user, size_u)
         i_ok = [well_formed(v, size_i) for v in items]
-        corrupt_items = [i for i, v, ok in zip(ITEM_IDS, items, i_ok) if v is not None and not ok]
-        for v, ok in [(user, u_ok)] + list(zip(items, i_ok)):
+        corrupt_items = [i for i, v, ok in zip(ITEM_IDS, items, i_ok, strict=True) if v is not None and not ok]
+        for v, ok in [(user, u_ok)] + list(zip(items, i_ok, strict=True)):
             seen.add("absent" if v is None else "well-formed" if ok else "corrupt")
         assert res.degraded is None
         assert res.user_missing == (not u_ok) and res.items_missing == i_ok.count(False)

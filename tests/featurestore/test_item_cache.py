@@ -34,7 +34,7 @@ def test_ttl_bounds_every_entry_lifetime():
         c.put([(f"i{step}", b"v")], "g1")
         born = {f"i{k}": 1000.0 + 0.5 * (k + 1) for k in range(step + 1)}
         got = c.get_many(list(born))
-        for (i, t0), v in zip(born.items(), got):
+        for (i, t0), v in zip(born.items(), got, strict=True):
             age = clock.t - t0
             if age > 10.0:
                 assert v is None, (i, age)  # never older than the ttl
@@ -114,7 +114,7 @@ def test_concurrent_use_is_consistent():
             for k in range(300):
                 ids = [f"{n}-{j}" for j in range(k % 50, k % 50 + 40)]
                 vals = c.get_many(ids)
-                assert all(v is None or v == i.encode() for v, i in zip(vals, ids))
+                assert all(v is None or v == i.encode() for v, i in zip(vals, ids, strict=True))
                 c.put([(i, i.encode()) for i in ids], c.tag)
                 if k % 97 == 0:
                     c.retag(k)

@@ -23,7 +23,7 @@ def client(make_settings, features):
 
 def direct_run(store_root, inputs):
     sess = ort.InferenceSession(str(store_root / "demo" / "1" / MODEL_FILE), providers=["CPUExecutionProvider"])
-    return dict(zip(["ctr", "cvr", "watch_time"], sess.run(["ctr", "cvr", "watch_time"], inputs)))
+    return dict(zip(["ctr", "cvr", "watch_time"], sess.run(["ctr", "cvr", "watch_time"], inputs), strict=True))
 
 
 def test_rank_matches_direct_onnxruntime(client, store_root, features, reference):
@@ -40,7 +40,7 @@ def test_rank_matches_direct_onnxruntime(client, store_root, features, reference
     fused = want["ctr"].astype(np.float64) * want["cvr"] * (1 + want["watch_time"].astype(np.float64)) ** 0.2
     order = sorted(range(len(items)), key=lambda i: (-fused[i], i))
     assert [it["item_id"] for it in body["items"]] == [items[i] for i in order]
-    for it, i in zip(body["items"], order):
+    for it, i in zip(body["items"], order, strict=True):
         for task in ("ctr", "cvr", "watch_time"):
             assert abs(it["scores"][task] - float(want[task][i])) <= 1e-6
         assert it["score"] == pytest.approx(fused[i], rel=1e-6)

@@ -6,7 +6,12 @@ from pydantic import ValidationError
 
 from service.codec import HEADER, EntityCodec
 from service.contract import (
-    BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField, model_inputs,
+    BundleManifest,
+    DenseField,
+    FeatureSchema,
+    SequenceField,
+    SparseField,
+    model_inputs,
 )
 from tests.support.contract import TASKS
 

@@ -61,7 +61,7 @@ def expected_scores(store_root: Path, version: int, features, reference) -> dict
                                 providers=["CPUExecutionProvider"])
     out = {}
     for u in USERS:
-        res = dict(zip(TASKS, sess.run(TASKS, reference(features, u, ITEMS))))
+        res = dict(zip(TASKS, sess.run(TASKS, reference(features, u, ITEMS)), strict=True))
         out[u] = {}
         for j, item in enumerate(ITEMS):
             out[u][item] = {t: float(res[t][j]) for t in TASKS}

@@ -8,8 +8,17 @@ import mmh3
 import pytest
 from scipy.stats import chisquare
 
-from service.routing import (DEFAULT_BUCKETS, RoutingConfigError, VersionPolicy, bucket_of, implicit_config,
-                             is_safe_name, load_config, parse_config, parse_policy)
+from service.routing import (
+    DEFAULT_BUCKETS,
+    RoutingConfigError,
+    VersionPolicy,
+    bucket_of,
+    implicit_config,
+    is_safe_name,
+    load_config,
+    parse_config,
+    parse_policy,
+)
 
 
 def murmur3_x86_32(data: bytes, seed: int = 0) -> int:
@@ -42,7 +51,7 @@ def murmur3_x86_32(data: bytes, seed: int = 0) -> int:
 
 
 def ref_bucket(salt: str, user_id: str, buckets: int = DEFAULT_BUCKETS) -> int:
-    return murmur3_x86_32(f"{salt}:{user_id}".encode("utf-8"), 0) % buckets
+    return murmur3_x86_32(f"{salt}:{user_id}".encode(), 0) % buckets
 
 
 # published in the README ("Experiments"): salt, user id, bucket of 10,000
@@ -166,9 +175,9 @@ def test_layers_are_mutually_exclusive_within_and_independent_across():
     users = [f"u{i}" for i in range(20_000)]
     per_layer = {layer.name: {} for layer in cfg.layers}
     for u in users:
-        for layer, (variant, bucket) in cfg.assign(u).items():
+        for layer, (variant, _bucket) in cfg.assign(u).items():
             per_layer[layer].setdefault(variant, set()).add(u)
-    for layer, groups in per_layer.items():
+    for groups in per_layer.values():
         # every user in exactly one variant of each layer
         assert sum(len(g) for g in groups.values()) == len(users)
         assert set().union(*groups.values()) == set(users)

@@ -86,7 +86,7 @@ def test_run_outputs(tmp_path, bundle_factory):
     b = load_bundle(tmp_path, "demo", intra_op_threads=1)
     out = b.run(default_inputs(b.manifest, n_items=5))
     assert set(out) == {"ctr", "cvr", "watch_time"}
-    for k, v in out.items():
+    for v in out.values():
         assert v.shape == (5,) and v.dtype == np.float32
     assert np.all((out["ctr"] >= 0) & (out["ctr"] <= 1)) and np.all(out["watch_time"] >= 0)
 

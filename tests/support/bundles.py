@@ -200,7 +200,7 @@ def put_entities(client: redis.Redis, prefix: str, schema: FeatureSchema, entity
                           np.array([rows[i][2] for i in ids]))
     ns = namespace(prefix, schema)
     keyf = user_key if entity == "user" else item_key
-    client.mset({keyf(ns, i): v for i, v in zip(ids, values)})
+    client.mset({keyf(ns, i): v for i, v in zip(ids, values, strict=True)})
 
 
 def seed_features(redis_url: str, prefix: str, schema: FeatureSchema, n_users: int = 3, n_items: int = 10,

@@ -29,4 +29,4 @@ def expected_outputs(world, user: str, items: list[str], context: dict) -> dict[
              "item_sparse": it.sparse, "item_dense": it.dense, "context_sparse": ctx}
     sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
-    return dict(zip([o.name for o in sess.get_outputs()], out))
+    return dict(zip([o.name for o in sess.get_outputs()], out, strict=True))

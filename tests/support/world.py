@@ -19,7 +19,6 @@ from training.data.dataset import prepare
 from training.data.synth import SynthConfig, generate
 from training.materialize import load_features
 
-
 # -- a synthetic dataset, a bundle of its schema, loaded with the real loader ----------------------
 
 @dataclass

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from service.contract import (FeatureSchema, SparseField)
+from service.contract import FeatureSchema, SparseField
+from tests.support.contract import TASKS, tiny_schema
+from tests.support.inputs import one_user, random_inputs
 from training.models import ARCHITECTURES, build_model
 from training.models.blocks import MLP, Dropout, EmbeddingLayer, Experts, Gate, Parts, Tower, masked_mean, mix
 from training.models.ple import PLE, PLEConfig
-from tests.support.contract import TASKS, tiny_schema
-from tests.support.inputs import one_user, random_inputs
 
 N = 7
 
@@ -45,7 +45,7 @@ def test_experts_batched_equals_per_expert_loop():
         got = ex(x)
         for e in range(4):
             h = x if x.dim() == 2 else x[:, e]
-            for w, b in zip(ex.weights, ex.biases):
+            for w, b in zip(ex.weights, ex.biases, strict=True):
                 h = torch.relu(h @ w[e] + b[e])
             torch.testing.assert_close(got[:, e], h)
 
@@ -62,7 +62,7 @@ def test_experts_list_input_equals_the_stacked_input():
     torch.testing.assert_close(got, want)
     g1 = torch.autograd.grad(got.square().sum(), [a, b, c, *ex.parameters()])
     g2 = torch.autograd.grad(want.square().sum(), [a, b, c, *ex.parameters()])
-    for x, y in zip(g1, g2):
+    for x, y in zip(g1, g2, strict=True):
         torch.testing.assert_close(x, y)
     with pytest.raises(ValueError, match="4 inputs for 5 experts"):
         ex([a, a, b, c])

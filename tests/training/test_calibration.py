@@ -174,7 +174,8 @@ def test_calibration_is_fitted_on_validation_and_applied_by_the_graph(trained):
     on_test = cal.fit(*predictions(model, ds, test), ds.tasks, *options)
     for k, c in manifest.calibration.items():
         assert c.rows == on_val[k].rows
-        assert c.scale == pytest.approx(on_val[k].scale, rel=1e-4) and c.shift == pytest.approx(on_val[k].shift, abs=1e-4)
+        assert c.scale == pytest.approx(on_val[k].scale, rel=1e-4)
+        assert c.shift == pytest.approx(on_val[k].shift, abs=1e-4)
         assert abs(c.scale - on_test[k].scale) > 1e-3  # not the test split's fit
     # the bundle's graph is the model with that calibration: the gate passes with it, fails without
     rows = ds.inputs(test[:500])

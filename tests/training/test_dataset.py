@@ -70,7 +70,7 @@ def test_inputs_gather_rows_and_split_is_reproducible(data_dir):
     np.testing.assert_array_equal(x["context_sparse"][:, 0], [1, 1])  # ios
     a = ds.split("random", seed=1)
     b = ds.split("random", seed=1)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         np.testing.assert_array_equal(u, v)
     assert sorted(np.concatenate(a).tolist()) == list(range(len(ds)))
     train, _, test = ds.split("time", fractions=(0.5, 0.25, 0.25))

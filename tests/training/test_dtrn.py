@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.contract import (MANIFEST_FILE, BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField)
+from service.contract import MANIFEST_FILE, BundleManifest, DenseField, FeatureSchema, SequenceField, SparseField
+from tests.support.contract import TASKS
 from tests.support.inputs import one_user, parity_rows, random_inputs
 from training.export import export_bundle
 from training.models import build_model
 from training.models.blocks import Experts
-from training.models.dtrn import BACKBONES, DTRN, DTRNConfig, TIM
+from training.models.dtrn import BACKBONES, DTRN, TIM, DTRNConfig
 from training.models.mmoe import MMoEBlock
 from training.models.ple import PLEBlock
-from tests.support.contract import TASKS
 
 N = 6
 
@@ -71,7 +71,7 @@ def test_tim_runs_per_task_and_behaviour_and_trm_sees_it():
     assert [tuple(x.shape) for x in interests] == [(3, N, 16)] * 3
     # the bottom representation: every field, with the user sequences replaced by 16-wide interests
     dims = [16 if n in ("clicked", "converted", "liked_genres") else d
-            for n, d in zip(m.embedding.field_names, m.embedding.field_dims)]
+            for n, d in zip(m.embedding.field_names, m.embedding.field_dims, strict=True)]
     with torch.no_grad():
         reps = m.bottom(random_inputs(schema(), N))
     assert len(reps) == 3 and all(r.shape == (N, sum(dims)) for r in reps)
@@ -126,13 +126,13 @@ def test_hypernetwork_generates_the_layernorms_of_every_task_behaviour_pair():
             torch.testing.assert_close(x[0], x[1])
         tim.hyper[-1].bias += 0.3  # what the hypernetwork outputs is what the encoder uses
         moved = tim_outputs(m3, inputs)
-    assert all(not torch.allclose(a, b) for a, b in zip(same, moved))
+    assert all(not torch.allclose(a, b) for a, b in zip(same, moved, strict=True))
 
 
 def test_trm_reweights_every_field_per_task():
     m = model().eval()
     dims = [16 if n in ("clicked", "converted", "liked_genres") else d  # TIM interests are tim_dim wide
-            for n, d in zip(m.embedding.field_names, m.embedding.field_dims)]
+            for n, d in zip(m.embedding.field_names, m.embedding.field_dims, strict=True)]
     assert torch.bincount(m.trm.field_of_column).tolist() == dims
     x = [torch.randn(N, sum(dims)) for _ in TASKS]
     with torch.no_grad():

@@ -13,13 +13,19 @@ import pytest
 import torch
 
 import training.export as export_mod
-from service.contract import (MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, BundleManifest,
-                              OutputCalibration, model_inputs, sha256_file)
-from training.export import (ExportParityError, ServingModel, check_parity, export_bundle,
-                             latest_version, list_versions)
-from training.models import ARCHITECTURES, build_model
+from service.contract import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    VOCAB_FILE,
+    BundleManifest,
+    OutputCalibration,
+    model_inputs,
+    sha256_file,
+)
 from tests.support.contract import TASKS, tiny_schema
 from tests.support.inputs import parity_rows
+from training.export import ExportParityError, ServingModel, check_parity, export_bundle, latest_version, list_versions
+from training.models import ARCHITECTURES, build_model
 
 
 def make_model(arch: str):
@@ -65,7 +71,7 @@ def test_export_bundle(arch, tmp_path):
     model.eval()
     with torch.no_grad():
         want = ServingModel(model)(*(torch.from_numpy(feed[i.name]) for i in m.inputs))
-    for g, w, t in zip(got, want, TASKS):
+    for g, w, t in zip(got, want, TASKS, strict=True):
         assert g.shape == (40,) and g.dtype == np.float32
         np.testing.assert_allclose(g, w.numpy(), atol=1e-5, rtol=0)
         if t.kind == "binary":
@@ -116,9 +122,10 @@ def test_calibration_is_in_the_graph_the_manifest_and_the_parity_gate(tmp_path):
     m = BundleManifest.from_json((path / MANIFEST_FILE).read_text())
     assert m.calibration == CALIB
     rows = parity_rows(model.schema, 200, seed=3)
-    got = dict(zip(m.outputs, ort.InferenceSession(str(path / MODEL_FILE)).run(m.outputs, rows)))
+    got = dict(zip(m.outputs, ort.InferenceSession(str(path / MODEL_FILE)).run(m.outputs, rows), strict=True))
     with torch.no_grad():
-        raw = {k: v.numpy().astype(np.float64) for k, v in model({k: torch.from_numpy(v) for k, v in rows.items()}).items()}
+        out = model({k: torch.from_numpy(v) for k, v in rows.items()})
+        raw = {k: v.numpy().astype(np.float64) for k, v in out.items()}
     # the exported graph applies sigmoid(a z + b) and max(s exp(max(m, 0)) - 1, 0) to the model's raw outputs
     for t in ("ctr", "cvr"):
         c = CALIB[t]

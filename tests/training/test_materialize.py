@@ -7,12 +7,11 @@ import redis
 
 from service.codec import EntityCodec
 from service.contract import BundleManifest, item_key, meta_key, namespace, user_key
-from training.data.dataset import encode_entities, read_raw
+from training.data.dataset import encode_entities, prepare, read_raw
 from training.data.synth import SynthConfig, generate
+from training.export import export_bundle
 from training.materialize import load_features
 from training.models import build_model
-from training.export import export_bundle
-from training.data.dataset import prepare
 
 
 def test_load_is_idempotent_and_namespaced(tmp_path, redis_url, key_prefix):
@@ -32,7 +31,7 @@ def test_load_is_idempotent_and_namespaced(tmp_path, redis_url, key_prefix):
     assert ns == f"{key_prefix}:{ds.schema.fingerprint()[:12]}"
     assert set(keys) == ({f"{ns}:u:{u}".encode() for u in ds.users.ids} | {f"{ns}:i:{i}".encode() for i in ds.items.ids}
                          | {f"{ns}:meta".encode()})
-    before = dict(zip(keys, client.mget(keys)))
+    before = dict(zip(keys, client.mget(keys), strict=True))
     load_features(data, bundle, client, prefix=key_prefix, progress=False)  # again: same keys, same bytes
     after_keys = sorted(client.scan_iter(match=f"{key_prefix}:*", count=1000))
     assert after_keys == keys

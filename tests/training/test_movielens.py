@@ -104,9 +104,9 @@ def test_negatives_unrated_same_timestamp(data):
     for c in ("user_id", "ts", "split", "age_bucket", "gender", "occupation", "zip_prefix"):
         assert np.array_equal(p[c].to_numpy(), n[c].to_numpy()), c
     for c in ("rated_movies", "liked_movies"):
-        assert all(np.array_equal(a, b) for a, b in zip(p[c], n[c])), c
-    rated = set(zip(ratings["user_id"], ratings["movie_id"]))
-    assert not any((u, m) in rated for u, m in zip(n["user_id"], n["movie_id"]))
+        assert all(np.array_equal(a, b) for a, b in zip(p[c], n[c], strict=True)), c
+    rated = set(zip(ratings["user_id"], ratings["movie_id"], strict=True))
+    assert not any((u, m) in rated for u, m in zip(n["user_id"], n["movie_id"], strict=True))
     assert n["movie_id"].between(1, 1682).all()
     assert n["movie_id"].nunique() > 1500  # drawn over the catalogue, not a handful of movies
 
@@ -146,9 +146,10 @@ def test_sequences_strictly_before_most_recent_first(data):
 
 def test_liked_only_high_ratings(data):
     df, ratings = data["df"], data["ratings"]
-    high = set(zip(ratings.loc[ratings.rating >= 4, "user_id"], ratings.loc[ratings.rating >= 4, "movie_id"]))
+    liked = ratings.loc[ratings.rating >= 4]
+    high = set(zip(liked["user_id"], liked["movie_id"], strict=True))
     sample = df.iloc[::97]
-    assert all((u, m) in high for u, seq in zip(sample.user_id, sample.liked_movies) for m in seq)
+    assert all((u, m) in high for u, seq in zip(sample.user_id, sample.liked_movies, strict=True) for m in seq)
 
 
 def test_split_column_per_user_time_order(data):
@@ -171,7 +172,7 @@ def test_items_and_genres(data):
     assert np.array_equal(it["movie_id"], np.arange(1, 1683))
     assert [len(g) for g in it["genres"]] == flags.sum(1).tolist()
     assert max(len(g) for g in it["genres"]) <= 6
-    assert all(g[0] == p for g, p in zip(it["genres"], it["primary_genre"]))
+    assert all(g[0] == p for g, p in zip(it["genres"], it["primary_genre"], strict=True))
     assert list(it["genres"][0]) == [names[j] for j in np.flatnonzero(flags[0])]
     # every genre is somebody's primary genre: the genres sequence never falls into OOV (= padding)
     assert set(it["primary_genre"]) == set(names)
@@ -223,8 +224,8 @@ def test_spec_and_generic_prepare(data):
     assert ds.time is not None and len(ds.split("random")[2]) == 20_000
     # `--split column`: the per-user time split column written by the loader
     train, valid, test = ds.split("column")
-    assert (len(train), len(valid), len(test)) == ((ds.split_column == "train").sum(),
-                                                    (ds.split_column == "valid").sum(), (ds.split_column == "test").sum())
+    want = tuple((ds.split_column == part).sum() for part in ("train", "valid", "test"))
+    assert (len(train), len(valid), len(test)) == want
     assert len(test) > 0 and len(valid) > 0 and len(train) + len(valid) + len(test) == len(ds)
 
 

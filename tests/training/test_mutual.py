@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import training.models.mutual
 from service.contract import MANIFEST_FILE, BundleManifest, TaskSpec, model_inputs
 from tests.support.contract import TASKS, tiny_schema
 from tests.support.inputs import one_user, parity_rows, random_inputs
 from training.export import export_bundle
 from training.models import ARCHITECTURES, build_model
-import training.models.mutual
 from training.models.mutual import MutualLearning
 
 N = 6

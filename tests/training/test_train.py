@@ -5,12 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.data.synth import SynthConfig, generate
+from tests.support.contract import TASKS
 from training.data.dataset import prepare
+from training.data.synth import SynthConfig, generate
 from training.losses import task_losses
 from training.train import TrainConfig, evaluate, fit
-from tests.support.contract import TASKS
-
 
 
 def test_esmm_loss_supervises_the_product_over_all_exposures():
@@ -61,5 +60,5 @@ def test_same_seed_same_model(small):
     cfg = TrainConfig(arch="shared_bottom", epochs=1, batch_size=1024)
     a, _, _ = fit(small, cfg, progress=False)
     b, _, _ = fit(small, cfg, progress=False)
-    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(v, w), k

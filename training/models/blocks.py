@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from service.contract import ENTITIES, FeatureSchema, TaskSpec, model_inputs
 
-
 # ---------------------------------------------------------------------------------------------
 # Embeddings
 # ---------------------------------------------------------------------------------------------
@@ -58,8 +57,9 @@ class Parts:
 
     def full(self) -> Tensor:
         """The ``[N, D]`` tensor the blocks stand for (for a consumer that is not a first layer)."""
-        n = next(b for b, item in zip(self.blocks, self.per_item) if item).shape[0]
-        return torch.cat([b if item else b.expand(n, -1) for b, item in zip(self.blocks, self.per_item)], dim=1)
+        n = next(b for b, item in zip(self.blocks, self.per_item, strict=True) if item).shape[0]
+        parts = [b if item else b.expand(n, -1) for b, item in zip(self.blocks, self.per_item, strict=True)]
+        return torch.cat(parts, dim=1)
 
 
 def project(x: Tensor | Parts, weight: Tensor, bias: Tensor) -> Tensor:
@@ -72,7 +72,7 @@ def project(x: Tensor | Parts, weight: Tensor, bias: Tensor) -> Tensor:
     if not isinstance(x, Parts):
         return torch.matmul(x, weight) + bias
     once, per_item, start = bias, None, 0
-    for block, d, item in zip(x.blocks, x.dims, x.per_item):
+    for block, d, item in zip(x.blocks, x.dims, x.per_item, strict=True):
         y = torch.matmul(block, weight[..., start:start + d, :])  # a constant slice: folded at export
         start += d
         if item:
@@ -159,7 +159,7 @@ class EmbeddingLayer(nn.Module):
                 self.field_dims.append(sparse_dim[f.vocab_of])
         self.num_fields = len(self.field_names)
         self.output_dim = sum(self.field_dims)
-        self.entity_dims = {e: sum(d for name, d in zip(self.field_names, self.field_dims)
+        self.entity_dims = {e: sum(d for name, d in zip(self.field_names, self.field_dims, strict=True)
                                    if schema.field(name).entity == e) for e in ENTITIES}
 
     def sequences(self, inputs: dict[str, Tensor], entity: str) -> list[tuple[Tensor, Tensor]]:
@@ -169,7 +169,7 @@ class EmbeddingLayer(nn.Module):
             return []
         ids = inputs[self.input_names[(entity, "sequence")]]
         parts = ids.split([f.max_len for f in fields], dim=1)
-        return [(self.sparse[self.table_of[f.vocab_of]](p), p) for f, p in zip(fields, parts)]
+        return [(self.sparse[self.table_of[f.vocab_of]](p), p) for f, p in zip(fields, parts, strict=True)]
 
     def entity_fields(self, inputs: dict[str, Tensor], entity: str) -> list[Tensor]:
         """One entity's field vectors, ``[B_entity, d_f]`` each, not broadcast."""
@@ -406,4 +406,4 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         reps = self.task_inputs(self.embedding(inputs))
-        return {t.name: tower(r) for t, tower, r in zip(self.tasks, self.towers, reps)}
+        return {t.name: tower(r) for t, tower, r in zip(self.tasks, self.towers, reps, strict=True)}

@@ -210,10 +210,10 @@ class TRM(nn.Module):
                              persistent=False)
 
     def weights(self, x: list[Tensor]) -> list[Tensor]:
-        return [net(xk @ self.squeeze) for net, xk in zip(self.nets, x)]  # T x [N, F]
+        return [net(xk @ self.squeeze) for net, xk in zip(self.nets, x, strict=True)]  # T x [N, F]
 
     def forward(self, x: list[Tensor]) -> list[Tensor]:
-        return [xk * w[:, self.field_of_column] for xk, w in zip(x, self.weights(x))]
+        return [xk * w[:, self.field_of_column] for xk, w in zip(x, self.weights(x), strict=True)]
 
 
 class DTRN(MultiTaskModel):
@@ -243,7 +243,7 @@ class DTRN(MultiTaskModel):
         if self.tim is not None:
             n = inputs[self.embedding.item_input].shape[0]
             sequences = self.embedding.sequences(inputs, "user")
-            for slot, interest in zip(self.seq_slots, self.tim(sequences, fields, n)):
+            for slot, interest in zip(self.seq_slots, self.tim(sequences, fields, n), strict=True):
                 for k in range(len(self.tasks)):
                     per_task[k][slot] = interest[k]
         return self.trm([torch.cat(f, dim=1) for f in per_task])
@@ -253,4 +253,5 @@ class DTRN(MultiTaskModel):
         return reps if self.backbone is None else self.backbone(reps)
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {t.name: tower(r) for t, tower, r in zip(self.tasks, self.towers, self.tower_inputs(inputs))}
+        reps = self.tower_inputs(inputs)
+        return {t.name: tower(r) for t, tower, r in zip(self.tasks, self.towers, reps, strict=True)}

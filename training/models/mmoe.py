@@ -43,7 +43,7 @@ class MMoEBlock(nn.Module):
             e = self.experts(x0)  # [N, E, d]
             return [mix(gate(x0), e) for gate in self.gates]
         e = self.experts(torch.stack(task_inputs).flatten(0, 1)).unflatten(0, (len(task_inputs), -1))  # [T, N, E, d]
-        return [mix(gate(x), e[k]) for k, (gate, x) in enumerate(zip(self.gates, task_inputs))]
+        return [mix(gate(x), e[k]) for k, (gate, x) in enumerate(zip(self.gates, task_inputs, strict=True))]
 
 
 class MMoE(MultiTaskModel):

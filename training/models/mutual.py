@@ -152,8 +152,10 @@ class MutualLearning(MultiTaskModel):
     def _towers(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Tower outputs ``{task: [N]}`` and the towers' last hidden layers."""
         reps = tower_inputs(self.base, inputs)
-        hidden = [tower.mlp(torch.cat([h, c], dim=1)) for tower, h, c in zip(self.towers, reps, self.ctfm(reps))]
-        return {t.name: tower.out(z).squeeze(-1) for t, tower, z in zip(self.tasks, self.towers, hidden)}, hidden
+        hidden = [tower.mlp(torch.cat([h, c], dim=1))
+                  for tower, h, c in zip(self.towers, reps, self.ctfm(reps), strict=True)]
+        out = {t.name: tower.out(z).squeeze(-1) for t, tower, z in zip(self.tasks, self.towers, hidden, strict=True)}
+        return out, hidden
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         return self._towers(inputs)[0]
@@ -162,7 +164,7 @@ class MutualLearning(MultiTaskModel):
         """``(tower outputs, global network outputs)``, both ``{task: [N]}`` (for :meth:`aux_losses`)."""
         out, hidden = self._towers(inputs)
         z_all = torch.cat([z.detach() for z in hidden], dim=1)
-        return out, {t.name: net(z_all) for t, net in zip(self.tasks, self.gkd)}
+        return out, {t.name: net(z_all) for t, net in zip(self.tasks, self.gkd, strict=True)}
 
     def aux_losses(self, out: dict[str, Tensor], aux: dict[str, Tensor],
                    labels: dict[str, Tensor]) -> dict[str, Tensor]:

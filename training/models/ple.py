@@ -54,7 +54,7 @@ class CGC(nn.Module):
         inputs = [*task_inputs, shared]  # at level 1 (PLE) one tensor for everyone: one GEMM
         e = self.experts([inputs[j] for j in self.input_of_expert])
         outs = [mix(gate(x), e[:, self.task_gate_experts[k]])
-                for k, (gate, x) in enumerate(zip(self.task_gates, task_inputs))]
+                for k, (gate, x) in enumerate(zip(self.task_gates, task_inputs, strict=True))]
         return outs, (None if self.shared_gate is None else mix(self.shared_gate(shared), e))
 
 
