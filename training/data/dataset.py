@@ -149,7 +149,7 @@ def build_schema(raw: RawData) -> tuple[FeatureSchema, dict[str, list[str]]]:
 def _encode_sparse(col: pd.Series, vocab: list[str]) -> np.ndarray:
     """Vocabulary index of each value (0 = missing / out of vocabulary), whole-column."""
     codes, uniques = pd.factorize(col, use_na_sentinel=True)  # fast on raw values; few uniques
-    idx = pd.Categorical(as_str(pd.Series(uniques)), categories=vocab).codes.astype(np.int64) + 1
+    idx = pd.Index(vocab).get_indexer(as_str(pd.Series(uniques))).astype(np.int64) + 1  # -1 (unknown) -> 0
     return np.where(codes >= 0, idx[np.maximum(codes, 0)] if len(idx) else 0, 0).astype(np.int64)
 
 
