@@ -21,14 +21,15 @@ documented default ``{"ctr": 1, "cvr": 1, "watch_time": 0.2}``; a model with oth
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from service.contract import TaskSpec
 
 TaskKind = Literal["binary", "regression"]
-FUSIONS = ("weighted_product", "weighted_sum")
+FusionName = Literal["weighted_product", "weighted_sum"]
+FUSIONS: tuple[str, ...] = get_args(FusionName)
 PROB_EPS = 1e-7
 #: default weight of a task by its kind (:func:`default_weights`)
 DEFAULT_KIND_WEIGHT: dict[str, float] = {"binary": 1.0, "regression": 0.2}

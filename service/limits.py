@@ -20,7 +20,6 @@ everything else. Pure functions; the ASGI middleware (:mod:`service.middleware`)
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from email.message import Message
 from typing import Any, TypeVar
@@ -44,10 +43,6 @@ def request_id_from_header(value: bytes | None) -> str | None:
     if value is not None and _RID.fullmatch(value):
         return value.decode("ascii")
     return None
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 def content_length(value: bytes | None) -> int | None:

@@ -48,7 +48,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-STAGES = ("fetch", "assemble", "inference", "fusion", "serialise", "total")
+from service.ranking import STAGES as RANK_STAGES
+
+STAGES = (*RANK_STAGES, "total")  # the ranking stages, plus the whole request
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0)
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)

@@ -34,7 +34,8 @@ from typing import Any
 import orjson
 
 from service import access_log, metrics
-from service.limits import content_length, new_request_id, request_id_from_header
+from service.limits import content_length, request_id_from_header
+from service.schemas import new_request_id
 
 log = logging.getLogger("service.http")
 RANK_PATH = "/rank"

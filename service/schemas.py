@@ -86,7 +86,8 @@ else:
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=REQUEST_ID_MAX, pattern=REQUEST_ID_PATTERN)]
 
 
-def _new_request_id() -> str:
+def new_request_id() -> str:
+    """A generated request id (uuid4 hex): the one rule, used by the HTTP edge and the body model."""
     return uuid.uuid4().hex
 
 
@@ -103,7 +104,7 @@ class RankRequest(BaseModel):
                                                        "(e.g. hour, device); an unknown key is refused (422)")
     top_k: int | None = Field(default=None, ge=1, le=DEFAULT_MAX_ITEMS,
                               description="return the best top_k items; default all")
-    request_id: RequestId = Field(default_factory=_new_request_id,
+    request_id: RequestId = Field(default_factory=new_request_id,
                                   description="echoed back; the X-Request-Id header wins over it; generated "
                                               "(uuid4 hex) when both are absent")
 

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.fusion import FusionName
+
 #: short provider names accepted in ``MTRANK_PROVIDERS`` -> onnxruntime execution provider
 PROVIDER_ALIASES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -26,7 +28,6 @@ PROVIDER_ALIASES: dict[str, str] = {
     "dml": "DmlExecutionProvider",
 }
 
-FusionName = Literal["weighted_product", "weighted_sum"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
