@@ -23,9 +23,11 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import orjson
+
+from service.settings import url_secret
 
 log = logging.getLogger("service.access")
 _SECRETS: list[str] = []
@@ -47,14 +49,9 @@ def register_secrets(*values: str | None) -> None:
 
 def register_settings_secrets(settings) -> None:
     """The Redis URL's password (or lone user name, which is then the secret) and the admin token."""
-    try:
-        parts = urlsplit(settings.redis_url)
-        userinfo, at, _ = parts.netloc.rpartition("@")
-        if at:
-            user, colon, password = userinfo.partition(":")
-            register_secrets(password if colon else user)
-    except ValueError:
-        pass
+    secret = url_secret(settings.redis_url)
+    if secret:
+        register_secrets(secret)
     if settings.admin_token is not None:
         register_secrets(settings.admin_token.get_secret_value())
 

@@ -46,7 +46,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -55,7 +54,7 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError
 from redis.retry import Retry
 
-from service.settings import Settings
+from service.settings import Settings, url_secret
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ class FeatureStore:
         self.deadline_s = settings.redis_deadline_ms / 1000.0
         self.probe_timeout_s = max(self.deadline_s, min(settings.redis_timeout_s, 0.1))
         self.is_cluster = isinstance(client, RedisCluster)
-        self._password = urlsplit(settings.redis_url).password if "://" in settings.redis_url else None
+        self._password = url_secret(settings.redis_url)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}

@@ -37,6 +37,20 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def url_secret(url: str) -> str | None:
+    """The secret in a URL's user info, as written: the password, or a lone user name
+    (``redis://token@host``, where the name is the secret); None when there is none."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return None
+    userinfo, at, _ = netloc.rpartition("@")
+    if not at:
+        return None
+    user, colon, password = userinfo.partition(":")
+    return (password if colon else user) or None
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (a lone user name, which may be a token, too)."""
     try:

@@ -84,3 +84,16 @@ def test_experiment_settings_validated(monkeypatch, field, value):
     with pytest.raises(ValidationError) as e:
         Settings()
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize("url, secret", [
+    ("redis://:s3cret@host:6379/0", "s3cret"),
+    ("redis://user:p%40ss@host/0", "p%40ss"),
+    ("redis://token@host/0", "token"),
+    ("redis://host:6379/0", None),
+    ("unix:///tmp/redis.sock", None),
+])
+def test_url_secret_is_the_one_rule(url, secret):
+    from service.settings import url_secret
+
+    assert url_secret(url) == secret
