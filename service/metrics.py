@@ -49,12 +49,12 @@ from prometheus_client import (
 )
 
 from service.ranking import STAGES as RANK_STAGES
+from service.redis_client import BREAKER_STATES
 
 STAGES = (*RANK_STAGES, "total")  # the ranking stages, plus the whole request
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0)
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-BREAKER_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "halfopen": 1, "open": 2}
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 RANK_REQUESTS = Counter("mtrank_rank_requests", "POST /rank answers by variant, model, model version and HTTP "
@@ -157,7 +157,7 @@ def inflight(delta: int) -> None:
 
 def set_breaker(state: str | None) -> None:
     """The feature store breaker's state (``closed``, ``half_open``, ``open``); unknown -> closed."""
-    value = float(BREAKER_STATES.get(str(state).lower(), 0) if state is not None else 0)
+    value = float(BREAKER_STATES.index(state) if state in BREAKER_STATES else 0)
     if _breaker_last[0] != value:
         _breaker_last[0] = value
         BREAKER.set(value)

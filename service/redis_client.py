@@ -58,8 +58,9 @@ from service.settings import Settings, url_secret
 
 log = logging.getLogger(__name__)
 
-#: ordering used by :attr:`FeatureStore.state` when several breakers (cluster nodes) disagree
-_STATE_RANK = {"closed": 0, "half_open": 1, "open": 2}
+#: the breaker's states, from best to worst: the index is the gauge value (service.metrics) and the
+#: order :attr:`FeatureStore.state` uses when several breakers (cluster nodes) disagree
+BREAKER_STATES = ("closed", "half_open", "open")
 #: seconds between two topology refreshes of a cluster at most
 _REFRESH_EVERY_S = 1.0
 
@@ -376,7 +377,7 @@ class FeatureStore:
     def state(self) -> str:
         """``closed``, ``half_open`` or ``open``: the worst of the nodes' breakers."""
         states = [n.breaker.state for n in list(self._nodes.values())] or ["closed"]
-        return max(states, key=_STATE_RANK.__getitem__)
+        return max(states, key=BREAKER_STATES.index)
 
     @property
     def last_error(self) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,32 +37,42 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def url_secret(url: str) -> str | None:
-    """The secret in a URL's user info, as written: the password, or a lone user name
-    (``redis://token@host``, where the name is the secret); None when there is none."""
+def _userinfo(url: str) -> tuple[SplitResult, str, bool, str, str] | None:
+    """The one parse of a URL's user info: (parts, user, has_password, password, host:port); None
+    when the URL has no user info or does not parse."""
     try:
-        netloc = urlsplit(url).netloc
+        parts = urlsplit(url)
     except ValueError:
         return None
-    userinfo, at, _ = netloc.rpartition("@")
+    userinfo, at, hostport = parts.netloc.rpartition("@")
     if not at:
         return None
     user, colon, password = userinfo.partition(":")
-    return (password if colon else user) or None
+    return parts, user, bool(colon), password, hostport
+
+
+def url_secret(url: str) -> str | None:
+    """The secret in a URL's user info, as written: the password, or a lone user name
+    (``redis://token@host``, where the name is the secret); None when there is none."""
+    info = _userinfo(url)
+    if info is None:
+        return None
+    _, user, has_password, password, _ = info
+    return (password if has_password else user) or None
 
 
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (a lone user name, which may be a token, too)."""
     try:
-        parts = urlsplit(url)
+        urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at:
+    info = _userinfo(url)
+    if info is None:
         return url
+    parts, user, has_password, _, hostport = info
     # redis://user:pw@host keeps the user name; redis://token@host hides it (it is the secret)
-    user, colon, _ = userinfo.partition(":")
-    cred = f"{user}:***" if colon else "***"
+    cred = f"{user}:***" if has_password else "***"
     return urlunsplit((parts.scheme, f"{cred}@{hostport}", parts.path, parts.query, parts.fragment))
 
 
