@@ -17,19 +17,24 @@ from pathlib import Path
 
 import typer
 
+from service.settings import Settings
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-task ranking: train, export, load features, serve.")
 features_app = typer.Typer(no_args_is_help=True, help="Feature store (Redis) commands.")
 app.add_typer(features_app, name="features")
 
-REDIS_URL = typer.Option("redis://127.0.0.1:6379/0", "--redis-url", envvar="MTRANK_REDIS_URL", show_default=True,
+# the defaults are Settings' own (one owner): the CLI only names the options
+_DEFAULT = {name: field.default for name, field in Settings.model_fields.items()}
+REDIS_URL = typer.Option(_DEFAULT["redis_url"], "--redis-url", envvar="MTRANK_REDIS_URL", show_default=True,
                          help="Redis URL (may carry a password; never printed).")
-PREFIX = typer.Option("mtrank", "--prefix", envvar="MTRANK_REDIS_PREFIX", help="Redis key prefix.")
+PREFIX = typer.Option(_DEFAULT["redis_prefix"], "--prefix", envvar="MTRANK_REDIS_PREFIX", help="Redis key prefix.")
 #: seconds uvicorn waits for a worker's health-check answer (uvicorn >= 0.37; its default is 5)
 WORKER_HEALTHCHECK_S = 30
-STORE = typer.Option(Path("model_store"), "--store", envvar="MTRANK_MODEL_STORE", help="Model store directory.")
-HOST = typer.Option("127.0.0.1", "--host", envvar="MTRANK_HOST")
-PORT = typer.Option(8000, "--port", envvar="MTRANK_PORT")
+STORE = typer.Option(Path(_DEFAULT["model_store"]), "--store", envvar="MTRANK_MODEL_STORE",
+                     help="Model store directory.")
+HOST = typer.Option(_DEFAULT["host"], "--host", envvar="MTRANK_HOST")
+PORT = typer.Option(_DEFAULT["port"], "--port", envvar="MTRANK_PORT")
 
 
 def _need_training():
@@ -157,7 +162,7 @@ def serve(host: str = HOST, port: int = PORT,
                                                      "MTRANK_PROVIDERS asks for CUDA and it is available, else one "
                                                      "per usable core). onnxruntime threads per worker default to "
                                                      "cores / workers."),
-          log_level: str = typer.Option("info", envvar="MTRANK_LOG_LEVEL")):
+          log_level: str = typer.Option(_DEFAULT["log_level"].lower(), envvar="MTRANK_LOG_LEVEL")):
     """Serve POST /rank with uvicorn (configuration from MTRANK_* environment variables).
 
     SIGTERM (or Ctrl-C): stop accepting, finish the requests in flight for at most
@@ -176,7 +181,6 @@ def serve(host: str = HOST, port: int = PORT,
     except DependencyError as e:
         typer.echo(f"mtrank serve: {e}", err=True)
         raise typer.Exit(2) from None
-    from service.settings import Settings
 
     if workers is not None:
         os.environ["MTRANK_WORKERS"] = str(workers)  # the workers read their Settings from the environment
