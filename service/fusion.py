@@ -20,8 +20,9 @@ documented default ``{"ctr": 1, "cvr": 1, "watch_time": 0.2}``; a model with oth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -46,6 +47,23 @@ def default_weights(tasks: Sequence[TaskSpec]) -> dict[str, float]:
     return {t.name: DEFAULT_KIND_WEIGHT[t.kind] for t in tasks}
 
 
+def weight_problems(weights: Mapping[Any, Any]) -> list[tuple[str | None, str]]:
+    """The one rule for the shape of a weights mapping (MTRANK_FUSION_WEIGHTS, a routing variant's
+    ``fusion.weights``): at least one task, non-empty task names, finite numbers. Returns
+    ``(task or None, message)`` pairs; the model's tasks are checked by :func:`validate_weights`."""
+    out: list[tuple[str | None, str]] = []
+    if not weights:
+        out.append((None, "fusion weights are empty: give at least one task weight"))
+    for task, w in weights.items():
+        if not isinstance(task, str) or not task:
+            out.append((None, f"bad task name {task!r}"))
+        elif isinstance(w, bool) or not isinstance(w, (int, float)):
+            out.append((task, f"weight of {task!r} must be a number, got {w!r}"))
+        elif not math.isfinite(w):
+            out.append((task, f"weight of {task!r} must be finite, got {w!r}"))
+    return out
+
+
 def validate_weights(name: str, weights: Mapping[str, float], tasks: Sequence[TaskSpec]) -> dict[str, TaskKind]:
     """Check a fusion config against a model's tasks; return ``{task: kind}`` of the weighted tasks."""
     if name not in FUSIONS:
@@ -55,8 +73,9 @@ def validate_weights(name: str, weights: Mapping[str, float], tasks: Sequence[Ta
     if unknown:
         raise FusionConfigError(f"fusion_weights name tasks the model does not have: {unknown}; "
                                 f"model tasks: {sorted(kinds)}")
-    if not weights:
-        raise FusionConfigError("fusion_weights is empty")
+    problems = weight_problems(weights)
+    if problems:
+        raise FusionConfigError("; ".join(message for _, message in problems))
     return {t: kinds[t] for t in weights}
 
 

@@ -45,7 +45,7 @@ from pydantic import (
 )
 
 from service.contract import PRECISIONS
-from service.fusion import FUSIONS
+from service.fusion import FUSIONS, weight_problems
 
 DEFAULT_BUCKETS = 10_000
 MAX_BUCKETS = 1_000_000
@@ -508,17 +508,8 @@ def check_config(cfg: RoutingConfig) -> list[ConfigIssue]:
 
 
 def check_weights(cfg: RoutingConfig, loc: Loc, weights: Mapping[str, Any]) -> list[ConfigIssue]:
-    out = []
-    if not weights:
-        out.append(cfg.issue(loc, "fusion weights are empty: give at least one task weight"))
-    for task, w in weights.items():
-        if not isinstance(task, str) or not task:
-            out.append(cfg.issue(loc, f"bad task name {task!r}"))
-        elif isinstance(w, bool) or not isinstance(w, (int, float)):
-            out.append(cfg.issue(loc + (task,), f"weight of {task!r} must be a number, got {w!r}"))
-        elif not math.isfinite(w):
-            out.append(cfg.issue(loc + (task,), f"weight of {task!r} must be finite, got {w!r}"))
-    return out
+    return [cfg.issue(loc if task is None else loc + (task,), message)
+            for task, message in weight_problems(weights)]
 
 
 def _check_partition(cfg: RoutingConfig, layer: LayerSpec, lloc: Loc) -> list[ConfigIssue]:

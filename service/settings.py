@@ -7,7 +7,6 @@ wherever the URL is shown or logged.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
@@ -15,7 +14,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.fusion import FusionName
+from service.fusion import FusionName, weight_problems
 
 #: short provider names accepted in ``MTRANK_PROVIDERS`` -> onnxruntime execution provider
 PROVIDER_ALIASES: dict[str, str] = {
@@ -199,13 +198,9 @@ class Settings(BaseSettings):
     @field_validator("fusion_weights")
     @classmethod
     def _check_weights(cls, v: dict[str, float]) -> dict[str, float]:
-        if not v:
-            raise ValueError("needs at least one task weight")
-        for task, w in v.items():
-            if not task:
-                raise ValueError("task names must not be empty")
-            if not math.isfinite(w):
-                raise ValueError(f"weight of {task!r} must be finite")
+        problems = weight_problems(v)
+        if problems:
+            raise ValueError("; ".join(message for _, message in problems))
         return v
 
     @field_validator("routing_config", "admin_token", mode="before")
