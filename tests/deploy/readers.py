@@ -4,6 +4,8 @@ own variable interpolation, a small nginx config parser, PromQL metric-name extr
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -16,6 +18,19 @@ TEST_ENV = {"REDIS_PASSWORD": "test-redis-password", "GRAFANA_ADMIN_PASSWORD": "
 
 
 # -- compose --------------------------------------------------------------------------------------
+def compose_cli(docker: str = "docker") -> list[str] | None:
+    """The compose command that answers here (``docker compose`` v2, else ``docker-compose`` v1)."""
+    for cmd in ([docker, "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
+                return cmd
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
+
+
 def load_compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 

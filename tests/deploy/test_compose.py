@@ -40,7 +40,7 @@ import pytest
 
 from service.fusion import fuse
 from service.settings import Settings
-from tests.deploy.readers import ROOT
+from tests.deploy.readers import ROOT, compose_cli
 from tests.support import loadgen
 from tests.support.ports import free_port
 
@@ -64,18 +64,6 @@ def _docker_cli() -> str | None:
         try:
             if subprocess.run([cli, "info"], capture_output=True, timeout=30).returncode == 0:
                 return cli
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return None
-
-
-def _compose_cli(docker: str) -> list[str] | None:
-    for cmd in ([docker, "compose"], ["docker-compose"]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        try:
-            if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
-                return cmd
         except (OSError, subprocess.TimeoutExpired):
             pass
     return None
@@ -207,7 +195,7 @@ def test_compose_stack():
     docker = _docker_cli()
     if docker is None:
         pytest.skip("no Docker engine answers on this machine (docker info fails): .ci/compose-test starts one")
-    compose = _compose_cli(docker)
+    compose = compose_cli(docker)
     assert compose is not None, "a Docker engine runs but neither `docker compose` nor `docker-compose` works"
     env = {**os.environ, **JOB_ENV, "COMPOSE_PROJECT_NAME": PROJECT,
            "REDIS_PASSWORD": secrets.token_hex(16), "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(16),

@@ -7,7 +7,6 @@ torch and runs as a non-root user. With a `docker compose` CLI, `docker compose 
 import fnmatch
 import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 from urllib.parse import urlsplit
@@ -18,6 +17,7 @@ from service.settings import Settings
 from tests.deploy.readers import (
     ROOT,
     TEST_ENV,
+    compose_cli,
     duration_s,
     env_of,
     healthcheck_cmd,
@@ -286,20 +286,8 @@ def test_readme_commands_exist():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def _compose_cli() -> list[str] | None:
-    for cmd in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        try:
-            if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
-                return cmd
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return None
-
-
 def test_docker_compose_config_accepts_the_file(tmp_path):
-    cli = _compose_cli()
+    cli = compose_cli()
     if cli is None:
         pytest.skip("no docker compose CLI on this machine")
     base = [*cli, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
@@ -316,7 +304,7 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
 
 
 def test_docker_compose_config_accepts_the_local_override(tmp_path):
-    cli = _compose_cli()
+    cli = compose_cli()
     if cli is None:
         pytest.skip("no docker compose CLI on this machine")
     env_file = tmp_path / "env"
