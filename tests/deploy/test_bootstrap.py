@@ -45,6 +45,7 @@ def meta(env) -> dict | None:
     return None if raw is None else json.loads(raw)
 
 
+@pytest.mark.slow
 def test_the_job_does_only_what_is_missing(job_env, capsys, monkeypatch):
     store = job_env["MTRANK_MODEL_STORE"]
     out = run(capsys)

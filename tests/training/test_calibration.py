@@ -122,6 +122,7 @@ def trained(tmp_path_factory):
     return root / "store", bundle, prepare(root / "data")
 
 
+@pytest.mark.slow
 def test_report_and_manifest_hold_calibration_for_every_task(trained):
     _, bundle, _ = trained
     report = json.loads((bundle / "report.json").read_text())
@@ -164,6 +165,7 @@ def test_served_watch_time_is_unbiased_on_clicked_test_rows(trained):
     assert m["mean_label/watch_time"] == pytest.approx(observed, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_calibration_is_fitted_on_validation_and_applied_by_the_graph(trained):
     _, bundle, ds = trained
     manifest = BundleManifest.from_json((bundle / MANIFEST_FILE).read_text())

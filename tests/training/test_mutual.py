@@ -165,6 +165,7 @@ def test_cli_train_maps_backbone_and_mutual_learning(monkeypatch, tmp_path):
     assert seen["cfg"].model == {}
 
 
+@pytest.mark.slow
 def test_train_dtrn_ple_with_mutual_learning_end_to_end_and_serve_batch1(tmp_path):
     from service.store import load_bundle
     from training.data.synth import SynthConfig, generate

@@ -42,6 +42,7 @@ def small(tmp_path_factory):
     return prepare(d)
 
 
+@pytest.mark.slow
 def test_fit_early_stops_restores_best_and_reports_metrics(small):
     cfg = TrainConfig(arch="mmoe", epochs=6, batch_size=512, lr=5e-3, patience=1)
     model, history, (tr, va, te) = fit(small, cfg, progress=False)
