@@ -63,6 +63,33 @@ def synth(out: Path = typer.Option(Path("data/synth"), help="Output directory.")
 
 
 @app.command()
+def simulate(url: str = typer.Option("http://127.0.0.1:8000", help="Base URL of the running service."),
+             data: Path = typer.Option(Path("data/synth"), help="The synthetic data the served model was trained on "
+                                                               "(its truth/ holds the world the users follow)."),
+             duration: float = typer.Option(60.0, min=0.1, help="Seconds to run."),
+             requests: int | None = typer.Option(None, min=1, help="Stop after this many /rank requests."),
+             concurrency: int = typer.Option(4, min=1, help="Simulated clients in parallel."),
+             candidates: int = typer.Option(100, min=1, help="Candidates per /rank request."),
+             k: int = typer.Option(10, min=1, help="Items shown per request (the top k)."),
+             seed: int = typer.Option(0, help="Random seed of the simulated users.")):
+    """Drive the service with synthetic users: rank, show the top k, draw outcomes from the synthetic
+    data's ground truth, post them to /events. Then `mtrank ab report` reads what they did."""
+    from training.simulate import SimConfig, Simulator
+
+    cfg = SimConfig(url=url.rstrip("/"), data=data, duration_s=duration, requests=requests,
+                    concurrency=concurrency, candidates=candidates, k=k, seed=seed)
+    try:
+        sim = Simulator(cfg)
+    except FileNotFoundError as e:
+        typer.echo(f"mtrank simulate: {e}", err=True)
+        raise typer.Exit(2) from None
+    report = sim.run()
+    typer.echo("\n".join(report.lines()))
+    if not report.variants:
+        raise typer.Exit(1)
+
+
+@app.command()
 def movielens(out: Path = typer.Option(Path("data/movielens-100k"), help="Output directory (outside git)."),
               source: Path | None = typer.Option(None, help="MovieLens-100K folder (default: ../shared/...)."),
               seed: int = typer.Option(0, help="Seed of the sampled non-clicked exposures.")):

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from training.data.spec import load_spec
-from training.data.synth import SynthConfig, generate
+from training.data.synth import DEVICES, TRUTH_DIR, SynthConfig, Truth, generate
 
 SMALL = SynthConfig(n_users=500, n_items=1000, n_exposures=30_000)
 FILES = ("exposures.parquet", "users.parquet", "items.parquet", "dataset.yaml")
@@ -74,6 +74,8 @@ def test_determinism(tmp_path, data):
     generate(same, SMALL, progress=False)
     for f in FILES:
         assert (same / f).read_bytes() == (out / f).read_bytes(), f
+    for f in sorted((out / TRUTH_DIR).iterdir()):
+        assert (same / TRUTH_DIR / f.name).read_bytes() == f.read_bytes(), f.name
     other = tmp_path / "other"
     generate(other, SynthConfig(n_users=500, n_items=1000, n_exposures=30_000, seed=8), progress=False)
     for t in ("exposures", "users", "items"):
@@ -167,3 +169,24 @@ def test_side_features_predictive(data):
     assert by_age.max() - by_age.min() > 0.01
     dev = np.array(ex.column("device").to_pylist())
     assert click[dev == "ios"].mean() > click[dev == "web"].mean()
+
+
+def test_the_ground_truth_reproduces_the_labels(data):
+    """truth/ (what `mtrank simulate` draws from) is the world the labels came from: its click
+    probabilities on the logged exposures average to the observed click rate and rank the clicks,
+    and outcomes drawn from it match the logged rates."""
+    out, _, ex, _, _ = data
+    truth = Truth(out / TRUTH_DIR)
+    uid, iid, hour = col(ex, "user_id") - 1, col(ex, "item_id") - 1, col(ex, "hour")
+    dev = np.array([DEVICES.index(d) for d in ex.column("device").to_pylist()])
+    click, conv, watch = col(ex, "click"), col(ex, "conversion"), col(ex, "watch_time")
+    p = truth.p_click(uid, iid, hour, dev)
+    se = np.sqrt(click.mean() * (1 - click.mean()) / len(click))
+    assert abs(p.mean() - click.mean()) < 4 * se
+    pos, neg = p[click == 1], p[click == 0]
+    auc = (pos[:, None] > neg[None, :2000]).mean()
+    assert auc > 0.6, auc
+    _, c2, v2, w2 = truth.outcomes(np.random.default_rng(1), uid, iid, hour, dev)
+    assert abs(c2.mean() - click.mean()) < 6 * se
+    assert abs(v2.sum() / c2.sum() - conv.sum() / click.sum()) < 0.03
+    assert abs(np.log(w2[c2].mean() / watch[click == 1].mean())) < 0.1

@@ -30,6 +30,7 @@ config gives byte-identical files.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -191,10 +192,77 @@ def _conv_logit(users, items, uid, iid, a, e):
     return 0.8 * a + items["conv_bias"][iid] + users["conv_bias"][uid] + 0.8 * e
 
 
+# ----------------------------------------------------------------------------- ground truth
+
+#: the generator's hidden state, written beside the data for ``mtrank simulate``
+TRUTH_DIR = "truth"
+_TRUTH_ARRAYS = {"users": ("u", "bias", "conv_bias", "dev_cdf", "activity"),
+                 "items": ("v", "bias", "conv_bias", "quality", "duration", "w")}
+
+
+def save_truth(path: Path, cfg: SynthConfig, users: dict, items: dict, **scalars: float) -> None:
+    """The latent tastes, biases and offsets that drew the labels (``.npy`` files: byte-identical
+    for one config, like the data), so a simulator can draw new outcomes from the same world."""
+    path.mkdir(parents=True, exist_ok=True)
+    for entity, names in _TRUTH_ARRAYS.items():
+        source = users if entity == "users" else items
+        for name in names:
+            np.save(path / f"{entity}_{name}.npy", np.asarray(source[name]))
+    (path / "scalars.json").write_text(json.dumps({"dim": cfg.dim, **scalars}, sort_keys=True) + "\n")
+
+
+class Truth:
+    """The world of one synthetic data set: who clicks, converts and watches what, with which probability."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not (path / "scalars.json").is_file():
+            raise FileNotFoundError(f"{path} holds no ground truth: generate the data with `mtrank synth`")
+        arrays = {f"{e}_{n}": np.load(path / f"{e}_{n}.npy") for e, ns in _TRUTH_ARRAYS.items() for n in ns}
+        self.users = {n: arrays[f"users_{n}"] for n in _TRUTH_ARRAYS["users"]}
+        self.items = {n: arrays[f"items_{n}"] for n in _TRUTH_ARRAYS["items"]}
+        scalars = json.loads((path / "scalars.json").read_text())
+        self.dim, self.c0, self.c1 = int(scalars["dim"]), scalars["c0"], scalars["c1"]
+        self.a_click_mean = scalars["a_click_mean"]
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users["bias"])
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items["bias"])
+
+    def affinity(self, uid, iid, hour, dev) -> np.ndarray:
+        """``a`` of the module doc for 0-based user and item indices (arrays broadcast)."""
+        taste = np.einsum("...d,...d->...", self.users["u"][uid], self.items["v"][iid]) / np.sqrt(self.dim)
+        return (taste + self.users["bias"][uid] + self.items["bias"][iid] + HOUR_CLICK[hour]
+                + DEVICE_CLICK[dev])
+
+    def p_click(self, uid, iid, hour, dev) -> np.ndarray:
+        return _sigmoid(self.affinity(uid, iid, hour, dev) + self.c0)
+
+    def outcomes(self, rng: np.random.Generator, uid, iid, hour, dev):
+        """Draw (p_click, click, conversion, watch seconds) for one user shown ``iid``, as the
+        generator drew its labels."""
+        a = self.affinity(uid, iid, hour, dev)
+        p = _sigmoid(a + self.c0)
+        click = rng.random(len(iid)) < p
+        e = rng.standard_normal(len(iid))
+        conv_logit = _conv_logit(self.users, self.items, uid, iid, a, e) + DEVICE_CONV[dev] + self.c1
+        conversion = click & (rng.random(len(iid)) < _sigmoid(conv_logit))
+        dur = self.items["duration"][iid]
+        log_wt = (np.log(dur) - 1.2 + 0.4 * (a - self.a_click_mean) + 0.2 * self.items["quality"][iid]
+                  + 0.5 * e + 0.7 * rng.standard_normal(len(iid)))
+        watch = np.where(click, np.clip(np.exp(log_wt), 1.0, 3.0 * dur), 0.0)
+        return p, click, conversion, watch
+
+
 # ----------------------------------------------------------------------------- main
 
 def generate(out_dir: str | Path, cfg: SynthConfig | None = None, progress: bool = True) -> Path:
-    """Writes exposures.parquet, users.parquet, items.parquet and dataset.yaml into out_dir (``cfg``:
+    """Writes exposures.parquet, users.parquet, items.parquet, dataset.yaml and the ground truth
+    (``truth/``, for ``mtrank simulate``) into out_dir (``cfg``:
     the defaults of :class:`SynthConfig` when None); returns the dataset.yaml path."""
     cfg = cfg if cfg is not None else SynthConfig()
     out = Path(out_dir)
@@ -245,6 +313,7 @@ def generate(out_dir: str | Path, cfg: SynthConfig | None = None, progress: bool
               + 0.5 * e[ci] + 0.7 * rng.standard_normal(len(ci)))
     watch_time = np.zeros(N, np.float32)
     watch_time[ci] = np.clip(np.exp(log_wt), 1.0, 3.0 * dur)
+    save_truth(out / TRUTH_DIR, cfg, users, items, c0=c0, c1=c1, a_click_mean=float(a[ci].mean()))
     step("labels")
 
     # --- history snapshot before the window: the same model over a prior feed, no context
