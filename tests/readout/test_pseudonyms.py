@@ -18,7 +18,8 @@ from tests.support.redis_server import RedisProc
 from tests.support.server import Server
 
 RAW = ["alice.liddell+7731@example.org", "bob-the-builder-55170", "u1"]  # u1: a user with features in Redis
-CONFIG = "salt: pseud\nallow_force: true\nvariants:\n  - {name: A, percent: 50}\n  - {name: B, percent: 50}\n"
+CONFIG = ("salt: pseud\nallow_force: true\nvariants:\n  - {name: A, percent: 50, model: {name: demo}}\n"
+          "  - {name: B, percent: 50, model: {name: demo}}\n")
 
 
 def everything(client: redis.Redis) -> bytes:
