@@ -33,15 +33,15 @@ def test_export_with_outcomes_trains_a_bundle(readout_env, serve, redis_url, key
             r = c.post("/rank", json={"user_id": user, "items": items, "context": ctx, "top_k": 4,
                                       "request_id": f"tr-{k}"})
             assert r.status_code == 200, r.text
-            t = time.time()
+            t = time.time()  # events without a request id join the user's latest request that showed the item
             for pos, it in enumerate(r.json()["items"]):
                 if rng.random() < 0.45:
                     rid = f"tr-{k}" if pos % 2 == 0 else None  # some events know the request, some do not
                     events.append(event(user, it["item_id"], "click", t, rid=rid))
                     clicked.add((f"tr-{k}", it["item_id"]))
                     if rng.random() < 0.4:
-                        events.append(event(user, it["item_id"], "conversion", t + 1, rid=rid))
-                    events.append(event(user, it["item_id"], "watch", t + 2, rid=rid, value=float(rng.uniform(5, 60))))
+                        events.append(event(user, it["item_id"], "conversion", t, rid=rid))
+                    events.append(event(user, it["item_id"], "watch", t, rid=rid, value=float(rng.uniform(5, 60))))
     write_events(redis_url, key_prefix, events)
     rdb = redis.Redis.from_url(redis_url)
     wait_for(lambda: rdb.xlen(f"{key_prefix}:predictions") == 60, what="60 records")
@@ -61,7 +61,7 @@ def test_export_with_outcomes_trains_a_bundle(readout_env, serve, redis_url, key
         assert row.user_id == vocab["user_id"][sparse[0] - 1] and row.age == pytest.approx(float(dense[0]))
         assert list(row.clicked) == [vocab["item_id"][i - 1] for i in seq if i > 0]
         if row.item == "i-unknown":  # not in Redis: what was served is the defaults
-            assert row.item_id is None and row.price == pytest.approx(10.0)
+            assert pd.isna(row.item_id) and row.price == pytest.approx(10.0)
         else:
             isparse, idense, _ = data.items[row.item]
             assert row.item_id == row.item and row.category == vocab["category"][isparse[1] - 1]
