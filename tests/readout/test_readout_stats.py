@@ -41,7 +41,7 @@ def test_intervals_cover_the_true_lift_in_most_seeds():
     covered, excluded_zero = 0, 0
     seeds = range(40)
     for seed in seeds:
-        rep = report.build(synthetic(seed, {"A": 1500, "B": 1500}, lift=0.15), k=K, bootstrap=50, seed=seed)
+        rep = report.build(synthetic(seed, {"A": 1500, "B": 1500}, lift=0.15), k=K, task_events={}, seed=seed)
         e = rep.variant("B").lifts[f"ctr@{K}"]
         covered += e.covers(0.15)
         excluded_zero += e.lo > 0
@@ -53,7 +53,8 @@ def test_a_a_shows_no_srm_and_intervals_covering_zero():
     shares = {"A": 0.5, "B": 0.5}
     covering = 0
     for seed in range(10):
-        rep = report.build(synthetic(100 + seed, {"A": 1000, "B": 1000}), k=K, shares=shares, bootstrap=100, seed=seed)
+        rep = report.build(synthetic(100 + seed, {"A": 1000, "B": 1000}), k=K, shares=shares, bootstrap=60,
+                           seed=seed)
         assert rep.srm is not None and not rep.srm.mismatch, rep.srm
         lifts = rep.variant("B").lifts
         covering += all(lifts[m].covers(0.0) for m in (f"ctr@{K}", f"cvr@{K}", "watch_s", "auc:ctr"))
