@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 import redis
 
@@ -245,15 +246,16 @@ def encode(ts: float, request: RankRequest, variant: str, bucket: int | None, fo
         "variant": variant, "bucket": bucket, "forced": forced, "model": bundle.name, "version": bundle.version,
         "precision": bundle.precision, "n": result.n_items, "degraded": result.degraded,
         "items": request.items,
-        "score": fused.tolist() if fused is not None else [],
-        "scores": {t: v.tolist() for t, v in scores.items()},
-        "top": fusion.order(fused, request.top_k).tolist() if fused is not None else [],
+        # numpy arrays as orjson writes them: float32 scores in their shortest exact form, NaN as null
+        "score": np.ascontiguousarray(fused) if fused is not None else [],
+        "scores": {t: np.ascontiguousarray(v) for t, v in scores.items()},
+        "top": fusion.order(fused, request.top_k) if fused is not None else [],
         "context": request.context or {},
     }
     if with_features and raw is not None:
         user, items = raw
         rec["features"] = {"user": _b64(user[0]), "items": [_b64(v) for v in items]}
-    return orjson.dumps(rec)
+    return orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def decode(raw: bytes) -> dict:
