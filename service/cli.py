@@ -344,7 +344,7 @@ def ab_report(stream: str = PREDLOG_STREAM, since: str | None = SINCE, until: st
     try:
         tasks = join.task_events(task_event)
         cands = join.candidates(load.predictions(client_for_url(predlog_redis_url or redis_url), stream, since,
-                                                 until))
+                                                 until), returned_only=True)
         if cands.empty:
             raise ValueError(f"no prediction-log records in stream {stream!r}: serve with MTRANK_PREDLOG_RATE > 0")
         joined = join.label(cands, join.events_frame(load.events(client_for_url(redis_url), prefix, since), key),

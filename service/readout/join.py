@@ -40,8 +40,9 @@ def task_events(overrides: Iterable[str] = ()) -> dict[str, str]:
     return out
 
 
-def candidates(records: Iterable[Mapping]) -> pd.DataFrame:
-    """One row per candidate of every record (see the module doc)."""
+def candidates(records: Iterable[Mapping], returned_only: bool = False) -> pd.DataFrame:
+    """One row per candidate of every record (see the module doc); ``returned_only``: only the
+    returned ones (what the readout uses: a fraction of the memory with large candidate lists)."""
     cols: dict[str, list] = {"rid": [], "ts": [], "user": [], "variant": [], "forced": [], "pos": [], "item": [],
                              "score": []}
     task_cols: dict[str, list] = {}
@@ -52,8 +53,14 @@ def candidates(records: Iterable[Mapping]) -> pd.DataFrame:
         if not n:
             continue
         pos = np.full(n, -1, dtype=np.int64)
-        top = r.get("top") or []
-        pos[np.asarray(top, dtype=np.int64)] = np.arange(len(top))
+        top = np.asarray(r.get("top") or [], dtype=np.int64)
+        pos[top] = np.arange(len(top))
+        score = r.get("score") or [None] * n
+        scores = r.get("scores") or {}
+        if returned_only:
+            items, pos, n = [items[i] for i in top.tolist()], pos[top], len(top)
+            score = [score[i] for i in top.tolist()]
+            scores = {t: [v[i] for i in top.tolist()] for t, v in scores.items()}
         cols["rid"].extend([r.get("rid")] * n)
         cols["ts"].extend([r.get("ts")] * n)
         cols["user"].extend([r.get("user")] * n)
@@ -61,8 +68,8 @@ def candidates(records: Iterable[Mapping]) -> pd.DataFrame:
         cols["forced"].extend([bool(r.get("forced"))] * n)
         cols["pos"].extend(pos.tolist())
         cols["item"].extend(items)
-        cols["score"].extend(r.get("score") or [None] * n)
-        for task, values in (r.get("scores") or {}).items():
+        cols["score"].extend(score)
+        for task, values in scores.items():
             task_cols.setdefault(task, [None] * n_rows).extend(values)
         n_rows += n
         for values in task_cols.values():

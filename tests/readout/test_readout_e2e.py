@@ -9,6 +9,7 @@ import json
 import time
 
 import httpx
+import pytest
 import redis
 
 from tests.readout.conftest import KEY, event, mtrank, wait_for, write_events
@@ -21,6 +22,7 @@ variants:
 """
 
 
+@pytest.mark.slow
 def test_ab_report_joins_events_and_leaves_forced_traffic_out(readout_env, serve, redis_url, key_prefix, tmp_path):
     cfg = tmp_path / "routing.yaml"
     cfg.write_text(CONFIG)

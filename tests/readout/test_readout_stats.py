@@ -119,3 +119,6 @@ def test_candidates_frame_from_records():
     assert df["s:ctr"].tolist() == [0.2, 0.8, 0.4, 0.3]
     assert df["s:cvr"].isna().tolist() == [True, True, True, False]
     assert df["forced"].tolist() == [False, False, False, True]
+    top = candidates(recs, returned_only=True)
+    assert top["item"].tolist() == ["b", "c", "d"] and top["pos"].tolist() == [0, 1, 0]
+    assert top["score"].tolist() == [0.9, 0.5, 0.3] and top["s:ctr"].tolist() == [0.8, 0.4, 0.3]
