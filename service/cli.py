@@ -354,7 +354,8 @@ def ab_report(stream: str = PREDLOG_STREAM, since: str | None = SINCE, until: st
     except ValueError as e:
         typer.echo(f"mtrank ab report: {e}", err=True)
         raise typer.Exit(2) from None
-    rep.notes.append(f"events: {joined.events} read, {joined.joined} joined to a logged candidate, "
+    rep.notes.append(f"outcome events: {joined.events} distinct, {joined.joined} joined to a logged candidate "
+                     f"(the rest: requests not sampled, items not returned, outside --window); "
                      f"{joined.duplicates} duplicates dropped")
     typer.echo(report.text(rep), nl=False)
     if markdown is not None:

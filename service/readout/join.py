@@ -86,7 +86,7 @@ class Joined:
     """Candidates with outcome columns, and what could not be joined."""
 
     frame: pd.DataFrame
-    events: int  # distinct events read
+    events: int  # distinct outcome events (click, conversion, watch) read
     joined: int  # of them, attributed to a logged candidate
     duplicates: int  # events seen again (same event_id)
 
