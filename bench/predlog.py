@@ -80,8 +80,8 @@ def main() -> None:
     print(table)
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "predlog.json", {"results": out, "machine": machine_info(), "git": git_info()})
-    (RESULTS / "predlog.md").write_text("# Prediction-log cost per record\n\n`bench/predlog.py` (in process, one "
-                                        "core; the test schema's packed sizes).\n\n" + table + "\n")
+    (RESULTS / "predlog.md").write_text("# Prediction-log cost per record\n\n`bench/predlog.py` (in process, one core, "
+                                        "best of 7 rounds; the test schema's packed sizes).\n\n" + table + "\n")
 
 
 if __name__ == "__main__":
