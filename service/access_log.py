@@ -54,6 +54,10 @@ def register_settings_secrets(settings) -> None:
         register_secrets(secret)
     if settings.admin_token is not None:
         register_secrets(settings.admin_token.get_secret_value())
+    if settings.pseudonym_key is not None:  # and the prediction log's: its key and its Redis URL's secret
+        register_secrets(settings.pseudonym_key.get_secret_value())
+    if settings.predlog_redis_url:
+        register_secrets(url_secret(settings.predlog_redis_url))
 
 
 def scrub(text: str) -> str:

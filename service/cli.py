@@ -252,25 +252,147 @@ logs_app = typer.Typer(no_args_is_help=True, help="Prediction logs (the Redis St
 app.add_typer(logs_app, name="logs")
 
 
+PREDLOG_STREAM = typer.Option(_DEFAULT["predlog_stream"], "--stream", envvar="MTRANK_PREDLOG_STREAM",
+                              help="Prediction-log stream key.")
+PREDLOG_URL = typer.Option(None, "--predlog-redis-url", envvar="MTRANK_PREDLOG_REDIS_URL",
+                           help="Redis of the prediction log (default: --redis-url; may carry a password).")
+SINCE = typer.Option(None, help="From: stream id, unix ms or ISO 8601 time (UTC).")
+UNTIL = typer.Option(None, help="Up to (inclusive), same forms.")
+WINDOW = typer.Option(3600.0, "--window", min=0,
+                      help="Seconds after a request within which an event without a request id is joined to it.")
+TASK_EVENT = typer.Option([], "--task-event", help="TASK=OUTCOME (click | conversion | watch): which outcome "
+                                                   "labels a task (default ctr=click, cvr=conversion, "
+                                                   "watch_time=watch).")
+
+
+def _pseudonym_key(command: str) -> bytes:
+    """MTRANK_PSEUDONYM_KEY (the prediction log's key): the events' user ids are pseudonymised with it."""
+    from service.predlog import pseudonym_key
+
+    try:
+        return pseudonym_key(Settings())
+    except ValueError as e:
+        typer.echo(f"mtrank {command}: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @logs_app.command("export")
-def logs_export(out: Path = typer.Option(..., "--out", help="Parquet file to write."),
-                stream: str = typer.Option("mtrank:predictions", "--stream", envvar="MTRANK_PREDLOG_STREAM",
-                                           help="Stream key."),
-                since: str | None = typer.Option(None, help="From: stream id, unix ms or ISO 8601 time (UTC)."),
-                until: str | None = typer.Option(None, help="Up to (inclusive), same forms."),
-                redis_url: str = REDIS_URL,
-                page: int = typer.Option(1000, help="Entries per XRANGE call.")):
-    """Write the prediction log to Parquet: one row per ranked request, list columns for the items
-    and scores (and a task -> scores map)."""
+def logs_export(out: Path = typer.Option(..., "--out", help="Parquet file to write (a directory with "
+                                                             "--with-outcomes)."),
+                stream: str = PREDLOG_STREAM, since: str | None = SINCE, until: str | None = UNTIL,
+                redis_url: str = REDIS_URL, predlog_redis_url: str | None = PREDLOG_URL,
+                page: int = typer.Option(1000, help="Entries per XRANGE call."),
+                with_outcomes: bool = typer.Option(
+                    False, "--with-outcomes",
+                    help="Training data as served: one row per logged candidate with its features as read "
+                         "(records with features only) and its labels from the events stream; writes "
+                         "exposures.parquet and dataset.yaml into --out for `mtrank train --data`."),
+                prefix: str = PREFIX, store: Path = STORE, window: float = WINDOW,
+                task_event: list[str] = TASK_EVENT,
+                returned_only: bool = typer.Option(False, "--returned-only",
+                                                   help="With --with-outcomes: only the candidates returned.")):
+    """Write the prediction log to Parquet: one row per ranked request, list columns for the
+    candidates, the returned positions and the scores (and a task -> scores map); or, with
+    --with-outcomes, training data as served."""
     from service.predlog import export
     from service.redis_client import client_for_url
 
+    log_url = predlog_redis_url or redis_url
+    if not with_outcomes:
+        try:
+            rows = export(client_for_url(log_url), stream, out, since=since, until=until, page=page)
+        except ValueError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"wrote {rows} rows from stream {stream!r} (redis {_redact(log_url)}) to {out}")
+        return
+    from service.readout import join, load
+    from training.data import served
+
+    key = _pseudonym_key("logs export")
+    with _user_errors("logs export"):
+        try:
+            events = join.events_frame(load.events(client_for_url(redis_url), prefix, since), key)
+            done = served.export(load.predictions(client_for_url(log_url), stream, since, until), events, store,
+                                 out, join.task_events(task_event), window, returned_only)
+        except ValueError as e:
+            typer.echo(f"mtrank logs export: {e}", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(f"wrote {done.rows} candidates of {done.requests} requests to {done.path} (labels: "
+               f"{ {k: round(v, 2) for k, v in done.labelled.items()} }; {done.skipped} records without features "
+               f"or of another schema skipped); train with: mtrank train --data {done.path}")
+
+
+ab_app = typer.Typer(no_args_is_help=True, help="A/B experiments: the readout of the prediction log and events.")
+app.add_typer(ab_app, name="ab")
+
+
+@ab_app.command("report")
+def ab_report(stream: str = PREDLOG_STREAM, since: str | None = SINCE, until: str | None = UNTIL,
+              redis_url: str = REDIS_URL, predlog_redis_url: str | None = PREDLOG_URL, prefix: str = PREFIX,
+              config: Path | None = typer.Option(None, "--config", envvar="MTRANK_ROUTING_CONFIG",
+                                                 help="Routing config (the split the SRM test expects)."),
+              control: str | None = typer.Option(None, help="Control variant (default: the ranking layer's "
+                                                            "first)."),
+              k: int = typer.Option(10, "--k", min=1, help="Shown = returned at positions below k."),
+              window: float = WINDOW, task_event: list[str] = TASK_EVENT,
+              bootstrap: int = typer.Option(500, min=50, help="User-level bootstrap resamples (AUC)."),
+              seed: int = typer.Option(0, help="Bootstrap seed."),
+              markdown: Path | None = typer.Option(None, "--markdown", help="Also write the report as Markdown."),
+              plot: Path | None = typer.Option(None, "--plot", help="Also draw the lifts with intervals (PNG; "
+                                                                    "needs matplotlib: the train extra)."),
+              json_out: Path | None = typer.Option(None, "--json", help="Also write the numbers as JSON.")):
+    """Per variant: users, requests, CTR@k, conversion rate, watch seconds, AUC per task with 95%
+    intervals at the user level, lifts against control, and a sample-ratio-mismatch test against
+    the configured split. Forced-variant requests are left out."""
+    if importlib.util.find_spec("scipy") is None:
+        typer.echo("mtrank ab report needs scipy: pip install '.[readout]'", err=True)
+        raise typer.Exit(2)
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        typer.echo("--plot needs matplotlib: pip install '.[readout]'", err=True)
+        raise typer.Exit(2)
+    import dataclasses
+
+    from service.readout import join, load, report
+    from service.redis_client import client_for_url
+    from service.routing import RoutingConfigError, load_config, variant_ranges
+
+    key = _pseudonym_key("ab report")
+    shares = None
+    if config is not None:
+        try:
+            cfg = load_config(config)
+        except (RoutingConfigError, OSError) as e:
+            typer.echo(f"mtrank ab report: {e}", err=True)
+            raise typer.Exit(2) from None
+        shares = {v.name: (last - first + 1) / cfg.buckets
+                  for v, (first, last) in zip(cfg.ranking.variants, variant_ranges(cfg.ranking, cfg.buckets),
+                                              strict=True)}
     try:
-        rows = export(client_for_url(redis_url), stream, out, since=since, until=until, page=page)
+        tasks = join.task_events(task_event)
+        cands = join.candidates(load.predictions(client_for_url(predlog_redis_url or redis_url), stream, since,
+                                                 until), returned_only=True)
+        if cands.empty:
+            raise ValueError(f"no prediction-log records in stream {stream!r}: serve with MTRANK_PREDLOG_RATE > 0")
+        joined = join.label(cands, join.events_frame(load.events(client_for_url(redis_url), prefix, since), key),
+                            window)
+        rep = report.build(joined.frame, k=k, control=control, shares=shares, task_events=tasks,
+                           bootstrap=bootstrap, seed=seed)
     except ValueError as e:
-        typer.echo(str(e), err=True)
+        typer.echo(f"mtrank ab report: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"wrote {rows} rows from stream {stream!r} (redis {_redact(redis_url)}) to {out}")
+    rep.notes.append(f"outcome events: {joined.events} distinct, {joined.joined} joined to a logged candidate "
+                     f"(the rest: requests not sampled, items not returned, outside --window); "
+                     f"{joined.duplicates} duplicates dropped")
+    typer.echo(report.text(rep), nl=False)
+    if markdown is not None:
+        markdown.write_text(report.markdown(rep))
+    if plot is not None:
+        report.plot(rep, plot)
+    if json_out is not None:
+        json_out.write_text(json.dumps(dataclasses.asdict(rep), indent=2, default=str))
+    if rep.srm is not None and rep.srm.mismatch:
+        typer.echo(f"WARNING: sample ratio mismatch (p = {rep.srm.p:.2g})", err=True)
 
 
 class SelfCheckFailed(Exception):

@@ -70,6 +70,7 @@ class Features:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: fetch (MGET), assemble
     degraded: str | None = None  # why Redis could not be read ("timeout", "down", "circuit_open")
     items_from_cache: int = 0
+    raw: tuple[list, list] | None = None  # the values read (user, items), for the prediction log
 
 
 class FeatureSource(Protocol):
@@ -177,6 +178,7 @@ class FeatureFetcher:
             timings={"fetch": t1 - t0, "assemble": t2 - t1},
             degraded=degraded,
             items_from_cache=from_cache,
+            raw=(user_values, item_values),
         )
 
     def _read(self, keys: list[str], until: float | None = None) -> tuple[list, str | None]:

@@ -31,6 +31,7 @@ mtrank_redis_breaker_state             gauge                                  0 
 mtrank_degraded                        gauge                                  1 ready but degraded (Redis)
 mtrank_predlog_written_total           counter                                prediction-log records written
 mtrank_predlog_dropped_total           counter    reason                      records dropped
+mtrank_rank_forced_total               counter    variant                     ranked with X-Mtrank-Variant
 =====================================  =========  ==========================  ==============================
 """
 
@@ -87,6 +88,8 @@ DEGRADED_NOW = Gauge("mtrank_degraded", "1 while the replica is ready but degrad
 PREDLOG_WRITTEN = Counter("mtrank_predlog_written", "prediction-log records appended to the Redis Stream")
 PREDLOG_DROPPED = Counter("mtrank_predlog_dropped", "prediction-log records dropped: queue_full (the writer is "
                                                     "behind) or redis (the stream's Redis failed)", ["reason"])
+FORCED = Counter("mtrank_rank_forced", "ranked requests whose variant was forced by X-Mtrank-Variant (QA; also "
+                                      "counted in mtrank_rank_requests_total, left out of A/B readouts)", ["variant"])
 
 _STAGE = {s: RANK_STAGE.labels(s) for s in STAGES}
 _MISSING_USER = MISSING.labels("user")
@@ -186,6 +189,10 @@ def predlog_dropped(reason: str, n: int = 1) -> None:
     if child is None:
         child = _dropped.setdefault(reason, PREDLOG_DROPPED.labels(reason))
     child.inc(n)
+
+
+def count_forced(variant: str) -> None:
+    FORCED.labels(variant).inc()  # QA traffic: rare, no cached child
 
 
 def exposition() -> bytes:

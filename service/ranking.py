@@ -40,6 +40,9 @@ class RankResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
     degraded: str | None = None  # the reason the features were not (all) read from Redis
     items_from_cache: int = 0
+    # every candidate's task scores and fused score, and the values the fetcher read (user, items):
+    # what the prediction log records (service.predlog)
+    scored: tuple[dict[str, np.ndarray], np.ndarray, tuple[list, list] | None] | None = None
 
 
 class Ranker:
@@ -84,7 +87,8 @@ class Ranker:
         return RankResult(body=body, request_id=request.request_id, n_items=feats.n_items,
                           n_returned=int(idx.size), user_missing=feats.user_missing,
                           items_missing=feats.items_missing, items_corrupt=feats.items_corrupt,
-                          timings=timings, degraded=feats.degraded, items_from_cache=feats.items_from_cache)
+                          timings=timings, degraded=feats.degraded, items_from_cache=feats.items_from_cache,
+                          scored=(scores, fused, feats.raw))
 
     def _serialise(self, request: RankRequest, bucket: int | None, idx: np.ndarray, fused: np.ndarray,
                    scores: dict[str, np.ndarray], user_missing: bool, items_missing: int,

@@ -16,7 +16,7 @@ from service import metrics
 from service.predlog import PredictionLog
 from service.redis_client import FeatureStore, make_store
 from service.serving import ServingManager, ServingState, Watcher
-from service.settings import Settings
+from service.settings import Settings, redact_url
 from service.store import Bundle, limit_concurrent_runs
 
 log = logging.getLogger("service.app")
@@ -107,8 +107,10 @@ class Runtime:
             log.info("admin API disabled (MTRANK_ADMIN_TOKEN is not set)")
         if s.predlog_rate > 0:
             self.predlog = PredictionLog(s).start()
-            log.info("prediction log: %.3g of the ranked requests to stream %r (MAXLEN ~%d)", s.predlog_rate,
-                     s.predlog_stream, s.predlog_maxlen)
+            log.info("prediction log: %.3g of the ranked requests (features in %.3g of them) to stream %r on %s "
+                     "(MAXLEN ~%d, ~%d bytes)", s.predlog_rate, s.predlog_features_rate, s.predlog_stream,
+                     redact_url(s.predlog_redis_url) if s.predlog_redis_url else "the feature store's Redis",
+                     s.predlog_maxlen, s.predlog_max_bytes)
         log.info("limits: %d ranks executing per worker, %d waiting at most %.0f ms (then 429), %d items, ids of "
                  "%d characters, bodies of %d bytes; %d onnxruntime threads, %d workers", s.inflight_limit,
                  s.queue_limit, s.shed_queue_ms, s.max_items, s.max_id_length, s.max_body_bytes, s.ort_threads,

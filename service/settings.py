@@ -160,6 +160,23 @@ class Settings(BaseSettings):
                                                                       "the prediction-log Redis Stream")
     predlog_stream: str = Field(default="mtrank:predictions", min_length=1, description="prediction-log stream key")
     predlog_maxlen: int = Field(default=1_000_000, ge=1, description="approximate MAXLEN of the stream")
+    predlog_max_bytes: int = Field(default=1 << 30, ge=1 << 16,
+                                   description="approximate size bound of the prediction-log stream, bytes (the "
+                                               "MAXLEN of each XADD is the smaller of predlog_maxlen and this over "
+                                               "the mean record size)")
+    predlog_queue_bytes: int = Field(default=64 << 20, ge=1 << 16,
+                                     description="records waiting for the writer, bytes per worker (more are "
+                                                 "dropped and counted)")
+    predlog_features_rate: float = Field(default=0.0, ge=0, le=1,
+                                         description="share of the logged requests that also carry the packed "
+                                                     "feature values exactly as read (base64), for training data "
+                                                     "as served")
+    predlog_redis_url: str | None = Field(default=None, description="Redis of the prediction log; unset = "
+                                                                    "MTRANK_REDIS_URL (may carry a password)")
+    pseudonym_key: SecretStr | None = Field(default=None, repr=False, min_length=16,
+                                            description="secret key of the user-id pseudonyms (HMAC-SHA256) in the "
+                                                        "prediction log and `mtrank ab report`; required when "
+                                                        "MTRANK_PREDLOG_RATE > 0")
 
     @model_validator(mode="after")
     def _default_workers(self) -> Settings:
@@ -175,11 +192,11 @@ class Settings(BaseSettings):
             self.workers = default_workers(self.provider_list, available, _cores(), gpus)
         return self
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "predlog_redis_url")
     @classmethod
-    def _check_redis_url(cls, v: str) -> str:
-        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
-        if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+    def _check_redis_url(cls, v: str | None) -> str | None:
+        scheme = v.split("://", 1)[0].lower() if v and "://" in v else ""
+        if v is not None and scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
             raise ValueError("must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
         return v
 
@@ -203,7 +220,7 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(message for _, message in problems))
         return v
 
-    @field_validator("routing_config", "admin_token", mode="before")
+    @field_validator("routing_config", "admin_token", "pseudonym_key", "predlog_redis_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         return None if isinstance(v, str) and not v.strip() else v

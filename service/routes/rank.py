@@ -79,9 +79,10 @@ def router(rt: Runtime) -> APIRouter:
             metrics.set_breaker(rt.breaker_state())
         info.result = result
         metrics.set_degraded(result.degraded is not None)  # also set by /readyz: the latest finding wins
+        if route.forced:
+            metrics.count_forced(route.variant.name)
         if rt.predlog is not None:
-            rt.predlog.offer(body.user_id, route.variant.name, route.bucket, result.n_items, result.body,
-                             result.degraded)
+            rt.predlog.offer(body, route, result)
         return Response(content=result.body, media_type="application/json")
 
     return r
