@@ -31,6 +31,7 @@ mtrank_redis_breaker_state             gauge                                  0 
 mtrank_degraded                        gauge                                  1 ready but degraded (Redis)
 mtrank_predlog_written_total           counter                                prediction-log records written
 mtrank_predlog_dropped_total           counter    reason                      records dropped
+mtrank_features_lost                   gauge                                  held bundles whose features vanished
 =====================================  =========  ==========================  ==============================
 """
 
@@ -87,6 +88,9 @@ DEGRADED_NOW = Gauge("mtrank_degraded", "1 while the replica is ready but degrad
 PREDLOG_WRITTEN = Counter("mtrank_predlog_written", "prediction-log records appended to the Redis Stream")
 PREDLOG_DROPPED = Counter("mtrank_predlog_dropped", "prediction-log records dropped: queue_full (the writer is "
                                                     "behind) or redis (the stream's Redis failed)", ["reason"])
+FEATURES_LOST = Gauge("mtrank_features_lost", "held bundles whose feature namespace vanished from Redis (their "
+                                              "variants answer 503 until `mtrank features load`); the worst of "
+                                              "the live workers", multiprocess_mode="livemax")
 
 _STAGE = {s: RANK_STAGE.labels(s) for s in STAGES}
 _MISSING_USER = MISSING.labels("user")
@@ -170,6 +174,11 @@ def set_degraded(degraded: bool) -> None:
     if _degraded_last[0] != value:
         _degraded_last[0] = value
         DEGRADED_NOW.set(value)
+
+
+def set_features_lost(n: int) -> None:
+    """How many held bundles' features vanished from Redis (set by the store watcher)."""
+    FEATURES_LOST.set(n)
 
 
 def record_model_load(model: str, result: str) -> None:
