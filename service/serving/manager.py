@@ -4,8 +4,8 @@
 :meth:`~ServingManager.reload` (the watcher thread or ``POST /admin/reload``) and on the operator's
 load/unload calls; these are serialised by one lock. A rebuild:
 
-1. reads the routing config (MTRANK_ROUTING_CONFIG, or the implicit one-variant config built from
-   MTRANK_MODEL_NAME / _VERSION / MTRANK_FUSION / _WEIGHTS);
+1. reads the routing config (:func:`~service.serving.sources.read_config`: MTRANK_ROUTING_CONFIG,
+   or the implicit one-variant config built from MTRANK_MODEL_NAME / _VERSION / MTRANK_FUSION);
 2. plans the bundles to hold (:func:`service.serving.planner.plan`) and loads the ones not yet
    held through the bundle cache (:class:`~service.serving.bundles.BundleCache`: manifest, feature
    check, sha256, session, warm-up; refusals kept and retried);
@@ -15,11 +15,12 @@ load/unload calls; these are serialised by one lock. A rebuild:
 4. swaps in the new state, or, on any error, keeps the old one and reports the error (naming the
    config line) - at start, an invalid routing config stops the service instead.
 
-Precisions: loaded bundles are keyed by :class:`~service.serving.state.BundleKey` (name, version,
-precision), so one version may be held in fp32 and int8 at once; ``latest`` resolves per
-precision. Operator load/unload act on a :class:`~service.serving.state.ModelVersion`: a load
-holds the fp32 model, an unload drops every precision. Refusals of operator calls raise
-:class:`OperatorError` subclasses; the admin router maps them to HTTP statuses.
+The watcher's tick (:meth:`ServingManager.poll`) first re-checks the held bundles' features
+(:mod:`~service.serving.namespace_watch`): a bundle whose namespace vanished makes its variants
+answer 503 until its features are loaded again.
+
+Precisions and operator load/unload (fp32 loads, unloads of every precision, refusals as
+:class:`~service.serving.state.OperatorError`): see :mod:`service.serving.state`.
 """
 
 from __future__ import annotations
@@ -33,13 +34,7 @@ from types import MappingProxyType
 from service.features import FeatureFetcher
 from service.ranking import Ranker
 from service.redis_client import FeatureStore
-from service.routing import (
-    ConfigIssue,
-    LayerTable,
-    RoutingConfig,
-    RoutingConfigError,
-    VariantSpec,
-)
+from service.routing import ConfigIssue, LayerTable, RoutingConfig, RoutingConfigError, VariantSpec
 from service.serving import namespace_watch, planner, sources
 from service.serving.bundles import BundleCache, ReloadReport
 from service.serving.state import (

@@ -4,6 +4,12 @@ one ranker per variant), and the names of the bundles in it.
 A :class:`ServingState` is never mutated once built. ``/rank`` reads
 :attr:`~service.serving.manager.ServingManager.state` once at its start and uses only that object,
 so a request sees the old world or the new one, never a mixture; the request path takes no lock.
+
+Precisions: loaded bundles are keyed by :class:`BundleKey` (name, version, precision), so one
+version may be held in fp32 and int8 at once; ``latest`` resolves per precision. Operator
+load/unload act on a :class:`ModelVersion`: a load holds the fp32 model, an unload drops every
+precision. Refusals of operator calls raise :class:`OperatorError` subclasses; the admin router
+maps them to HTTP statuses.
 """
 
 from __future__ import annotations
