@@ -20,6 +20,8 @@ variants:
   - {name: B, percent: 50, model: {name: demo, version: 2}}
 """
 BODY = {"user_id": "u1", "items": ["i1", "i2", "i3"]}
+TOKEN = "ab-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def test_variant_whose_features_vanished_answers_503_while_the_other_ranks(make_settings, features, store_root,
@@ -36,7 +38,7 @@ def test_variant_whose_features_vanished_answers_503_while_the_other_ranks(make_
     def rank(variant: str):
         return c.post("/rank", json=BODY, headers={"X-Mtrank-Variant": variant})
 
-    with TestClient(create_app(make_settings(routing_config=str(cfg), store_poll_s=0))) as c:
+    with TestClient(create_app(make_settings(routing_config=str(cfg), store_poll_s=0, admin_token=TOKEN))) as c:
         manager = c.app.state.mtrank.manager
         assert rank("A").status_code == 200 and rank("B").status_code == 200
         redis.Redis.from_url(redis_url).delete(meta_key(namespace(key_prefix, schema_b)))
@@ -49,8 +51,8 @@ def test_variant_whose_features_vanished_answers_503_while_the_other_ranks(make_
         body = ready.json()
         assert body["ready"] is True and body["degraded"] is True
         assert any("variant 'B'" in x and "vanished" in x for x in body["reasons"]), body
-        held = manager.bundles.held
-        assert {k.version: lb.features_lost is not None for k, lb in held.items()} == {1: False, 2: True}
+        held = {b["version"]: b["features_lost"] for b in c.get("/admin/models", headers=AUTH).json()["bundles"]}
+        assert held[1] is None and "is absent" in held[2], held
 
         write_meta(redis_url, key_prefix, schema_b)  # features loaded again
         manager.poll()
