@@ -65,7 +65,7 @@ def describe_bundle(manager: ServingManager, lb: LoadedBundle) -> dict[str, Any]
     return {"name": b.name, "version": b.version, "precision": b.precision,
             "architecture": b.manifest.architecture, "path": str(b.path),
             "sha256": b.manifest.model_file(b.precision)[1], "provider": b.provider,
-            "tasks": b.tasks, "features_confirmed": lb.features_confirmed,
+            "tasks": b.tasks, "features_confirmed": lb.features_confirmed, "features_lost": lb.features_lost,
             "loaded_at": lb.loaded_at, "used_by": st.users_of(lb.key) if st is not None else [],
             "operator_loaded": lb.key.model_version in manager.operator_loaded and b.precision == "fp32"}
 

@@ -182,6 +182,53 @@ def features_load(data: Path = typer.Option(..., help="Dataset spec file, or a d
     typer.echo(f"{summary} (bundle {path}, redis {_redact(redis_url)})")
 
 
+@features_app.command("gc")
+def features_gc(store: Path = STORE, redis_url: str = REDIS_URL, prefix: str = PREFIX,
+                keep: list[str] = typer.Option([], "--keep", metavar="NAME:VERSION",
+                                               help="Also keep this version's namespace (repeatable): versions an "
+                                                    "operator loaded into a running service."),
+                apply: bool = typer.Option(False, "--apply", help="Delete (default: a dry run that only prints).")):
+    """Remove the feature namespaces under the prefix that no held or pinned bundle uses.
+
+    Plans as the service does (MTRANK_ROUTING_CONFIG or MTRANK_MODEL_NAME, the version policy, the
+    store listing); SCANs every master; never touches keys outside '<prefix>:' nor keys there that
+    are not in a namespace. Dry run unless --apply."""
+    import redis
+
+    from service import namespaces
+    from service.redis_client import client_for_url
+    from service.routing import RoutingConfigError, is_safe_name
+    from service.serving import ModelVersion
+
+    pins = []
+    for k in keep:
+        name, _, version = k.rpartition(":")
+        if not is_safe_name(name) or not version.isdecimal() or int(version) < 1:
+            raise typer.BadParameter(f"{k!r}: expected NAME:VERSION, e.g. demo:3", param_hint="--keep")
+        pins.append(ModelVersion(name, int(version)))
+    client = client_for_url(redis_url)
+    with _user_errors("features gc"):
+        settings = Settings(model_store=str(store), redis_url=redis_url, redis_prefix=prefix)
+        try:
+            sv = namespaces.survey(client, prefix)
+            namespaces.needed(settings, sv, pins)
+        except (RoutingConfigError, redis.RedisError) as e:  # nothing deleted
+            typer.echo(f"mtrank features gc: {type(e).__name__}: {e}", err=True)
+            raise typer.Exit(2) from None
+        for ns in sorted(sv.namespaces.values(), key=lambda n: n.name):
+            verdict = f"keep ({', '.join(ns.needed_by)})" if ns.needed_by else "delete" if apply else "would delete"
+            typer.echo(f"{ns.name}  {ns.keys:>10,} keys  {ns.describe_meta():<40}  {verdict}")
+        doomed = sv.unused()
+        n_keys = sum(ns.keys for ns in doomed)
+        typer.echo(f"{len(sv.namespaces)} namespaces under {prefix!r} on {sv.masters} master(s) of "
+                   f"{_redact(redis_url)}; {sv.other_keys:,} other keys under '{prefix}:' (never touched)")
+        if not apply:
+            typer.echo(f"dry run: would delete {len(doomed)} namespaces ({n_keys:,} keys); --apply deletes them")
+            return
+        deleted = namespaces.collect(client, sv, [ns.name for ns in doomed])
+        typer.echo(f"deleted {len(doomed)} namespaces ({deleted:,} keys)")
+
+
 @app.command()
 def serve(host: str = HOST, port: int = PORT,
           workers: int | None = typer.Option(None, "--workers", envvar="MTRANK_WORKERS",

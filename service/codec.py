@@ -2,14 +2,15 @@
 
 Layout of a value, little-endian, fixed size for a given schema and entity::
 
-    b"MT" | uint8 format version (1) | uint8 reserved (0)
+    b"MT" | uint8 format version (FORMAT_VERSION) | uint8 reserved (0)
     int32  x n_sparse       sparse indices, in schema order
     float32 x n_dense        raw dense values, in schema order
     int32  x sum(max_len)    sequence ids, each field padded with 0 to its max_len
 
 Because every value of an entity has the same size, a whole MGET reply decodes with one
 ``np.frombuffer`` over the joined bytes. A value of the wrong size or header is treated like a
-missing one (schema defaults), never an error.
+missing one (schema defaults), never an error. A dense NaN (how the loader stores a missing
+value) decodes to the reading model's default (its mean).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.contract import Entity, FeatureSchema
+from service.contract import CODEC_FORMAT_VERSION, Entity, FeatureSchema
 
 MAGIC = b"MT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = CODEC_FORMAT_VERSION  # the number lives in the contract (the fingerprint covers it)
 HEADER = MAGIC + bytes([FORMAT_VERSION, 0])
 
 

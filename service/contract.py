@@ -28,9 +28,12 @@ And the Redis layout of the online features (:func:`namespace`, :func:`user_key`
     item = f"{ns}:i:{item_id}"
     meta = f"{ns}:meta"
 
-The namespace holds the schema fingerprint, so a model only ever reads features written for its
-own schema and vocabularies. ``mtrank features load`` (:mod:`training.materialize`) writes them;
-the service (:mod:`service.features`) reads them.
+The namespace holds the schema fingerprint (:meth:`FeatureSchema.fingerprint`: key layout and
+codec versions, stored fields, vocabularies - not normalisation statistics), so a model only ever
+reads features written in its own layout and vocabularies, and retrains that change neither share
+the namespace. ``mtrank features load`` (:mod:`training.materialize`) writes them; the service
+(:mod:`service.features`) reads them; ``mtrank features gc`` (:mod:`service.namespaces`) removes
+the ones no held or pinned bundle uses.
 
 This module and :mod:`service.codec` are the whole contract: they import nothing from the rest of
 the service (Redis client, settings) nor from training (``tests/test_imports.py`` checks).
@@ -55,6 +58,11 @@ OptionalPrecision = Literal["int8"]
 Precision = Literal["fp32", OptionalPrecision]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 PRECISION_FILES: dict[Precision, str] = {"fp32": MODEL_FILE, "int8": "model.int8.onnx"}
+#: version of the packed-bytes value format (:mod:`service.codec`, which owns the layout; the number
+#: lives here so that the schema fingerprint covers it without importing the codec)
+CODEC_FORMAT_VERSION = 1
+#: the entities with values in Redis (context fields come with the request)
+STORED_ENTITIES: tuple[Entity, ...] = ("user", "item")
 
 
 class _Strict(BaseModel):
@@ -143,9 +151,28 @@ class FeatureSchema(_Strict):
         raise KeyError(name)
 
     def fingerprint(self) -> str:
-        """Identity of the schema: sha256 over its canonical JSON (fields, stats, vocabularies)."""
-        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Identity of the *stored bytes* of this schema's features: sha256 over :meth:`storage_layout`.
+
+        Two schemas with the same fingerprint read and write the same keys with the same bytes, so
+        they share a Redis namespace; normalisation statistics and embedding sizes (which live in
+        the bundle) do not change it."""
+        canon = json.dumps(self.storage_layout(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
+
+    def storage_layout(self) -> dict:
+        """Everything that decides the keys and values ``mtrank features load`` writes: the key
+        layout and codec versions, each entity's fields in codec order (name, kind; dtypes follow
+        from the kind and the codec version), each sequence's ``max_len`` and vocabulary, each
+        sparse field's ``vocab_size`` and the vocabularies' digest (stored ids are indices into
+        them). Not dense ``mean``/``std`` (missing dense values are stored as NaN and take the
+        reading model's mean) nor ``embedding_dim``."""
+        def of(entity: Entity) -> list[dict]:
+            return ([{"name": f.name, "kind": f.kind, "vocab_size": f.vocab_size} for f in self.sparse_of(entity)]
+                    + [{"name": f.name, "kind": f.kind} for f in self.dense_of(entity)]
+                    + [{"name": f.name, "kind": f.kind, "max_len": f.max_len, "vocab_of": f.vocab_of}
+                       for f in self.sequence_of(entity)])
+        return {"key_layout": KEY_LAYOUT_VERSION, "codec": CODEC_FORMAT_VERSION, "vocab_sha256": self.vocab_sha256,
+                "entities": {e: of(e) for e in STORED_ENTITIES}}
 
 
 class TaskSpec(_Strict):
@@ -320,8 +347,16 @@ def sha256_file(path) -> str:
 # Redis layout of the online features (see the module doc)
 # ---------------------------------------------------------------------------------------------
 
+#: version of the key layout below; part of every schema fingerprint (so of every namespace)
+KEY_LAYOUT_VERSION = 1
+
+
+#: hex digits of the fingerprint in a namespace's name
+NAMESPACE_HEX = 12
+
+
 def namespace(prefix: str, schema: FeatureSchema) -> str:
-    return f"{prefix}:{schema.fingerprint()[:12]}"
+    return f"{prefix}:{schema.fingerprint()[:NAMESPACE_HEX]}"
 
 
 def user_key(ns: str, user_id: str) -> str:

@@ -8,7 +8,8 @@ its key functions.
 decodes the reply with whole-array numpy operations and builds the ONNX inputs: user and context
 inputs with batch 1 (the graph broadcasts them), item inputs with batch N. Missing values and
 values that fail to decode (corrupt) get the schema defaults (index 0, dense mean) and are counted
-as missing; corrupt ones are also logged, once per request, with their entity ids.
+as missing; corrupt ones are counted by the caller's metrics and summed up in at most one WARNING
+per minute and fetcher, without entity ids (the ids are logged at DEBUG only).
 
 Item cache and invalidation: with ``MTRANK_ITEM_CACHE_SIZE`` > 0 the fetcher keeps the raw
 values of recently read items (:class:`~service.item_cache.ItemCache`) and asks Redis only for
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +46,34 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: most corrupt entity ids named in one log line
+#: most corrupt entity ids named in one (DEBUG) log line
 _LOG_IDS = 20
+#: at most one WARNING summing up corrupt values per fetcher per this many seconds
+CORRUPT_LOG_INTERVAL_S = 60.0
+
+
+class _CorruptTally:
+    """Corrupt-value counts since the last summary line; :meth:`add` returns the totals (users,
+    items, requests, seconds) when a summary is due (the first one at once), else None."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._since = -math.inf
+        self._counts = [0, 0, 0]
+
+    def add(self, users: int, items: int) -> tuple[int, int, int, float] | None:
+        with self._lock:
+            c = self._counts
+            c[0] += users
+            c[1] += items
+            c[2] += 1
+            now = time.monotonic()
+            if now - self._since < self.interval_s:
+                return None
+            out = (c[0], c[1], c[2], 0.0 if self._since == -math.inf else now - self._since)
+            self._since, self._counts = now, [0, 0, 0]
+            return out
 
 
 class ContextError(ValueError):
@@ -120,6 +148,7 @@ class FeatureFetcher:
         self._ctx_sparse_pos = {f.name: j for j, f in enumerate(self._ctx_sparse)}
         self._ctx_dense_pos = {f.name: j for j, f in enumerate(self._ctx_dense)}
         self._ctx_dense_default = np.array([[f.default for f in self._ctx_dense]], dtype=np.float32)
+        self._corrupt = _CorruptTally(CORRUPT_LOG_INTERVAL_S)
 
     # -- request path ---------------------------------------------------------------------------
 
@@ -228,10 +257,19 @@ class FeatureFetcher:
         return sparse, dense
 
     def _log_corrupt(self, user_id: str, item_ids: Sequence[str], user: Decoded, items: Decoded) -> None:
+        """Corrupt values: counted (``mtrank_corrupt_features_total``, by the caller), summed up here
+        in at most one WARNING per :data:`CORRUPT_LOG_INTERVAL_S` without any id; the ids only at DEBUG."""
         bad_items = np.flatnonzero(items.corrupt)
-        if not (user.corrupt[0] or bad_items.size):
+        bad_user = bool(user.corrupt[0])
+        if not (bad_user or bad_items.size):
             return
-        names = [item_ids[i] for i in bad_items[:_LOG_IDS].tolist()]
-        more = f" (+{bad_items.size - _LOG_IDS} more)" if bad_items.size > _LOG_IDS else ""
-        log.warning("corrupt feature values in %s, using defaults: user=%s corrupt_user=%s corrupt_items=%d %s%s",
-                    self.ns, user_id, bool(user.corrupt[0]), bad_items.size, names, more)
+        if log.isEnabledFor(logging.DEBUG):
+            names = [item_ids[i] for i in bad_items[:_LOG_IDS].tolist()]
+            more = f" (+{bad_items.size - _LOG_IDS} more)" if bad_items.size > _LOG_IDS else ""
+            log.debug("corrupt feature values in %s: user=%s corrupt_user=%s corrupt_items=%d %s%s",
+                      self.ns, user_id, bad_user, bad_items.size, names, more)
+        summary = self._corrupt.add(int(bad_user), int(bad_items.size))
+        if summary is not None:
+            users, n_items, requests, seconds = summary
+            log.warning("corrupt feature values in %s, scored with defaults: %d user and %d item values in %d "
+                        "requests over the last %.0f s (ids at DEBUG)", self.ns, users, n_items, requests, seconds)

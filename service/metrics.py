@@ -32,6 +32,7 @@ mtrank_degraded                        gauge                                  1 
 mtrank_predlog_written_total           counter                                prediction-log records written
 mtrank_predlog_dropped_total           counter    reason                      records dropped
 mtrank_rank_forced_total               counter    variant                     ranked with X-Mtrank-Variant
+mtrank_features_lost                   gauge                                  held bundles whose features vanished
 =====================================  =========  ==========================  ==============================
 """
 
@@ -90,6 +91,9 @@ PREDLOG_DROPPED = Counter("mtrank_predlog_dropped", "prediction-log records drop
                                                     "behind) or redis (the stream's Redis failed)", ["reason"])
 FORCED = Counter("mtrank_rank_forced", "ranked requests whose variant was forced by X-Mtrank-Variant (QA; also "
                                       "counted in mtrank_rank_requests_total, left out of A/B readouts)", ["variant"])
+FEATURES_LOST = Gauge("mtrank_features_lost", "held bundles whose feature namespace vanished from Redis (their "
+                                              "variants answer 503 until `mtrank features load`); the worst of "
+                                              "the live workers", multiprocess_mode="livemax")
 
 _STAGE = {s: RANK_STAGE.labels(s) for s in STAGES}
 _MISSING_USER = MISSING.labels("user")
@@ -173,6 +177,11 @@ def set_degraded(degraded: bool) -> None:
     if _degraded_last[0] != value:
         _degraded_last[0] = value
         DEGRADED_NOW.set(value)
+
+
+def set_features_lost(n: int) -> None:
+    """How many held bundles' features vanished from Redis (set by the store watcher)."""
+    FEATURES_LOST.set(n)
 
 
 def record_model_load(model: str, result: str) -> None:

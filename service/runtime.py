@@ -50,12 +50,18 @@ class Runtime:
 
     def readiness(self) -> tuple[list[str], list[str]]:
         """(reasons not to be ready, reasons to be degraded). Redis is PINGed unless a breaker is
-        open (then it is known to be unavailable)."""
+        open (then it is known to be unavailable). Variants whose features vanished from Redis
+        (:mod:`service.serving.namespace_watch`) answer 503: all of them -> not ready; some ->
+        ready but degraded (the other variants' users are still ranked)."""
         s = self.settings
         reasons: list[str] = []
         redis_down: list[str] = []
-        if self.serving is None:
+        st = self.serving
+        lost = st.unavailable() if st is not None else []  # variants whose features vanished from Redis
+        if st is None:
             reasons.append(f"model not loaded: {self.not_ready}")
+        elif lost and len(lost) == len(st.variants):
+            reasons, lost = lost, []  # no variant can rank: not ready
         c = self.redis_client
         if c is None:
             reasons.append("redis: no client")
@@ -72,8 +78,8 @@ class Runtime:
                 except Exception as e:  # an incompatible client: say so instead of a 500
                     reasons.append(f"redis client error: {type(e).__name__}: {e}")
         if s.redis_failure_mode == "fail":
-            return reasons + redis_down, []
-        return reasons, redis_down
+            return reasons + redis_down, lost
+        return reasons, redis_down + lost  # lost: some variants only, the others still rank
 
     def start(self) -> None:
         """Redis client, first serving state (raises on an invalid routing config or, with

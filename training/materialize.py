@@ -60,7 +60,7 @@ def load_features(data: str | Path, bundle_dir: str | Path, client: redis.Redis 
     raw = read_raw(data)
     counts, total_bytes = {}, 0
     for entity, key_of in (("user", user_key), ("item", item_key)):
-        table = encode_entities(raw, schema, vocabs, entity)
+        table = encode_entities(raw, schema, vocabs, entity, fill_dense=False)  # NaN: the reader's mean
         values = EntityCodec.for_schema(schema, entity).encode(table.sparse, table.dense, table.seq)
         keys = [key_of(ns, i) for i in table.ids]
         with tqdm(total=len(keys), desc=f"{entity} features", unit=entity, disable=not progress) as bar:

@@ -5,6 +5,9 @@
   -> bundle);
 * :mod:`.bundles`: the bundle cache (load, verify, refuse, retry, unload);
 * :mod:`.feature_check`: does Redis hold features for a bundle's schema?
+* :mod:`.namespace_watch`: the watcher's re-check of the held bundles' features (vanished -> 503);
+* :mod:`.sources`: the routing config, store listing and snapshot a rebuild (and ``mtrank features
+  gc``) reads;
 * :mod:`.manager`: :class:`ServingManager` (rebuild and swap, operator load/unload);
 * :mod:`.watcher`: the thread that polls the store.
 

@@ -97,12 +97,15 @@ class BundleCache:
         if cur is not None:
             if cur.features_confirmed:
                 return cur
-            try:  # loaded leniently at start: confirm it now if Redis says so
+            try:  # loaded leniently at start, or its features vanished: confirm it now if Redis says so
                 check_features(self.store, self.settings, cur.bundle.manifest, self.no_store_reason)
             except FeatureCheckError:
                 return cur
-            log.info("features of %s confirmed in Redis", key)
-            return replace(cur, features_confirmed=True)
+            if cur.features_lost is not None:
+                log.info("features of %s are back in Redis: its variants rank again", key)
+            else:
+                log.info("features of %s confirmed in Redis", key)
+            return replace(cur, features_confirmed=True, features_lost=None)
         sig = bundle_signature(self.root / key.name / str(key.version))
         prev = self.refused.get(key)
         if prev is not None and not prev.transient and prev.signature == sig:

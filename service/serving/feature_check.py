@@ -20,11 +20,14 @@ from service.store import BundleError
 
 class FeatureCheckError(BundleError):
     """The features in Redis do not confirm the bundle's schema. ``transient``: may pass later
-    (Redis unreachable, features not loaded yet); otherwise they are for another schema."""
+    (Redis unreachable, features not loaded yet); otherwise they are for another schema.
+    ``answered``: Redis answered (the meta key is absent or names another schema), as opposed to
+    "cannot tell" (no client, Redis unreachable)."""
 
-    def __init__(self, message: str, transient: bool):
+    def __init__(self, message: str, transient: bool, answered: bool = True):
         super().__init__(message)
         self.transient = transient
+        self.answered = answered
 
 
 def check_features(store: FeatureStore | None, settings: Settings, manifest: BundleManifest,
@@ -35,12 +38,12 @@ def check_features(store: FeatureStore | None, settings: Settings, manifest: Bun
     schema = manifest.feature_schema
     key = meta_key(namespace(settings.redis_prefix, schema))
     if store is None:
-        raise FeatureCheckError(f"cannot check the features: no Redis client ({no_store_reason})", True)
+        raise FeatureCheckError(f"cannot check the features: no Redis client ({no_store_reason})", True, False)
     try:
         raw = store.get(key)
     except redis.RedisError as e:
         raise FeatureCheckError(f"cannot check the features in Redis {settings.redis_url_redacted}: "
-                                f"{type(e).__name__}: {e}", True) from None
+                                f"{type(e).__name__}: {e}", True, False) from None
     if raw is None:
         raise FeatureCheckError(f"no features for its schema in Redis: {key} is absent (run `mtrank "
                                 f"features load` for {manifest.name} v{manifest.version})", True)

@@ -4,8 +4,8 @@
 :meth:`~ServingManager.reload` (the watcher thread or ``POST /admin/reload``) and on the operator's
 load/unload calls; these are serialised by one lock. A rebuild:
 
-1. reads the routing config (MTRANK_ROUTING_CONFIG, or the implicit one-variant config built from
-   MTRANK_MODEL_NAME / _VERSION / MTRANK_FUSION / _WEIGHTS);
+1. reads the routing config (:func:`~service.serving.sources.read_config`: MTRANK_ROUTING_CONFIG,
+   or the implicit one-variant config built from MTRANK_MODEL_NAME / _VERSION / MTRANK_FUSION);
 2. plans the bundles to hold (:func:`service.serving.planner.plan`) and loads the ones not yet
    held through the bundle cache (:class:`~service.serving.bundles.BundleCache`: manifest, feature
    check, sha256, session, warm-up; refusals kept and retried);
@@ -15,17 +15,17 @@ load/unload calls; these are serialised by one lock. A rebuild:
 4. swaps in the new state, or, on any error, keeps the old one and reports the error (naming the
    config line) - at start, an invalid routing config stops the service instead.
 
-Precisions: loaded bundles are keyed by :class:`~service.serving.state.BundleKey` (name, version,
-precision), so one version may be held in fp32 and int8 at once; ``latest`` resolves per
-precision. Operator load/unload act on a :class:`~service.serving.state.ModelVersion`: a load
-holds the fp32 model, an unload drops every precision. Refusals of operator calls raise
-:class:`OperatorError` subclasses; the admin router maps them to HTTP statuses.
+The watcher's tick (:meth:`ServingManager.poll`) first re-checks the held bundles' features
+(:mod:`~service.serving.namespace_watch`): a bundle whose namespace vanished makes its variants
+answer 503 until its features are loaded again.
+
+Precisions and operator load/unload (fp32 loads, unloads of every precision, refusals as
+:class:`~service.serving.state.OperatorError`): see :mod:`service.serving.state`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -34,17 +34,8 @@ from types import MappingProxyType
 from service.features import FeatureFetcher
 from service.ranking import Ranker
 from service.redis_client import FeatureStore
-from service.routing import (
-    ConfigIssue,
-    LayerTable,
-    RoutingConfig,
-    RoutingConfigError,
-    VariantSpec,
-    implicit_config,
-    load_config,
-    parse_policy,
-)
-from service.serving import planner
+from service.routing import ConfigIssue, LayerTable, RoutingConfig, RoutingConfigError, VariantSpec
+from service.serving import namespace_watch, planner, sources
 from service.serving.bundles import BundleCache, ReloadReport
 from service.serving.state import (
     BundleKey,
@@ -74,7 +65,7 @@ class ServingManager:
         self.store = store
         self.store_error = store_error  # why there is no store client
         self.root = Path(settings.model_store)
-        self.default_policy = parse_policy(settings.version_policy)
+        self.default_policy = sources.default_policy(settings)
         # the largest request (max_items) is warmed up too: its first-run allocations happen here
         self.warmup_sizes = tuple(sorted({min(n, settings.max_items) for n in WARMUP_SIZES} | {settings.max_items}))
         self.bundles = BundleCache(settings, store, store_error, self.warmup_sizes)
@@ -133,13 +124,16 @@ class ServingManager:
             return report
 
     def poll(self) -> ReloadReport | None:
-        """The watcher's tick: rebuild when the store or the config file changed, or when a bundle
-        waits for its features in Redis; None when there was nothing to do."""
+        """The watcher's tick: re-check the held bundles' features (:mod:`.namespace_watch`), then
+        rebuild when the store or the config file changed, or when a bundle waits for its features
+        in Redis (lost ones included); None when there was nothing to do."""
+        with self._lock:
+            namespace_watch.recheck(self.bundles.held, self.store, self.settings)
         snap = self._take_snapshot()
         pending = self.store is not None and (self._state is None or self.bundles.pending())
-        if snap == self._snapshot and not pending:
-            return None
-        return self.reload("watch")
+        report = self.reload("watch") if snap != self._snapshot or pending else None
+        namespace_watch.publish(self.bundles.held)
+        return report
 
     def load_model(self, mv: ModelVersion) -> tuple[LoadedBundle, ReloadReport | None]:
         """Operator load of one version in fp32 (kept until unloaded): the held bundle and the
@@ -216,15 +210,8 @@ class ServingManager:
         self.last_report = report
         return report
 
-    def _read_config(self) -> RoutingConfig:
-        s = self.settings
-        if not self.config_path:
-            return implicit_config(s.model_name, s.model_version, s.fusion, s.explicit_fusion_weights,
-                                   self.default_policy)
-        return load_config(self.config_path)
-
     def _rebuild_into(self, report: ReloadReport) -> None:
-        cfg = self._read_config()
+        cfg = sources.read_config(self.settings, self.default_policy)
         held, issues = self._load_planned(cfg, report)
         table = cfg.table()
         hint = "" if self.config_path else " (set MTRANK_FUSION_WEIGHTS to the model's tasks, or unset it)"
@@ -240,7 +227,7 @@ class ServingManager:
                       ) -> tuple[dict[BundleKey, LoadedBundle], list[ConfigIssue]]:
         """Step 1-2: the planned bundles, loaded (or taken from the cache) in plan order."""
         self.bundles.begin()
-        listing = {n: list_versions(self.root, n) for n in planner.model_names(cfg, self.operator_loaded)}
+        listing = sources.listing(self.root, planner.model_names(cfg, self.operator_loaded))
         plan = planner.plan(cfg, listing, self.default_policy, self.operator_loaded, self.held_out, str(self.root))
         held: dict[BundleKey, LoadedBundle] = {}
 
@@ -259,9 +246,7 @@ class ServingManager:
 
     def _why_missing(self, name: str, version: int | None, precision: str) -> str:
         root = self.root
-        models = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if root.is_dir() else []
-        return planner.why_missing(name, version, precision, list_versions(root, name), models,
+        return planner.why_missing(name, version, precision, list_versions(root, name), sources.models_in_store(root),
                                    {k: r.reason for k, r in self.bundles.refused.items()}, self.held_out, str(root))
 
     def _variants(self, table: LayerTable, resolved: list[tuple[VariantSpec, LoadedBundle]]
@@ -283,7 +268,7 @@ class ServingManager:
             ranker = Ranker(b, fetcher, fusion_name=fname, weights=weights, variant=spec.name)
             assert spec.model is not None  # checked by routing.check_config
             variants.append(Variant(name=spec.name, first=first, last=last, model_spec=str(spec.model.version),
-                                    ranker=ranker))
+                                    ranker=ranker, unavailable=namespace_watch.unavailable(lb)))
         return variants, fetchers
 
     def _swap(self, cfg: RoutingConfig, table: LayerTable, held: dict[BundleKey, LoadedBundle],
@@ -305,17 +290,5 @@ class ServingManager:
                      f"; dropped {report.dropped}" if report.dropped else "")
         self.bundles.held, self._fetchers, self._config = held, fetchers, cfg
 
-    # -- the watcher's view ----------------------------------------------------------------------
-
     def _take_snapshot(self) -> tuple:
-        names = planner.model_names(self._config, self.operator_loaded, self.settings.model_name)
-        stat = _stat(self.config_path) if self.config_path else None
-        return (stat, tuple((n, tuple(list_versions(self.root, n))) for n in names))
-
-
-def _stat(path: str | os.PathLike) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return sources.snapshot(self.settings, self.root, self._config, self.operator_loaded)

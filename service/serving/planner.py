@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from service import fusion
 from service.routing import ConfigIssue, LayerTable, RoutingConfig, RoutingConfigError, VariantSpec, VersionPolicy
@@ -79,10 +80,19 @@ def model_names(cfg: RoutingConfig | None, operator_loaded: Collection[ModelVers
     return sorted(names | {mv.name for mv in operator_loaded})
 
 
-def take_latest(step: Latest, get: Callable[[BundleKey], LoadedBundle | None]) -> list[LoadedBundle]:
+class Confirmable(Protocol):
+    @property
+    def features_confirmed(self) -> bool: ...
+
+
+C = TypeVar("C", bound=Confirmable)
+
+
+def take_latest(step: Latest, get: Callable[[BundleKey], C | None]) -> list[C]:
     """Walk ``step.candidates`` newest first through ``get`` (None = refused) until ``step.n``
-    confirmed versions are held or ``2 * step.n`` were loaded."""
-    out: list[LoadedBundle] = []
+    confirmed versions are held or ``2 * step.n`` were loaded (a :class:`LoadedBundle`, or what
+    ``mtrank features gc`` stands in for one)."""
+    out: list[C] = []
     confirmed = 0
     for version in step.candidates:
         if confirmed >= step.n or len(out) >= 2 * step.n:

@@ -4,6 +4,12 @@ one ranker per variant), and the names of the bundles in it.
 A :class:`ServingState` is never mutated once built. ``/rank`` reads
 :attr:`~service.serving.manager.ServingManager.state` once at its start and uses only that object,
 so a request sees the old world or the new one, never a mixture; the request path takes no lock.
+
+Precisions: loaded bundles are keyed by :class:`BundleKey` (name, version, precision), so one
+version may be held in fp32 and int8 at once; ``latest`` resolves per precision. Operator
+load/unload act on a :class:`ModelVersion`: a load holds the fp32 model, an unload drops every
+precision. Refusals of operator calls raise :class:`OperatorError` subclasses; the admin router
+maps them to HTTP statuses.
 """
 
 from __future__ import annotations
@@ -83,12 +89,15 @@ class LoadRefused(OperatorError):
 @dataclass(frozen=True)
 class LoadedBundle:
     """A bundle the service holds: ``features_confirmed`` when Redis holds features for its schema
-    (False only for a bundle loaded leniently at the first start)."""
+    (False for a bundle loaded leniently at the first start, or whose features vanished);
+    ``features_lost`` says why when they were confirmed once and then vanished from Redis (the
+    watcher's re-check): its variants answer 503 until the features are loaded again."""
 
     bundle: Bundle
     signature: tuple
     features_confirmed: bool
     loaded_at: float = 0.0
+    features_lost: str | None = None
 
     @property
     def key(self) -> BundleKey:
@@ -104,6 +113,7 @@ class Variant:
     last: int
     model_spec: str  # as configured: a version or "latest"
     ranker: Ranker
+    unavailable: str | None = None  # why it cannot rank (its bundle's features vanished): 503
 
     @property
     def bundle(self) -> Bundle:
@@ -141,8 +151,16 @@ class ServingState:
             v = self.by_name.get(forced)
             if v is None:
                 raise UnknownVariant(forced, list(self.by_name))
-            return Route(v, bucket, True)
-        return Route(self.variants[table.index_at(bucket)], bucket, False)
+            route = Route(v, bucket, True)
+        else:
+            route = Route(self.variants[table.index_at(bucket)], bucket, False)
+        if route.variant.unavailable is not None:  # its features vanished: 503, never ranked on defaults
+            raise NotReady(f"variant {route.variant.name!r}: {route.variant.unavailable}")
+        return route
+
+    def unavailable(self) -> list[str]:
+        """Why variants cannot rank (one line each; empty when all can)."""
+        return [f"variant {v.name!r}: {v.unavailable}" for v in self.variants if v.unavailable is not None]
 
     @property
     def primary(self) -> Variant:

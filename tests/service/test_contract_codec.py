@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from service import codec, contract
 from service.codec import HEADER, EntityCodec
 from service.contract import (
     BundleManifest,
@@ -12,6 +13,7 @@ from service.contract import (
     SequenceField,
     SparseField,
     model_inputs,
+    namespace,
 )
 from tests.support.contract import TASKS
 
@@ -52,6 +54,43 @@ def test_fingerprint_changes_with_vocabulary():
     a, b = schema(vocab_sha256="x"), schema(vocab_sha256="y")
     assert a.fingerprint() == schema(vocab_sha256="x").fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+def _with(field: str, **changes) -> FeatureSchema:
+    """schema() with one field replaced by a copy with ``changes``."""
+    s = schema()
+    lists = {k: [f.model_copy(update=changes) if f.name == field else f for f in getattr(s, k)]
+             for k in ("sparse", "dense", "sequence")}
+    return FeatureSchema(**lists)
+
+
+def test_fingerprint_ignores_what_lives_in_the_bundle():
+    """Normalisation stats and embedding sizes are not stored in Redis: a retrain that changes only
+    them reads the same bytes, so it shares the namespace (and a context field is never stored)."""
+    base = namespace("p", schema())
+    assert namespace("p", _with("age", mean=99.0, std=7.0)) == base
+    assert namespace("p", _with("item_id", embedding_dim=64)) == base
+    s = schema()
+    assert namespace("p", FeatureSchema(sparse=s.sparse, dense=[*s.dense, DenseField(name="temp", entity="context")],
+                                        sequence=s.sequence)) == base
+
+
+def test_fingerprint_covers_what_changes_the_stored_bytes(monkeypatch):
+    base = namespace("p", schema())
+    s = schema()
+    swapped = FeatureSchema(sparse=[s.sparse[0], s.sparse[2], s.sparse[1], s.sparse[3]], dense=s.dense,
+                            sequence=s.sequence)  # item fields in another order
+    as_dense = FeatureSchema(sparse=[f for f in s.sparse if f.name != "cat"],
+                             dense=[*s.dense, DenseField(name="cat", entity="item")], sequence=s.sequence)
+    others = [swapped, as_dense, _with("clicked", max_len=5), _with("cat", vocab_size=6), schema(vocab_sha256="v")]
+    spaces = {namespace("p", o) for o in others}
+    assert base not in spaces and len(spaces) == len(others)
+    assert namespace("q", schema()) != base
+    for constant in ("CODEC_FORMAT_VERSION", "KEY_LAYOUT_VERSION"):
+        with monkeypatch.context() as m:
+            m.setattr(contract, constant, getattr(contract, constant) + 1)
+            assert namespace("p", schema()) != base, constant
+    assert codec.FORMAT_VERSION == contract.CODEC_FORMAT_VERSION == codec.HEADER[2]
 
 
 def test_manifest_round_trip():

@@ -104,8 +104,8 @@ def test_missing_entities_get_defaults_and_are_counted(store, settings, schema, 
     assert f.inputs["context_sparse"].tolist() == [[0]] and f.inputs["context_dense"].tolist() == [[3.0]]
 
 
-def test_corrupt_values_degrade_to_defaults_counted_and_logged_once(client, store, settings, schema, key_prefix,
-                                                                   features, vocabs, caplog):
+def test_corrupt_values_degrade_to_defaults_and_are_summed_up_without_ids(client, store, settings, schema, key_prefix,
+                                                                          features, vocabs, caplog):
     ns = namespace(key_prefix, schema)
     size = EntityCodec.for_schema(schema, "item").size
     good = client.get(item_key(ns, "i4"))
@@ -114,17 +114,21 @@ def test_corrupt_values_degrade_to_defaults_counted_and_logged_once(client, stor
     assert len(b"XX\x01\x00" + good[4:]) == size and HEADER != b"XX\x01\x00"
     client.set(user_key(ns, "u2"), b"garbage")
     fetcher = FeatureFetcher(store, schema, settings, vocabs)
-    with caplog.at_level(logging.WARNING, logger="service.features"):
+    with caplog.at_level(logging.DEBUG, logger="service.features"):
         f = fetcher.fetch("u2", ["i4", "i5", "i6", "nope"], {})
+        for _ in range(5):  # more requests with corrupt values: no more WARNINGs within the interval
+            fetcher.fetch("u2", ["i5"], {})
     assert f.user_missing and f.user_corrupt
     assert f.items_missing == 3 and f.items_corrupt == 2
     assert f.inputs["item_sparse"][1:].tolist() == [[0, 0]] * 3
     np.testing.assert_allclose(f.inputs["item_dense"][1:3], [[10.0, 0.5]] * 2)
     np.testing.assert_array_equal(f.inputs["item_sparse"][0], features.items["i4"][0])
     recs = [r for r in caplog.records if r.name == "service.features"]
-    assert len(recs) == 1
-    msg = recs[0].getMessage()
-    assert "i5" in msg and "i6" in msg and "u2" in msg and "nope" not in msg
+    warnings = [r.getMessage() for r in recs if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 user and 2 item values" in warnings[0], warnings
+    assert not any(x in warnings[0] for x in ("u2", "i5", "i6"))  # never an id at WARNING
+    debug = [r.getMessage() for r in recs if r.levelno == logging.DEBUG and "corrupt" in r.getMessage()]
+    assert len(debug) == 6 and "i5" in debug[0] and "i6" in debug[0] and "u2" in debug[0] and "nope" not in debug[0]
 
 
 def test_context_lookup(store, settings, schema, vocabs):

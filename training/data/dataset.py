@@ -166,8 +166,10 @@ def _encode_sequence(col: pd.Series, vocab: list[str], max_len: int) -> np.ndarr
 
 
 def encode_fields(df: pd.DataFrame, schema: FeatureSchema, entity: Entity, vocabs: dict[str, list[str]],
-                  columns: dict[str, str]) -> dict[str, np.ndarray]:
-    """Encode one entity's columns into {"sparse", "dense", "seq"} arrays in schema order."""
+                  columns: dict[str, str], fill_dense: bool = True) -> dict[str, np.ndarray]:
+    """Encode one entity's columns into {"sparse", "dense", "seq"} arrays in schema order. A missing
+    dense value is the field's mean, or NaN without ``fill_dense`` (the feature store: the reading
+    model substitutes its own mean, so the stored bytes do not depend on the statistics)."""
     n = len(df)
     sp = schema.sparse_of(entity)
     de = schema.dense_of(entity)
@@ -176,7 +178,7 @@ def encode_fields(df: pd.DataFrame, schema: FeatureSchema, entity: Entity, vocab
         "sparse": np.stack([_encode_sparse(df[columns[f.name]], vocabs[f.name]) for f in sp], 1)
         if sp else np.zeros((n, 0), np.int64),
         "dense": np.stack([pd.to_numeric(df[columns[f.name]], errors="coerce").astype("float32")
-                           .fillna(f.mean).to_numpy(np.float32) for f in de], 1)
+                           .fillna(f.mean if fill_dense else np.nan).to_numpy(np.float32) for f in de], 1)
         if de else np.zeros((n, 0), np.float32),
         "seq": np.concatenate([_encode_sequence(df[columns[f.name]], vocabs[f.vocab_of], f.max_len) for f in sq], 1)
         if sq else np.zeros((n, 0), np.int64),
@@ -193,9 +195,10 @@ class EntityTable:
 
 
 def encode_entities(raw: RawData, schema: FeatureSchema, vocabs: dict[str, list[str]], entity: Entity,
-                    latest_only: bool = True) -> EntityTable:
+                    latest_only: bool = True, fill_dense: bool = True) -> EntityTable:
     """Encode the user or item table. With per-exposure user snapshots, ``latest_only`` keeps each
-    user's latest one (what the feature store serves); training passes False to keep them all."""
+    user's latest one (what the feature store serves); training passes False to keep them all.
+    ``fill_dense``: see :func:`encode_fields`."""
     df = raw.users if entity == "user" else raw.items
     if latest_only and entity == "user" and raw.spec.user_features_per_exposure:
         t = raw.spec.exposures.time
@@ -206,7 +209,7 @@ def encode_entities(raw: RawData, schema: FeatureSchema, vocabs: dict[str, list[
     missing = [f.name for f in schema.all_fields() if f.entity == entity and f.name not in columns]
     if missing:
         raise ValueError(f"the data has no column for schema fields {missing}")
-    arrays = encode_fields(df, schema, entity, vocabs, columns)
+    arrays = encode_fields(df, schema, entity, vocabs, columns, fill_dense)
     return EntityTable(ids=df.index.to_numpy(dtype=object), **arrays)
 
 
