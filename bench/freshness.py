@@ -1,0 +1,311 @@
+"""Freshness benchmark: how soon does a posted event reach the next /rank, and what does the event
+load cost /rank?
+
+Setup (all owned by the benchmark): a redis-server on a free port, a model store with one bundle
+whose user sequence ``clicked`` (max_len 20) follows click events (the test suite's ONNX model,
+built with onnx.helper: embeddings, the mean of the sequence embeddings, an MLP; ``--users`` users
+and ``--items`` items written into Redis), ``uvicorn --factory service.app:create_app`` (one
+worker) and one ``mtrank events consume`` process (``python -m service.cli``).
+
+Phases alternate, ``--rounds`` times: **rank only** (``--rank-rps`` /rank requests per second of
+``--rank-items`` items, open loop) and **rank + events** (the same /rank load plus ``--events-rps``
+click events per second for random users, in POST /events batches of ``--batch``, and probes).
+A probe posts one click of a dedicated probe user for an item other than the head of its sequence
+and polls that user's packed value in Redis every millisecond until the item is at the head:
+freshness = visible - sent. The value in Redis is exactly what the next /rank reads (user values
+are never cached), so that is when the next /rank sees the new sequence. The rank-only phases
+carry no probes, so the /rank latencies of the two phases differ only by the event load.
+
+Writes ``bench/results/freshness.{json,md}`` (or ``--out``) and prints the table. Run it with
+``nice -n 5`` on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, OwnedRedis, free_port, git_info, machine_info, stop_group  # noqa: E402
+from service.codec import EntityCodec  # noqa: E402
+from service.contract import FeatureSchema, SequenceField, meta_key, namespace, user_key  # noqa: E402
+from service.events.sequences import seq_offset  # noqa: E402
+from tests.support.bundles import make_schema, put_entities, write_bundle  # noqa: E402
+
+PREFIX = "fresh"
+SEQ = 20
+
+
+def build(root: Path, url: str, n_users: int, n_items: int) -> tuple[FeatureSchema, dict[str, list[str]]]:
+    vocabs = {"user_id": [f"u{i}" for i in range(n_users)], "gender": ["m", "f", "x"],
+              "item_id": [f"i{i}" for i in range(n_items)], "category": [f"c{i}" for i in range(50)],
+              "hour": [str(h) for h in range(24)]}
+    base = make_schema(vocabs)
+    schema = base.model_copy(update={"sequence": [SequenceField(name="clicked", entity="user", max_len=SEQ,
+                                                                vocab_of="item_id", event="click")]})
+    write_bundle(root, version=1, schema=schema, vocabs=vocabs)
+    rng = np.random.default_rng(0)
+    users = {f"u{u}": (np.array([u + 1, rng.integers(1, 4)]), np.array([rng.uniform(18, 60)], np.float32),
+                       rng.integers(1, n_items + 1, SEQ)) for u in range(n_users)}
+    items = {f"i{i}": (np.array([i + 1, rng.integers(1, 51)]), np.array([rng.uniform(1, 30), rng.uniform(0, 1)],
+                                                                           np.float32), np.zeros(0, np.int64))
+             for i in range(n_items)}
+    c = redis.Redis.from_url(url)
+    put_entities(c, PREFIX, schema, "user", users)
+    put_entities(c, PREFIX, schema, "item", items)
+    c.set(meta_key(namespace(PREFIX, schema)), json.dumps({"schema_fingerprint": schema.fingerprint(),
+                                                           "model": "demo", "version": 1, "loaded_at": time.time()}))
+    return schema, vocabs
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+class Load:
+    """The /rank load (open loop), and during event phases the event load and the probes."""
+
+    def __init__(self, base: str, url: str, schema: FeatureSchema, n_users: int, n_items: int, args):
+        self.base, self.args = base, args
+        self.n_users, self.n_items = n_users, n_items
+        self.redis = redis.Redis.from_url(url)
+        self.probe_key = user_key(namespace(PREFIX, schema), "probe")
+        self.seq_at = seq_offset(EntityCodec.for_schema(schema, "user"))
+        self.seq_id = 0
+
+    def rank(self, stop: threading.Event, out: list[float], errors: list[int]) -> None:
+        rng = random.Random(1)
+        period = 1.0 / self.args.rank_rps
+        with httpx.Client(timeout=10) as http:
+            nxt = time.perf_counter()
+            while not stop.is_set():
+                nxt += period
+                body = {"user_id": f"u{rng.randrange(self.n_users)}",
+                        "items": [f"i{rng.randrange(self.n_items)}" for _ in range(self.args.rank_items)]}
+                t0 = time.perf_counter()
+                r = http.post(f"{self.base}/rank", json=body)
+                dt = time.perf_counter() - t0
+                if r.status_code == 200 and not r.json()["degraded"]:
+                    out.append(dt * 1000)
+                else:
+                    errors.append(r.status_code)
+                time.sleep(max(0.0, nxt - time.perf_counter()))
+
+    def _post(self, http: httpx.Client, events: list[dict]) -> None:
+        r = http.post(f"{self.base}/events", json={"events": events})
+        if r.status_code != 202:
+            raise RuntimeError(f"POST /events: {r.status_code} {r.text[:200]}")
+
+    def events(self, stop: threading.Event, sent: list[int]) -> None:
+        rng = random.Random(2)
+        b = self.args.batch
+        period = b / self.args.events_rps
+        with httpx.Client(timeout=10) as http:
+            nxt = time.perf_counter()
+            while not stop.is_set():
+                nxt += period
+                batch = []
+                for _ in range(b):
+                    self.seq_id += 1
+                    batch.append({"event_id": f"bg-{self.seq_id}", "user_id": f"u{rng.randrange(self.n_users)}",
+                                  "item_id": f"i{rng.randrange(self.n_items)}", "type": "click", "ts": time.time()})
+                self._post(http, batch)
+                sent[0] += b
+                time.sleep(max(0.0, nxt - time.perf_counter()))
+
+    def probes(self, stop: threading.Event, out: list[float], sent: list[int]) -> None:
+        period = 1.0 / self.args.probe_rps
+        n = 0
+        with httpx.Client(timeout=10) as http:
+            nxt = time.perf_counter()
+            while not stop.is_set():
+                nxt += period
+                n += 1
+                item = n % (self.n_items - 1)  # never the head: the previous probe's item is n - 1
+                want = (item + 1).to_bytes(4, "little")
+                ev = {"event_id": f"probe-{os.getpid()}-{time.time_ns()}", "user_id": "probe",
+                      "item_id": f"i{item}", "type": "click", "ts": time.time()}
+                t0 = time.perf_counter()
+                self._post(http, [ev])
+                sent[0] += 1
+                give_up = t0 + 5
+                while True:
+                    v = self.redis.getrange(self.probe_key, self.seq_at, self.seq_at + 3)
+                    if v == want:
+                        out.append((time.perf_counter() - t0) * 1000)
+                        break
+                    if time.perf_counter() > give_up:
+                        out.append(float("inf"))
+                        break
+                    time.sleep(0.001)
+                time.sleep(max(0.0, nxt - time.perf_counter()))
+
+
+def run_phase(load: Load, seconds: float, with_events: bool) -> dict:
+    stop = threading.Event()
+    lat: list[float] = []
+    errors: list[int] = []
+    fresh: list[float] = []
+    sent = [0]
+    threads = [threading.Thread(target=load.rank, args=(stop, lat, errors))]
+    if with_events:
+        threads += [threading.Thread(target=load.events, args=(stop, sent)),
+                    threading.Thread(target=load.probes, args=(stop, fresh, sent))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"with_events": with_events, "seconds": wall, "rank_ms": lat, "rank_errors": errors,
+            "freshness_ms": fresh, "events_sent": sent[0], "events_per_s": sent[0] / wall}
+
+
+def summary(phases: list[dict], with_events: bool) -> dict:
+    ps = [p for p in phases if p["with_events"] == with_events]
+    lat = [x for p in ps for x in p["rank_ms"]]
+    fresh = [x for p in ps for x in p["freshness_ms"]]
+    out = {"rank_requests": len(lat), "rank_errors": sum(len(p["rank_errors"]) for p in ps),
+           "rank_p50_ms": pct(lat, 50), "rank_p90_ms": pct(lat, 90), "rank_p99_ms": pct(lat, 99),
+           "rank_p50_ms_by_round": [pct(p["rank_ms"], 50) for p in ps],
+           "rank_p99_ms_by_round": [pct(p["rank_ms"], 99) for p in ps]}
+    if with_events:
+        secs = sum(p["seconds"] for p in ps)
+        out.update({"events_sent": sum(p["events_sent"] for p in ps),
+                    "events_per_s": sum(p["events_sent"] for p in ps) / secs,
+                    "probes": len(fresh), "probes_not_seen_in_5s": sum(1 for x in fresh if x == float("inf")),
+                    "freshness_p50_ms": pct(fresh, 50), "freshness_p90_ms": pct(fresh, 90),
+                    "freshness_p99_ms": pct(fresh, 99), "freshness_max_ms": max(fresh) if fresh else float("nan"),
+                    "freshness_p99_ms_by_round": [pct(p["freshness_ms"], 99) for p in ps]})
+    return out
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not become ready")
+
+
+def markdown(res: dict) -> str:
+    a, b = res["rank_only"], res["rank_and_events"]
+    cfg = res["config"]
+    f = lambda x: f"{x:.1f}"  # noqa: E731
+    lines = [
+        "# Freshness: POST /events -> the next /rank", "",
+        f"- machine: {res['machine'].get('cpu', '?')}, {res['machine'].get('cores', '?')} cores, load average at "
+        f"start {res['load_at_start']}; commit {res['git'].get('commit', '?')[:12]}",
+        f"- {cfg['rounds']} rounds of {cfg['seconds']:.0f} s rank only / {cfg['seconds']:.0f} s rank + events, "
+        f"interleaved; /rank {cfg['rank_rps']}/s of {cfg['rank_items']} items (open loop); events "
+        f"{cfg['events_rps']}/s in batches of {cfg['batch']} + {cfg['probe_rps']} probes/s; {cfg['users']} users, "
+        f"{cfg['items']} items, sequence max_len {SEQ}; one server worker, one consumer process",
+        "- freshness: from sending a probe's POST /events to its item at the head of the user's packed value in "
+        "Redis (what the next /rank reads; user values are not cached), polled every 1 ms", "",
+        "| | events/s sent | freshness p50 | p90 | p99 | max | /rank p50 | /rank p90 | /rank p99 | /rank requests |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| rank only | - | - | - | - | - | {f(a['rank_p50_ms'])} ms | {f(a['rank_p90_ms'])} ms | "
+        f"{f(a['rank_p99_ms'])} ms | {a['rank_requests']} |",
+        f"| rank + events | {b['events_per_s']:.0f} | {f(b['freshness_p50_ms'])} ms | {f(b['freshness_p90_ms'])} ms | "
+        f"**{f(b['freshness_p99_ms'])} ms** | {f(b['freshness_max_ms'])} ms | {f(b['rank_p50_ms'])} ms | "
+        f"{f(b['rank_p90_ms'])} ms | {f(b['rank_p99_ms'])} ms | {b['rank_requests']} |", "",
+        f"- /rank with / without events: p50 **{res['ratio_p50']:.2f}x**, p99 {res['ratio_p99']:.2f}x; per round "
+        f"p50 without {[round(x, 1) for x in a['rank_p50_ms_by_round']]}, with "
+        f"{[round(x, 1) for x in b['rank_p50_ms_by_round']]}",
+        f"- freshness p99 per round: {[round(x, 1) for x in b['freshness_p99_ms_by_round']]} ms; probes "
+        f"{b['probes']}, not seen within 5 s: {b['probes_not_seen_in_5s']}; /rank errors {a['rank_errors']} / "
+        f"{b['rank_errors']}",
+        f"- target: freshness p99 < 50 ms: **{'PASS' if b['freshness_p99_ms'] < 50 else 'FAIL'}**",
+        f"- consumer: {res['consumer']}", "",
+        "The machine is shared: compare the rows of one run, not across runs.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
+    ap.add_argument("--events-rps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=20, help="events per POST /events")
+    ap.add_argument("--probe-rps", type=float, default=10.0)
+    ap.add_argument("--rank-rps", type=float, default=50.0)
+    ap.add_argument("--rank-items", type=int, default=100)
+    ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--items", type=int, default=5000)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mtrank-fresh-"))
+    rds = OwnedRedis(work / "redis")
+    procs: list[subprocess.Popen] = []
+    try:
+        schema, _ = build(work / "store", rds.url, args.users, args.items)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
+        env.update({"MTRANK_REDIS_URL": rds.url, "MTRANK_REDIS_PREFIX": PREFIX,
+                    "MTRANK_MODEL_STORE": str(work / "store"), "MTRANK_MODEL_NAME": "demo",
+                    "MTRANK_PROVIDERS": "cpu", "MTRANK_WORKERS": "1",
+                    "MTRANK_STORE_POLL_S": "5", "MTRANK_LOG_LEVEL": "WARNING", "MTRANK_LOG_FORMAT": "text"})
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log = open(work / "server.log", "wb")
+        procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+                                       "--host", "127.0.0.1", "--port", str(port), "--no-access-log"], cwd=ROOT,
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_ready(base, procs[0])
+        clog = open(work / "consumer.log", "wb")
+        procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "events", "consume", "--name", "bench"],
+                                      cwd=ROOT, env={**env, "MTRANK_LOG_LEVEL": "INFO"}, stdout=clog,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        load = Load(base, rds.url, schema, args.users, args.items, args)
+        run_phase(load, 3.0, True)  # warm-up: connections, the consumer's group and targets
+        load_at_start = os.getloadavg()
+        phases = []
+        for _ in range(args.rounds):
+            for with_events in (False, True):
+                phases.append(run_phase(load, args.seconds, with_events))
+                print(f"  {'rank + events' if with_events else 'rank only    '}: "
+                      f"rank p50 {pct(phases[-1]['rank_ms'], 50):.1f} ms"
+                      + (f", freshness p99 {pct(phases[-1]['freshness_ms'], 99):.1f} ms, "
+                         f"{phases[-1]['events_per_s']:.0f} events/s" if with_events else ""), flush=True)
+        stop_group(procs[1])
+        consumer_lines = [ln for ln in (work / "consumer.log").read_text(errors="replace").splitlines()
+                          if "stopped; events" in ln]
+        a, b = summary(phases, False), summary(phases, True)
+        res = {"config": {**vars(args), "out": str(args.out)}, "machine": machine_info(), "git": git_info(),
+               "load_at_start": [round(x, 2) for x in load_at_start], "rank_only": a, "rank_and_events": b,
+               "ratio_p50": b["rank_p50_ms"] / a["rank_p50_ms"], "ratio_p99": b["rank_p99_ms"] / a["rank_p99_ms"],
+               "consumer": consumer_lines[-1].split("events: ", 1)[-1] if consumer_lines else "?"}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "freshness.json").write_text(json.dumps(res, indent=2, default=str))
+        md = markdown(res)
+        (args.out / "freshness.md").write_text(md)
+        print(md)
+    finally:
+        for p in reversed(procs):
+            stop_group(p)
+        rds.stop()
+
+
+if __name__ == "__main__":
+    main()
