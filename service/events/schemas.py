@@ -53,6 +53,13 @@ class EventsRequest(BaseModel):
     events: list[EventIn]
 
 
+class EventsAccepted(BaseModel):
+    """202: the batch is in the stream."""
+
+    accepted: int = Field(description="events appended")
+    types: dict[str, int] = Field(description="of them, by type")
+
+
 @lru_cache(maxsize=16)
 def events_request_model(max_batch: int, max_id_length: int) -> type[EventsRequest]:
     """:class:`EventsRequest` with the configured limits (shown in the OpenAPI schema)."""

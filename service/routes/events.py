@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from service import limits
 from service.events import stream
-from service.events.schemas import EventsRequest, events_request_model
+from service.events.schemas import EventsAccepted, EventsRequest, events_request_model
 from service.runtime import Runtime
 from service.schemas import ErrorResponse, ValidationErrorResponse
 
@@ -33,16 +33,16 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 def router(rt: Runtime) -> APIRouter:
     s = rt.settings
     Model = events_request_model(s.events_max_batch, s.max_id_length)
-    request_schema = Model.model_json_schema()
+    request_schema = _inline(Model.model_json_schema())
     r = APIRouter()
 
     async def events_body(request: Request) -> EventsRequest:
         """The body, parsed here (strict JSON, the configured limits) rather than by FastAPI."""
         return limits.parse_body(await request.body(), request.headers.get("content-type"), Model)
 
-    @r.post("/events", status_code=202, description=EVENTS_DESCRIPTION, responses=RESPONSES,
-            openapi_extra={"requestBody": {"required": True,
-                                           "content": {"application/json": {"schema": request_schema}}}})
+    @r.post("/events", status_code=202, response_model=EventsAccepted, description=EVENTS_DESCRIPTION,
+            responses=RESPONSES, openapi_extra={"requestBody": {
+                "required": True, "content": {"application/json": {"schema": request_schema}}}})
     def events(body: Annotated[EventsRequest, Depends(events_body)]) -> JSONResponse:
         records = [e.record() for e in body.events]
         store = rt.redis_client
@@ -56,6 +56,23 @@ def router(rt: Runtime) -> APIRouter:
                             status_code=202)
 
     return r
+
+
+def _inline(schema: dict) -> dict:
+    """``schema`` with its ``$defs`` references replaced by the definitions (one level: EventIn)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
 
 
 def _unavailable(why: str) -> HTTPException:
