@@ -3,7 +3,8 @@
 --
 -- KEYS[1]            the events stream
 -- then per event     its dedup key, then the user key of each of its updates
--- ARGV               group, dedup ttl (s), T, T template values (a user's packed value with the
+-- ARGV               group (empty: acknowledge nothing, the source is not this stream), dedup ttl (s),
+--                    T, T template values (a user's packed value with the
 --                    schema defaults, one per namespace), E, then per event: entry id, U, and per
 --                    update: template index, byte offset of the sequence, max_len, the item index
 --                    as 4 little-endian bytes; then A and A entry ids to acknowledge only.
@@ -52,5 +53,5 @@ for _ = 1, ne do
 end
 local na = tonumber(ARGV[a]); a = a + 1
 for i = 1, na do ids[#ids + 1] = ARGV[a + i - 1] end
-if #ids > 0 then redis.call('XACK', KEYS[1], group, unpack(ids)) end
+if #ids > 0 and group ~= '' then redis.call('XACK', KEYS[1], group, unpack(ids)) end
 return {applied, dups, created, corrupt}

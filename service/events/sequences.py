@@ -201,7 +201,9 @@ class Counts:
 
 
 class Applier:
-    """Builds the script's arguments for a batch of stream entries and runs it (see the module doc)."""
+    """Builds the script's arguments for a batch of stream entries and runs it (see the module doc).
+    ``group``: the consumer group whose entries the script acknowledges; ``""`` for a source that is
+    not the events stream (e.g. Kafka records: their ids are then only names in the log)."""
 
     def __init__(self, client, prefix: str, group: str, dedup_ttl_s: int):
         self.client = client

@@ -17,8 +17,8 @@ from service.codec import EntityCodec
 from service.contract import namespace, user_key
 from service.events import stream
 from service.events.consumer import Consumer
-from service.events.record import EventRecord, stream_key
-from service.events.sequences import dedup_key
+from service.events.record import EventRecord, encode, stream_key
+from service.events.sequences import Applier, dedup_key
 from tests.support.bundles import default_vocabs
 
 ITEMS = default_vocabs()["item_id"]  # i0..i19 -> index 1..20
@@ -156,3 +156,14 @@ def test_two_consumers_one_killed_mid_batch_apply_each_event_exactly_once(ev_env
     claimed = b.log() + c.log()
     assert "claimed" in claimed, "the entries of the dead consumers were claimed by the living"
     assert b.stop() == 0
+
+
+def test_the_apply_step_takes_records_from_another_source(consumer, redis_url, key_prefix, ev_schema, ev_features):
+    """What a Kafka consumer would do (docs/events.md): the same step, records named by their offsets,
+    nothing acknowledged."""
+    r = redis.Redis.from_url(redis_url)
+    applier = Applier(r, key_prefix, "", 60)
+    records = [(b"partition-0-offset-17", {b"e": encode(click(1, "u0", "i2"))})]
+    assert applier.apply(records, consumer.targets).applied == 1
+    assert applier.apply(records, consumer.targets).duplicates == 1, "a replay after a crash is applied once"
+    assert seq_of(r, key_prefix, ev_schema, "u0")[0] == 3
