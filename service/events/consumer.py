@@ -15,7 +15,7 @@ behaviour sequences of every held bundle (:mod:`service.events.sequences`).
 * **Targets** are found again every ``MTRANK_STORE_POLL_S`` (as the service's watcher polls): a new
   bundle version, or features loaded for it, is followed without a restart.
 * **Redis down**: the loop logs, waits a second and goes on; nothing is acknowledged that was not
-  applied.
+  applied. A stream or group that disappeared (a Redis restarted without persistence) is created again.
 
 The source is the only Redis-Streams-specific part: :meth:`Consumer.step` reads a batch and hands
 it to :meth:`~service.events.sequences.Applier.apply`. docs/events.md says how the same apply step
@@ -164,6 +164,12 @@ class Consumer:
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("redis unavailable (%s: %s); retrying in 1 s", type(e).__name__, e)
                 stop.wait(1.0)
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                log.warning("the stream or its group is gone (deleted, or a Redis without persistence restarted): "
+                            "creating it again")
+                started = False
             if time.monotonic() >= report_at:
                 report_at = time.monotonic() + REPORT_EVERY_S
                 log.info("events so far: %s", vars(self.totals))

@@ -19,7 +19,8 @@ from service.events import stream
 from service.events.consumer import Consumer
 from service.events.record import EventRecord, encode, stream_key
 from service.events.sequences import Applier, dedup_key
-from tests.support.bundles import default_vocabs
+from tests.support.bundles import default_vocabs, seed_features
+from tests.support.redis_server import RedisProc
 
 ITEMS = default_vocabs()["item_id"]  # i0..i19 -> index 1..20
 
@@ -167,3 +168,23 @@ def test_the_apply_step_takes_records_from_another_source(consumer, redis_url, k
     assert applier.apply(records, consumer.targets).applied == 1
     assert applier.apply(records, consumer.targets).duplicates == 1, "a replay after a crash is applied once"
     assert seq_of(r, key_prefix, ev_schema, "u0")[0] == 3
+
+
+def test_a_consumer_rides_out_a_redis_restart(tmp_path, ev_env, ev_schema, consumer_factory, key_prefix):
+    proc = RedisProc(tmp_path / "r").start()
+    try:
+        seed_features(proc.url, key_prefix, ev_schema)
+        r = proc.client()
+        consumer = consumer_factory(ev_env(MTRANK_REDIS_URL=proc.url), "survivor")
+        stream.append(r, key_prefix, [click(1, "u1", "i1")], 1000, 3600)
+        wait_for(lambda: (seq_of(r, key_prefix, ev_schema, "u1") or [0])[0] == 2, consumer)
+        proc.snapshot()
+        proc.kill()
+        time.sleep(1.5)  # the consumer sees the connection refused and retries
+        proc.start()  # loads the snapshot: features, stream and group
+        stream.append(r, key_prefix, [click(2, "u1", "i2")], 1000, 3600)
+        wait_for(lambda: seq_of(r, key_prefix, ev_schema, "u1")[:2] == [3, 2], consumer)
+        assert "redis unavailable" in consumer.log()
+        assert consumer.stop() == 0
+    finally:
+        proc.stop()
