@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import random
 import subprocess
@@ -83,7 +84,7 @@ class Load:
     def __init__(self, base: str, url: str, schema: FeatureSchema, n_users: int, n_items: int, args):
         self.base, self.args = base, args
         self.n_users, self.n_items = n_users, n_items
-        self.redis = redis.Redis.from_url(url)
+        self.url = url
         self.probe_key = user_key(namespace(PREFIX, schema), "probe")
         self.seq_at = seq_offset(EntityCodec.for_schema(schema, "user"))
         self.seq_id = 0
@@ -130,7 +131,7 @@ class Load:
                     with self.lock:
                         self.seq_id += 1
                         n = self.seq_id
-                    batch.append({"event_id": f"bg-{n}", "user_id": f"u{rng.randrange(self.n_users)}",
+                    batch.append({"event_id": f"bg-{os.getpid()}-{n}", "user_id": f"u{rng.randrange(self.n_users)}",
                                   "item_id": f"i{rng.randrange(self.n_items)}", "type": "click", "ts": time.time()})
                 self._post(http, batch)
                 with self.lock:
@@ -142,6 +143,7 @@ class Load:
         """``out``: sent -> visible, ms; ``split``: (sent -> 202 answered, 202 -> visible), ms."""
         period = 1.0 / self.args.probe_rps
         n = 0
+        client = redis.Redis.from_url(self.url)
         with httpx.Client(timeout=10) as http:
             nxt = time.perf_counter()
             while not stop.is_set():
@@ -158,7 +160,7 @@ class Load:
                     sent[0] += 1
                 give_up = t0 + 5
                 while True:
-                    v = self.redis.getrange(self.probe_key, self.seq_at, self.seq_at + 3)
+                    v = client.getrange(self.probe_key, self.seq_at, self.seq_at + 3)
                     if v == want:
                         t2 = time.perf_counter()
                         out.append((t2 - t0) * 1000)
@@ -171,29 +173,48 @@ class Load:
                 time.sleep(max(0.0, nxt - time.perf_counter()))
 
 
-def run_phase(load: Load, seconds: float, with_events: bool) -> dict:
+def _role(load: Load, role: str, seconds: float, conn) -> None:
+    """One load in its own process (no GIL shared with the others, so a probe's clock is its own)."""
     stop = threading.Event()
-    lat: list[float] = []
-    errors: list[int] = []
-    degraded: list[int] = []
-    fresh: list[float] = []
-    split: list[tuple[float, float]] = []
-    sent = [0]
-    threads = [threading.Thread(target=load.rank, args=(stop, lat, errors, degraded))]
-    if with_events:
-        threads += [threading.Thread(target=load.events, args=(stop, sent, k)) for k in range(load.args.senders)]
-        threads += [threading.Thread(target=load.probes, args=(stop, fresh, split, sent))]
-    t0 = time.perf_counter()
+    res: dict = {"rank_ms": [], "rank_errors": [], "degraded": [], "fresh": [], "split": [], "sent": [0]}
+    if role == "rank":
+        threads = [threading.Thread(target=load.rank, args=(stop, res["rank_ms"], res["rank_errors"],
+                                                            res["degraded"]))]
+    elif role == "events":
+        threads = [threading.Thread(target=load.events, args=(stop, res["sent"], k)) for k in range(load.args.senders)]
+    else:
+        threads = [threading.Thread(target=load.probes, args=(stop, res["fresh"], res["split"], res["sent"]))]
     for t in threads:
         t.start()
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join()
+    conn.send(res)
+    conn.close()
+
+
+def run_phase(load: Load, seconds: float, with_events: bool) -> dict:
+    ctx = mp.get_context("fork")
+    roles = ["rank", "events", "probes"] if with_events else ["rank"]
+    pipes, procs = [], []
+    t0 = time.perf_counter()
+    for role in roles:
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_role, args=(load, role, seconds, child))
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    res = {role: pipe.recv() for role, pipe in zip(roles, pipes, strict=True)}
+    for proc in procs:
+        proc.join()
     wall = time.perf_counter() - t0
-    return {"with_events": with_events, "seconds": wall, "rank_ms": lat, "rank_errors": errors,
-            "rank_degraded": len(degraded),
-            "freshness_ms": fresh, "split_ms": split, "events_sent": sent[0], "events_per_s": sent[0] / wall}
+    rank = res["rank"]
+    sent = sum(r["sent"][0] for role, r in res.items() if role != "rank")
+    probes = res.get("probes", {"fresh": [], "split": []})
+    return {"with_events": with_events, "seconds": wall, "rank_ms": rank["rank_ms"], "rank_errors": rank["rank_errors"],
+            "rank_degraded": len(rank["degraded"]), "freshness_ms": probes["fresh"], "split_ms": probes["split"],
+            "events_sent": sent, "events_per_s": sent / wall}
 
 
 def summary(phases: list[dict], with_events: bool) -> dict:
@@ -277,9 +298,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
     ap.add_argument("--events-rps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=50, help="events per POST /events")
-    ap.add_argument("--senders", type=int, default=2, help="threads sending the event batches")
+    ap.add_argument("--senders", type=int, default=1, help="threads sending the event batches")
     ap.add_argument("--probe-rps", type=float, default=10.0)
-    ap.add_argument("--rank-rps", type=float, default=50.0)
+    ap.add_argument("--rank-rps", type=float, default=25.0)
     ap.add_argument("--rank-items", type=int, default=100)
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--items", type=int, default=5000)
