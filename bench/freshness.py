@@ -27,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,16 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, OwnedRedis, free_port, git_info, machine_info, stop_group  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT,
+    OwnedRedis,
+    cpu_seconds,
+    free_port,
+    git_info,
+    machine_info,
+    process_tree,
+    stop_group,
+)
 from service.codec import EntityCodec  # noqa: E402
 from service.contract import FeatureSchema, SequenceField, meta_key, namespace, user_key  # noqa: E402
 from service.events.sequences import seq_offset  # noqa: E402
@@ -194,7 +204,11 @@ def _role(load: Load, role: str, seconds: float, conn) -> None:
     conn.close()
 
 
-def run_phase(load: Load, seconds: float, with_events: bool) -> dict:
+def run_phase(load: Load, seconds: float, with_events: bool, watched: dict[str, int] | None = None) -> dict:
+    """One phase; ``watched``: name -> pid of the processes whose CPU seconds are counted (server,
+    consumer, redis)."""
+    watched = watched or {}
+    cpu0 = {k: cpu_seconds(process_tree(pid)) for k, pid in watched.items()}
     ctx = mp.get_context("fork")
     roles = ["rank", "events", "probes"] if with_events else ["rank"]
     pipes, procs = [], []
@@ -209,12 +223,13 @@ def run_phase(load: Load, seconds: float, with_events: bool) -> dict:
     for proc in procs:
         proc.join()
     wall = time.perf_counter() - t0
+    cores = {k: (cpu_seconds(process_tree(pid)) - cpu0[k]) / wall for k, pid in watched.items()}
     rank = res["rank"]
     sent = sum(r["sent"][0] for role, r in res.items() if role != "rank")
     probes = res.get("probes", {"fresh": [], "split": []})
     return {"with_events": with_events, "seconds": wall, "rank_ms": rank["rank_ms"], "rank_errors": rank["rank_errors"],
             "rank_degraded": len(rank["degraded"]), "freshness_ms": probes["fresh"], "split_ms": probes["split"],
-            "events_sent": sent, "events_per_s": sent / wall}
+            "events_sent": sent, "events_per_s": sent / wall, "cores": cores}
 
 
 def summary(phases: list[dict], with_events: bool) -> dict:
@@ -224,6 +239,7 @@ def summary(phases: list[dict], with_events: bool) -> dict:
     out = {"rank_requests": len(lat), "rank_errors": sum(len(p["rank_errors"]) for p in ps),
            "rank_degraded": sum(p["rank_degraded"] for p in ps),
            "rank_p50_ms": pct(lat, 50), "rank_p90_ms": pct(lat, 90), "rank_p99_ms": pct(lat, 99),
+           "cores": {k: statistics.fmean(p["cores"][k] for p in ps) for k in ps[0]["cores"]} if ps else {},
            "rank_p50_ms_by_round": [pct(p["rank_ms"], 50) for p in ps],
            "rank_p99_ms_by_round": [pct(p["rank_ms"], 99) for p in ps]}
     if with_events:
@@ -286,6 +302,8 @@ def markdown(res: dict) -> str:
         f"latencies) {a['rank_degraded']} / {b['rank_degraded']}",
         f"- freshness split: sent -> 202 answered p50 {f(b['post_p50_ms'])} ms, p99 {f(b['post_p99_ms'])} ms; "
         f"202 -> visible p50 {f(b['applied_p50_ms'])} ms, p99 {f(b['applied_p99_ms'])} ms",
+        "- CPU cores used (CPU seconds per second, mean of the rounds), rank only -> rank + events: " + ", ".join(
+            f"{k} {a['cores'][k]:.2f} -> {b['cores'][k]:.2f}" for k in a["cores"]),
         f"- target: freshness p99 < 50 ms: **{'PASS' if b['freshness_p99_ms'] < 50 else 'FAIL'}**",
         f"- consumer: {res['consumer']}", "",
         "The machine is shared: compare the rows of one run, not across runs.", ""]
@@ -329,12 +347,13 @@ def main() -> None:
                                       cwd=ROOT, env={**env, "MTRANK_LOG_LEVEL": "INFO"}, stdout=clog,
                                       stderr=subprocess.STDOUT, start_new_session=True))
         load = Load(base, rds.url, schema, args.users, args.items, args)
+        watched = {"server": procs[0].pid, "consumer": procs[1].pid, "redis": rds.proc.pid}
         run_phase(load, 3.0, True)  # warm-up: connections, the consumer's group and targets
         load_at_start = os.getloadavg()
         phases = []
         for _ in range(args.rounds):
             for with_events in (False, True):
-                phases.append(run_phase(load, args.seconds, with_events))
+                phases.append(run_phase(load, args.seconds, with_events, watched))
                 print(f"  {'rank + events' if with_events else 'rank only    '}: "
                       f"rank p50 {pct(phases[-1]['rank_ms'], 50):.1f} ms"
                       + (f", freshness p50 {pct(phases[-1]['freshness_ms'], 50):.1f} p99 "
