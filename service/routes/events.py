@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from service import limits
 from service.events import stream
 from service.events.schemas import EventsAccepted, EventsRequest, events_request_model
+from service.routes.rank import RESPONSES as RANK_RESPONSES
 from service.runtime import Runtime
-from service.schemas import ErrorResponse, ValidationErrorResponse
 
 #: seconds a client waits before it sends a batch again that was refused with 503
 RETRY_AFTER_S = 1
@@ -22,12 +22,10 @@ events stream; `mtrank events consume` applies them (fresh behaviour sequences).
 MTRANK_EVENTS_MAX_BATCH events, ids of at most MTRANK_MAX_ID_LENGTH characters, `value` (watch
 seconds) required for watch events. 202 = appended. 503 + Retry-After = the stream is unavailable and
 nothing was accepted: send the batch again (an event_id is applied once, so resending is safe)."""
-_ERR = {"model": ErrorResponse}
+# the error answers are /rank's (one owner of their shapes); only the 503 says something else here
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    413: {**_ERR, "description": "body larger than MTRANK_MAX_BODY_BYTES"},
-    415: {**_ERR, "description": "body is not JSON"},
-    422: {"model": ValidationErrorResponse, "description": "invalid event (detail names the field)"},
-    503: {**_ERR, "description": "events stream (Redis) unavailable: retry after Retry-After seconds"}}
+    **{k: v for k, v in RANK_RESPONSES.items() if k in (413, 415, 422, 500)},
+    503: {**RANK_RESPONSES[503], "description": "events stream (Redis) unavailable: retry after Retry-After seconds"}}
 
 
 def router(rt: Runtime) -> APIRouter:

@@ -23,6 +23,16 @@ def ev(i: int = 0, **kw) -> dict:
     return e
 
 
+def named(r: httpx.Response) -> tuple[list, str]:
+    """(the ``loc`` of each error, their messages) of a 4xx answer: FastAPI's ``detail`` list, or the
+    one error object ``{"error": {"code", "message", "field"}}`` (its field is in the message then)."""
+    body = r.json()
+    if isinstance(body.get("detail"), list):
+        return [e["loc"] for e in body["detail"]], " ".join(e["msg"] for e in body["detail"])
+    err = body["error"]
+    return [], f"{err.get('field')} {err.get('message')}"
+
+
 @pytest.fixture
 def client(ev_settings):
     with TestClient(create_app(ev_settings(events_max_batch=5, max_id_length=16)),
@@ -57,21 +67,21 @@ def test_a_batch_is_appended_in_order_and_answered_202_with_counts(client, redis
 def test_an_invalid_event_is_422_naming_its_field(client, redis_url, key_prefix, event, loc, words):
     r = client.post("/events", json={"events": [ev(9), event]})
     assert r.status_code == 422, r.text
-    errors = r.json()["detail"]
     loc[2] = 1
-    assert [e["loc"] for e in errors] == [loc], errors
-    assert words in errors[0]["msg"]
+    where, msg = named(r)
+    assert where == [loc] or (where == [] and loc[-1] in msg), r.text
+    assert words in msg
     assert redis.Redis.from_url(redis_url).exists(stream_key(key_prefix)) == 0, "nothing of the batch is appended"
 
 
 def test_batch_limits_and_bodies(client):
     r = client.post("/events", json={"events": [ev(i) for i in range(6)]})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "events"], r.text
-    assert "at most 5" in r.json()["detail"][0]["msg"]
+    assert r.status_code == 422 and named(r)[0] in ([["body", "events"]], []), r.text
+    assert "at most 5" in named(r)[1] and "events" in str(r.json())
     r = client.post("/events", json={"events": []})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "events"]
+    assert r.status_code == 422 and named(r)[0] in ([["body", "events"]], []), r.text
     r = client.post("/events", content=b'{"events": [{"ts": NaN}]}', headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    assert r.status_code == 422 and "JSON" in named(r)[1]
     assert client.post("/events", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
     assert client.post("/events", json=[ev()]).status_code == 422
     assert client.get("/events").status_code == 405
