@@ -283,7 +283,7 @@ def markdown(res: dict) -> str:
         f"interleaved; /rank {cfg['rank_rps']}/s of {cfg['rank_items']} items (open loop); events "
         f"{cfg['events_rps']}/s in batches of {cfg['batch']} from {cfg['senders']} threads + {cfg['probe_rps']} "
         f"probes/s; {cfg['users']} users, "
-        f"{cfg['items']} items, sequence max_len {SEQ}; one server worker, one consumer process",
+        f"{cfg['items']} items, sequence max_len {SEQ}; {cfg['workers']} server worker(s), one consumer process",
         "- freshness: from sending a probe's POST /events to its item at the head of the user's packed value in "
         "Redis (what the next /rank reads; user values are not cached), polled every 1 ms", "",
         "| | events/s sent | freshness p50 | p90 | p99 | max | /rank p50 | /rank p90 | /rank p99 | /rank requests |",
@@ -320,6 +320,7 @@ def main() -> None:
     ap.add_argument("--probe-rps", type=float, default=10.0)
     ap.add_argument("--rank-rps", type=float, default=25.0)
     ap.add_argument("--rank-items", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--items", type=int, default=5000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -333,13 +334,14 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
         env.update({"MTRANK_REDIS_URL": rds.url, "MTRANK_REDIS_PREFIX": PREFIX,
                     "MTRANK_MODEL_STORE": str(work / "store"), "MTRANK_MODEL_NAME": "demo",
-                    "MTRANK_PROVIDERS": "cpu", "MTRANK_WORKERS": "1",
+                    "MTRANK_PROVIDERS": "cpu", "MTRANK_WORKERS": str(args.workers),
                     "MTRANK_STORE_POLL_S": "5", "MTRANK_LOG_LEVEL": "WARNING", "MTRANK_LOG_FORMAT": "text"})
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         log = open(work / "server.log", "wb")
         procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-                                       "--host", "127.0.0.1", "--port", str(port), "--no-access-log"], cwd=ROOT,
+                                       "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+                                       "--workers", str(args.workers)], cwd=ROOT,
                                       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         wait_ready(base, procs[0])
         clog = open(work / "consumer.log", "wb")
