@@ -269,11 +269,10 @@ def events_consume(name: str | None = typer.Option(None, "--name", help="This co
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
-        consumer = Consumer(settings, name, block_ms=block_ms)
+        Consumer(settings, name, block_ms=block_ms).run(stop)
     except ConsumerError as e:
         typer.echo(f"mtrank events consume: {e}", err=True)
         raise typer.Exit(2) from None
-    consumer.run(stop)
 
 
 class SelfCheckFailed(Exception):

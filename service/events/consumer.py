@@ -35,6 +35,7 @@ import redis
 from service.events.record import stream_key
 from service.events.sequences import Applier, Counts, Target, TargetFinder
 from service.redis_client import FeatureStore, make_store
+from service.routing import RoutingConfigError
 from service.settings import Settings
 
 log = logging.getLogger("service.events")
@@ -89,7 +90,13 @@ class Consumer:
         if not force and (poll <= 0 or now < self._refresh_at):
             return
         self._refresh_at = now + poll
-        targets = self.finder.targets()
+        try:
+            targets = self.finder.targets()
+        except (RoutingConfigError, OSError, ValueError) as e:  # a bad config or bundle file; Redis errors propagate
+            if force:
+                raise ConsumerError(f"cannot tell which bundles the service holds: {e}") from None
+            log.error("finding the held bundles failed, keeping the previous ones: %s", e)
+            return
         if [(t.namespace, t.bundles) for t in targets] != [(t.namespace, t.bundles) for t in self.targets] or force:
             if targets:
                 log.info("updating sequences in %s", "; ".join(

@@ -43,7 +43,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from service.codec import EntityCodec
-from service.contract import VOCAB_FILE, BundleManifest, FeatureSchema, namespace, user_key
+from service.contract import VOCAB_FILE, BundleManifest, FeatureSchema, meta_key, namespace, user_key
 from service.events.record import FIELD, decode, stream_key
 from service.redis_client import FeatureStore
 from service.routing import RoutingConfig, implicit_config, load_config, parse_policy
@@ -150,7 +150,11 @@ class TargetFinder:
             try:
                 path, manifest = read_manifest(root, key.name, key.version, key.precision)
                 check_features(self.store, s, manifest)
-            except (BundleError, FeatureCheckError):
+            except FeatureCheckError as e:
+                if e.transient:  # Redis down must not read as "no features": raise, keep the old targets
+                    self.store.client.exists(meta_key(namespace(s.redis_prefix, manifest.feature_schema)))
+                return None
+            except BundleError:
                 return None
             found = out[(key.name, key.version)] = _Confirmed(path, manifest)
             return found

@@ -188,3 +188,11 @@ def test_a_consumer_rides_out_a_redis_restart(tmp_path, ev_env, ev_schema, consu
         assert consumer.stop() == 0
     finally:
         proc.stop()
+
+
+def test_a_consumer_refuses_to_start_on_an_invalid_routing_config(tmp_path, ev_env, consumer_factory):
+    bad = tmp_path / "routing.yaml"
+    bad.write_text("layers: [oops\n")
+    consumer = consumer_factory(ev_env(MTRANK_ROUTING_CONFIG=str(bad)), "picky")
+    assert consumer.proc.wait(timeout=60) == 2, consumer.log()
+    assert "cannot tell which bundles the service holds" in consumer.log() and "routing.yaml" in consumer.log()
