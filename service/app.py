@@ -6,6 +6,8 @@ lifespan starts and stops. The work is in :mod:`service.serving` (the serving st
 bundles, rankers, hot swap), :mod:`service.ranking` (features, model, fusion) and :mod:`service.admin`.
 
 * ``POST /rank``   rank candidate items for a user (503 while no model is loaded)
+* ``POST /events`` append a batch of outcome events to the events stream (202; 503 + Retry-After
+  when Redis is unavailable); :mod:`service.routes.events`
 * ``GET /healthz`` the process is alive
 * ``GET /readyz``  "this replica can answer /rank usefully": 200 when a serving state exists and
   the feature store is usable; in degrade mode (MTRANK_REDIS_FAILURE_MODE=degrade, the default) a
@@ -45,7 +47,7 @@ from fastapi import FastAPI
 
 from service import access_log, deps
 from service.middleware import EdgeMiddleware
-from service.routes import admin, errors, health, rank
+from service.routes import admin, errors, events, health, rank
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        queue_timeout_s=settings.shed_queue_ms / 1000.0, cache_on=settings.item_cache_size > 0)
     app.include_router(rank.router(runtime))
     app.include_router(health.router(runtime))
+    app.include_router(events.router(runtime))
     if settings.admin_token is not None:  # without a token the admin routes do not exist (404)
         app.include_router(admin.router(runtime, settings.admin_token))
     errors.install(app)

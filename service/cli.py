@@ -442,6 +442,35 @@ def ab_report(stream: str = PREDLOG_STREAM, since: str | None = SINCE, until: st
         typer.echo(f"WARNING: sample ratio mismatch (p = {rep.srm.p:.2g})", err=True)
 
 
+events_app = typer.Typer(no_args_is_help=True, help="Outcome events (POST /events, the events stream).")
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("consume")
+def events_consume(name: str | None = typer.Option(None, "--name", help="This consumer's name in the group "
+                                                                        "(default: <host>-<pid>)."),
+                   block_ms: int = typer.Option(1000, "--block-ms", min=1, help="Longest wait for new entries, ms.")):
+    """Apply the events stream to the behaviour sequences of every held bundle (docs/events.md).
+
+    Configuration from MTRANK_* (the service's own: Redis, model store, routing config, MTRANK_EVENTS_*).
+    Runs until SIGTERM or Ctrl-C; safe to run as several processes."""
+    import signal
+
+    from service import access_log
+    from service.events.consumer import Consumer, ConsumerError
+
+    settings = Settings()
+    access_log.configure(settings.log_level, settings.log_format)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        Consumer(settings, name, block_ms=block_ms).run(stop)
+    except ConsumerError as e:
+        typer.echo(f"mtrank events consume: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 class SelfCheckFailed(Exception):
     """The demo's self-check did not get a ranked answer; the message is the one-line reason."""
 

@@ -46,10 +46,13 @@ import json
 from datetime import UTC, datetime
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 Entity = Literal["user", "item", "context"]
 ENTITIES: tuple[Entity, ...] = get_args(Entity)
+#: the outcome events a client reports (``POST /events``; the entry format is :mod:`service.events.record`)
+EventType = Literal["impression", "click", "conversion", "watch"]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 VOCAB_FILE = "vocab.json"
@@ -105,6 +108,17 @@ class SequenceField(_Strict):
     entity: Entity
     max_len: int = Field(ge=1)
     vocab_of: str
+    #: the outcome event whose items ``mtrank events consume`` prepends to this (user) sequence online
+    #: (e.g. ``click`` -> ``clicked_items``); None = written by ``mtrank features load`` only
+    event: EventType | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_event(self, handler):
+        # left out when None, so a schema without events dumps (and fingerprints) as before the field existed
+        out = handler(self)
+        if isinstance(out, dict) and out.get("event", "") is None:
+            del out["event"]
+        return out
 
 
 AnyField = SparseField | DenseField | SequenceField
@@ -130,6 +144,8 @@ class FeatureSchema(_Strict):
                 raise ValueError(f"sequence field {s.name!r}: vocab_of {s.vocab_of!r} is not a sparse field")
             if s.entity == "context":
                 raise ValueError(f"sequence field {s.name!r}: context sequences are not supported")
+            if s.event is not None and s.entity != "user":
+                raise ValueError(f"sequence field {s.name!r}: only a user sequence follows an event")
         return self
 
     def all_fields(self) -> list[AnyField]:

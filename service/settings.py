@@ -178,6 +178,21 @@ class Settings(BaseSettings):
                                                         "prediction log and `mtrank ab report`; required when "
                                                         "MTRANK_PREDLOG_RATE > 0")
 
+    # -- outcome events: POST /events and `mtrank events consume` (docs/events.md) ----------------
+    events_max_batch: int = Field(default=1000, ge=1, le=100_000, description="most events in one POST /events")
+    events_maxlen: int = Field(default=1_000_000, ge=1, description="approximate MAXLEN of the events stream "
+                                                                    "(<prefix>:events)")
+    events_max_age_s: float = Field(default=86_400.0, gt=0, description="events older than this are trimmed "
+                                                                        "from the stream (approximate MINID), s")
+    events_group: str = Field(default="mtrank-sequences", min_length=1,
+                              description="consumer group of `mtrank events consume`")
+    events_batch: int = Field(default=256, ge=1, le=10_000, description="stream entries a consumer reads and "
+                                                                        "applies in one step")
+    events_claim_idle_ms: int = Field(default=10_000, ge=1, description="an entry pending this long with one "
+                                                                        "consumer (it died) is claimed by another, ms")
+    events_dedup_ttl_s: int = Field(default=3600, ge=1, description="how long an applied event_id is remembered: "
+                                                                    "the same id again within it is not applied, s")
+
     @model_validator(mode="after")
     def _default_workers(self) -> Settings:
         if "workers" not in self.model_fields_set:

@@ -16,13 +16,14 @@ when the client knows it.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-EventType = Literal["impression", "click", "conversion", "watch"]
-EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+# the event types are the contract's (a sequence feature names the event that feeds it)
+from service.contract import EVENT_TYPES, EventType
+
+__all__ = ["EVENT_TYPES", "FIELD", "EventRecord", "EventType", "decode", "encode", "stream_key"]
+
 #: the one field of a stream entry
 FIELD = b"e"
 

@@ -134,14 +134,14 @@ def test_nginx_retries_dead_replicas_and_never_counts_shedding(nginx):
 
 
 def test_nginx_exposes_only_rank_and_health(nginx):
-    """Public: POST /rank, GET /healthz and /readyz. Internal endpoints are 404 (or 403 for a
+    """Public: POST /rank, POST /events, GET /healthz and /readyz. Internal endpoints are 404 (or 403 for a
     wrong method); Prometheus scrapes replicas directly."""
     server = _server(nginx)
     locs = _locations(server)
     proxied = {k for k, body in locs.items() if body.all("proxy_pass")}
-    assert proxied == {"= /rank", "= /healthz", "= /readyz"}, proxied
+    assert proxied == {"= /rank", "= /events", "= /healthz", "= /readyz"}, proxied
     methods = {k: locs[k].one("limit_except")[1] for k in proxied}
-    assert methods == {"= /rank": ["POST"], "= /healthz": ["GET"], "= /readyz": ["GET"]}
+    assert methods == {"= /rank": ["POST"], "= /events": ["POST"], "= /healthz": ["GET"], "= /readyz": ["GET"]}
     for k in proxied:
         assert locs[k].one("limit_except")[2].one("deny")[1] == ["all"]
     assert locs["/"].one("return")[1][0] == "404", "everything else: 404"

@@ -139,7 +139,8 @@ def build_schema(raw: RawData) -> tuple[FeatureSchema, dict[str, list[str]]]:
             dense.append(DenseField(name=f.name, entity=f.entity, mean=mean if np.isfinite(mean) else 0.0,
                                     std=std if np.isfinite(std) and std > 1e-12 else 1.0))
         else:
-            seq.append(SequenceField(name=f.name, entity=f.entity, max_len=f.max_len, vocab_of=f.vocab_of))
+            seq.append(SequenceField(name=f.name, entity=f.entity, max_len=f.max_len, vocab_of=f.vocab_of,
+                                      event=f.event))
     digest = hashlib.sha256(json.dumps(vocabs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return FeatureSchema(sparse=sparse, dense=dense, sequence=seq, vocab_sha256=digest), vocabs
 

@@ -241,8 +241,8 @@ def dataset_spec() -> DatasetSpec:
         user_features_per_exposure=True,
         features=[
             *(f(n, "user", "sparse") for n in ("user_id", "age_bucket", "gender", "occupation", "zip_prefix")),
-            f("rated_movies", "user", "sequence", max_len=MAX_SEQ, vocab_of="movie_id"),
-            f("liked_movies", "user", "sequence", max_len=MAX_SEQ, vocab_of="movie_id"),
+            f("rated_movies", "user", "sequence", max_len=MAX_SEQ, vocab_of="movie_id", event="click"),
+            f("liked_movies", "user", "sequence", max_len=MAX_SEQ, vocab_of="movie_id", event="conversion"),
             *(f(n, "item", "sparse") for n in ("movie_id", "primary_genre", "year_bucket")),
             f("genres", "item", "sequence", max_len=MAX_GENRES, vocab_of="primary_genre"),
         ],

@@ -9,7 +9,7 @@ Example (the one `mtrank synth` writes)::
     features:
       - {name: user_id, entity: user, kind: sparse}
       - {name: activity, entity: user, kind: dense}
-      - {name: clicked_items, entity: user, kind: sequence, max_len: 20, vocab_of: item_id}
+      - {name: clicked_items, entity: user, kind: sequence, max_len: 20, vocab_of: item_id, event: click}
       - {name: item_id, entity: item, kind: sparse}
       - {name: hour, entity: context, kind: sparse}
     tasks:
@@ -47,7 +47,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.contract import Entity, TaskSpec
+from service.contract import Entity, EventType, TaskSpec
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -100,6 +100,8 @@ class FeatureSpec(_Spec):
     max_len: int | None = Field(default=None, ge=1)
     vocab_of: str | None = None
     min_count: int = Field(default=1, ge=1)  # sparse values seen fewer times map to OOV
+    # a user sequence: the outcome event whose items `mtrank events consume` prepends to it online
+    event: EventType | None = None
 
     @property
     def col(self) -> str:
@@ -112,6 +114,8 @@ class FeatureSpec(_Spec):
                 raise _At((key,), f"a sequence feature needs {key}")
             if self.kind != "sequence" and getattr(self, key) is not None:
                 raise _At((key,), f"only a sequence feature has {key} (this one is {self.kind})")
+        if self.event is not None and (self.kind != "sequence" or self.entity != "user"):
+            raise _At(("event",), f"only a user sequence follows an event (this one is a {self.entity} {self.kind})")
         return self
 
 

@@ -402,8 +402,9 @@ def dataset_spec(cfg: SynthConfig | None = None) -> DatasetSpec:
         features=[
             *(f(n, "user", "sparse") for n in ("user_id", "age_bucket", "gender", "region")),
             *(f(n, "user", "dense") for n in ("activity", "tenure_days")),
-            f("clicked_items", "user", "sequence", max_len=cfg.max_clicked, vocab_of="item_id"),
-            f("converted_items", "user", "sequence", max_len=cfg.max_converted, vocab_of="item_id"),
+            f("clicked_items", "user", "sequence", max_len=cfg.max_clicked, vocab_of="item_id", event="click"),
+            f("converted_items", "user", "sequence", max_len=cfg.max_converted, vocab_of="item_id",
+              event="conversion"),
             *(f(n, "item", "sparse") for n in ("item_id", "category", "creator")),
             *(f(n, "item", "dense") for n in ("duration_s", "price", "popularity", "item_age_days")),
             *(f(n, "context", "sparse") for n in ("hour", "device")),
