@@ -163,7 +163,7 @@ class TargetFinder:
             if isinstance(step, BundleKey):
                 get(step)
             else:
-                planner.take_latest(step, get)  # type: ignore[arg-type]  # it reads features_confirmed only
+                planner.take_latest(step, get)  # it reads features_confirmed only
         return list(out.values())
 
     def targets(self) -> list[Target]:
