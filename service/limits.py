@@ -9,10 +9,11 @@ everything else. Pure functions; the ASGI middleware (:mod:`service.middleware`)
   (RFC 8259), whatever a ``charset`` parameter says.
 * JSON: parsed by orjson, which is strict: NaN/Infinity, invalid UTF-8, lone surrogates, a byte
   order mark, nesting deeper than 1024 and numbers beyond a double are syntax errors (422
-  ``json_invalid`` naming the position and showing the text around it).
-* Schema: :mod:`service.schemas` (items, id length, top_k, request id); errors are 422 with the
-  field's ``loc``, at most :data:`MAX_ERRORS` of them, and never echo the input back (an input can
-  be a megabyte, or nested a thousand levels deep).
+  ``json_invalid`` naming the line, column and byte offset; the text there is not shown).
+* Schema: :mod:`service.schemas` (items, id length, top_k, request id); errors are 422 naming the
+  field (:func:`field_errors`: a dotted path, the first one in ``error.field``), at most
+  :data:`MAX_ERRORS` of them, and never echo the input back (an input can be a megabyte, or nested
+  a thousand levels deep).
 * Request ids: ``X-Request-Id`` is used when it is 1 to 128 visible ASCII characters; otherwise it
   is ignored (the body's ``request_id`` or a generated one is used).
 """
@@ -61,16 +62,11 @@ def check_json_content_type(ctype: str | None) -> None:
     msg["content-type"] = ctype
     sub = msg.get_content_subtype()
     if msg.get_content_maintype() != "application" or not (sub == "json" or sub.endswith("+json")):
-        raise HTTPException(415, f"Content-Type must be application/json, got {ctype[:100]!r}")
-
-
-def _near(raw: bytes, pos: int, width: int = 24) -> str:
-    pos = max(0, min(pos, len(raw)))
-    return raw[max(0, pos - width): pos + width].decode("utf-8", "backslashreplace")
+        raise HTTPException(415, "Content-Type must be application/json or application/*+json")
 
 
 def parse_json(raw: bytes) -> Any:
-    """The body as Python objects, or RequestValidationError (422) naming the position."""
+    """The body as Python objects, or RequestValidationError (422) naming the position (never the text)."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -78,31 +74,35 @@ def parse_json(raw: bytes) -> Any:
         reason = getattr(e, "msg", None) or str(e)
         err = {"type": "json_invalid", "loc": ["body", pos],
                "msg": f"JSON decode error: {reason} (line {getattr(e, 'lineno', 1)}, "
-                      f"column {getattr(e, 'colno', pos + 1)})",
-               "ctx": {"near": _near(raw, pos)}}
+                      f"column {getattr(e, 'colno', pos + 1)}, byte {pos})"}
         raise RequestValidationError([err]) from None
 
 
-def public_errors(errors: Sequence[Mapping[str, Any]], prefix: tuple = ()) -> list[dict]:
-    """Validation errors as answered: ``type``, ``loc`` (with ``prefix``), ``msg``, simple ``ctx``;
-    never the input; at most MAX_ERRORS (plus one line saying how many more)."""
+def field_path(loc: Sequence[Any], type_: str = "") -> str:
+    """A ``loc`` as a dotted path: ``["body", "items", 3]`` -> ``items.3``; other locations keep their
+    name (``header.x-mtrank-variant``); the body as a whole, or a JSON syntax error in it, ``body``."""
+    parts = [str(x) for x in loc]
+    if parts[:1] == ["body"]:
+        parts = parts[1:]
+        if not parts or type_ == "json_invalid":
+            return "body"
+    return ".".join(parts) or "body"
+
+
+def field_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Validation errors as answered (:class:`service.schemas.FieldError`): ``field``, ``loc``,
+    ``type``, ``message``; never the input; at most MAX_ERRORS (plus one entry saying how many more)."""
     out = []
     for e in errors[:MAX_ERRORS]:
-        loc = [*prefix, *e.get("loc", ())]
-        loc = [x if isinstance(x, (str, int)) else str(x) for x in loc]
+        loc = [x if isinstance(x, (str, int)) else str(x) for x in e.get("loc", ())]
+        type_ = str(e.get("type", "value_error"))
         msg = str(e.get("msg", ""))
-        field = loc[1] if len(loc) > 1 and loc[0] == "body" else None
-        if e.get("type") == "string_type" and field in _ID_FIELDS:
+        if type_ == "string_type" and len(loc) > 1 and loc[0] == "body" and loc[1] in _ID_FIELDS:
             msg = "ids must be strings or integers (of at most 64 bits)"
-        d: dict[str, Any] = {"type": str(e.get("type", "value_error")), "loc": loc, "msg": msg}
-        ctx = e.get("ctx")
-        if ctx:
-            d["ctx"] = {str(k): v if isinstance(v, (str, int, bool)) or v is None else str(v)
-                        for k, v in ctx.items()}
-        out.append(d)
+        out.append({"field": field_path(loc, type_), "loc": loc, "type": type_, "message": msg})
     if len(errors) > MAX_ERRORS:
-        out.append({"type": "too_many_errors", "loc": list(prefix) or ["body"],
-                    "msg": f"{len(errors) - MAX_ERRORS} more errors not shown"})
+        out.append({"field": "body", "loc": ["body"], "type": "too_many_errors",
+                    "message": f"{len(errors) - MAX_ERRORS} more errors not shown"})
     return out
 
 
@@ -111,8 +111,8 @@ def validate(model: type[M], obj: Any) -> M:
     try:
         return model.model_validate(obj)
     except ValidationError as e:
-        raise RequestValidationError(public_errors(e.errors(include_url=False, include_input=False),
-                                                   prefix=("body",))) from None
+        raise RequestValidationError([{**x, "loc": ("body", *x["loc"])}
+                                      for x in e.errors(include_url=False, include_input=False)]) from None
 
 
 def parse_body(raw: bytes, ctype: str | None, model: type[M]) -> M:

@@ -146,7 +146,8 @@ def test_unexpected_error_is_500_with_the_request_id(app_client, caplog):
         with caplog.at_level(logging.INFO):
             r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]}, headers={"X-Request-Id": "rid-500"})
             assert c.get("/healthz").status_code == 200
-    assert r.status_code == 500 and r.json() == {"detail": "internal error", "request_id": "rid-500"}
+    assert r.status_code == 500 and r.json() == {"error": {"code": "internal_error", "message": "internal error"},
+                                                 "request_id": "rid-500"}
     assert r.headers["x-request-id"] == "rid-500" and "kaboom" not in r.text
     err = [x for x in caplog.records if x.levelno == logging.ERROR and "rid-500" in x.getMessage()]
     assert err and err[0].exc_info is not None
