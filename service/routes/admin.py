@@ -16,6 +16,7 @@ from service.schemas import ErrorCode, error_responses
 from service.serving import ModelVersion, NotReady, ServingManager
 
 _AUTH = {401: "no or malformed Authorization: Bearer <token> header", 403: "wrong admin token",
+         422: "invalid request (error.field names the first bad field)",
          500: "unexpected error (logged with the request id)", 503: "starting (with Retry-After)"}
 _MODEL = {404: "no such version in the store (load) or not loaded (unload)",
           422: "invalid name/version (error.field), or the bundle cannot be loaded (the message says why)"}
