@@ -242,8 +242,7 @@ class EdgeMiddleware:
         """Metrics and the access line of one /rank answer; never raises."""
         try:
             model = info.model
-            name, version = (model["name"], model["version"]) if model else (None, None)
-            metrics.count_request(info.variant, name, version, status)
+            metrics.count_request(info.variant, model["name"] if model else None, status)
             metrics.observe_duration(status, seconds)
             res = info.result
             if res is not None and status == 200:

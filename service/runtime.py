@@ -29,6 +29,7 @@ class Runtime:
     manager: ServingManager | None = None
     watcher: Watcher | None = None
     predlog: PredictionLog | None = None
+    gauges: metrics.GaugeRefresher | None = None
 
     @property
     def serving(self) -> ServingState | None:
@@ -47,6 +48,16 @@ class Runtime:
 
     def breaker_state(self) -> str | None:
         return self.redis_client.state if self.redis_client is not None else None
+
+    def model_rows(self) -> list[metrics.ModelRow]:
+        """(variant, model, version, precision) of every variant serving now (``mtrank_model_info``)."""
+        st = self.serving
+        return [(v.name, v.bundle.name, v.bundle.version, v.bundle.precision) for v in st.variants] if st else []
+
+    def gauge_probe(self) -> tuple[str | None, bool]:
+        """(breaker state, ready but degraded) now, for the background refresh of the gauges."""
+        reasons, degraded = self.readiness()
+        return self.breaker_state(), bool(degraded) and not reasons
 
     def readiness(self) -> tuple[list[str], list[str]]:
         """(reasons not to be ready, reasons to be degraded). Redis is PINGed unless a breaker is
@@ -103,6 +114,8 @@ class Runtime:
                          v.name, v.first, v.last, st.config.buckets, v.ranker.fusion_name, v.ranker.weights)
         if s.store_poll_s > 0:
             self.watcher = Watcher(self.manager, s.store_poll_s).start()
+        metrics.serving_models(self.model_rows)
+        self.gauges = metrics.GaugeRefresher(self.gauge_probe).start()
         if s.admin_token is None:
             log.info("admin API disabled (MTRANK_ADMIN_TOKEN is not set)")
         if s.predlog_rate > 0:
@@ -115,6 +128,10 @@ class Runtime:
                  s.workers)
 
     def stop(self) -> None:
+        if self.gauges is not None:
+            self.gauges.stop()
+        if metrics.MODEL_INFO.source == self.model_rows:
+            metrics.serving_models(None)
         if self.watcher is not None:
             self.watcher.stop()
         if self.predlog is not None:
