@@ -329,11 +329,15 @@ class GaugeRefresher:
         while not self._stop.wait(self.interval_s):
             try:
                 state, degraded = self.probe()
+            except Exception:  # never let the thread die: the next round tries again
+                if not self._stop.is_set():  # (at shutdown the store may close under a probe)
+                    log.exception("refreshing the gauges failed")
+                continue
+            if not self._stop.is_set():
                 set_breaker(state)
                 set_degraded(degraded)
-            except Exception:  # never let the thread die: the next round tries again
-                log.exception("refreshing the gauges failed")
 
     def stop(self) -> None:
+        """Stop without waiting for a probe in progress (it may wait for a stalled Redis; the
+        thread is a daemon and sets nothing once stopped)."""
         self._stop.set()
-        self._thread.join(5)

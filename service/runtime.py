@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-from service import metrics
+from service import access_log, metrics
 from service.predlog import PredictionLog
 from service.redis_client import FeatureStore, make_store
 from service.serving import ServingManager, ServingState, Watcher
@@ -122,6 +122,7 @@ class Runtime:
             self.predlog = PredictionLog(s).start()
             log.info("prediction log: %.3g of the ranked requests to stream %r (MAXLEN ~%d)", s.predlog_rate,
                      s.predlog_stream, s.predlog_maxlen)
+        access_log.start_queue()  # last: nothing above raised, so stop() will drain it
         log.info("limits: %d ranks executing per worker, %d waiting at most %.0f ms (then 429), %d items, ids of "
                  "%d characters, bodies of %d bytes; %d onnxruntime threads, %d workers", s.inflight_limit,
                  s.queue_limit, s.shed_queue_ms, s.max_items, s.max_id_length, s.max_body_bytes, s.ort_threads,
@@ -139,3 +140,4 @@ class Runtime:
         if self.redis_client is not None:
             self.redis_client.close()
         metrics.worker_exit()
+        access_log.stop_queue()  # the last access lines are written before the worker exits
