@@ -75,7 +75,8 @@ def _field_errors(request: Request, code: ErrorCode, errors: list[Any]) -> Respo
     """A 422 naming the first bad field in ``error.field`` and every one in ``error.details``."""
     details = limits.field_errors(errors)
     first = details[0] if details else {"field": "body", "message": "invalid request"}
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    total = limits.error_count(errors)
+    more = f" (and {total - 1} more)" if total > 1 else ""
     return answer(request, code, f"{first['field']}: {first['message']}{more}", field=first["field"],
                   details=details)
 

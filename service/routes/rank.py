@@ -37,10 +37,12 @@ def router(rt: Runtime) -> APIRouter:
     r = APIRouter()
 
     async def rank_body(request: Request) -> RankRequest:
-        """The body, parsed here (strict JSON, the configured limits) rather than by FastAPI."""
+        """The body, parsed here (strict JSON, the configured limits) rather than by FastAPI; large
+        bodies and long error lists off the event loop (:func:`service.limits.parse_body_off_loop`)."""
         info: RequestInfo = request.state.info
         try:
-            body = limits.parse_body(await request.body(), request.headers.get("content-type"), RankRequestModel)
+            body = await limits.parse_body_off_loop(await request.body(), request.headers.get("content-type"),
+                                                    RankRequestModel)
         except (HTTPException, RequestValidationError) as e:
             info.error = type(e).__name__ if isinstance(e, RequestValidationError) else "UnsupportedMediaType"
             raise

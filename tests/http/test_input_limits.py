@@ -146,6 +146,7 @@ def test_many_bad_items_are_summarised(app_client):
     assert "more errors not shown" in detail[-1]["message"]
     assert detail[0]["message"].startswith("ids must be strings or integers")
     assert r.json()["error"]["message"].startswith("items.0: ids must be strings or integers")
+    assert r.json()["error"]["message"].endswith("(and 499 more)") and detail[-1]["message"].startswith("480 more")
 
 
 @pytest.mark.parametrize("ctype,status", [
@@ -200,3 +201,21 @@ def test_body_size_limit_on_a_real_server(env_for, server_factory):
     r = __import__("httpx").get(f"{srv.base}/healthz", timeout=5)
     assert r.status_code == 200
     assert "Traceback" not in srv.log()
+
+
+def test_large_bodies_and_long_error_lists_are_answered_alike(app_client):
+    """Issue 14 item 7: bodies of OFF_LOOP_BYTES or more are parsed in the threadpool, long error
+    lists built there (bench/loop_block.py measures why); the answers are the same as inline."""
+    from service.limits import MAX_ERRORS, OFF_LOOP_BYTES
+
+    ids = [f"{i:060d}" for i in range(2000)]
+    with app_client() as c:
+        big = json.dumps({"user_id": "u0", "items": ids, "top_k": 3}).encode()
+        assert len(big) >= OFF_LOOP_BYTES
+        r = c.post("/rank", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 200 and len(r.json()["items"]) == 3 and r.json()["missing"]["items"] == 2000
+        bad = json.dumps({"user_id": "u0", "items": [x * 3 for x in ids]}).encode()  # 180 characters each
+        err = error_of(c.post("/rank", content=bad, headers={"content-type": "application/json"}), 422)
+        assert err["field"] == "items.0" and len(err["details"]) == MAX_ERRORS + 1
+        assert err["details"][-1]["message"] == f"{2000 - MAX_ERRORS} more errors not shown"
+        assert err["message"].endswith("(and 1999 more)")
