@@ -12,6 +12,11 @@ The access line, one per ``/rank`` answer (logger ``service.access``, message ``
 serialise, total), ``duration_ms`` (the whole request inside the process) and, for a request that
 was not ranked, ``error`` (its kind; never a payload or a secret).
 
+Writing: the access lines go through a :class:`~logging.handlers.QueueHandler` to a listener
+thread (:func:`start_queue`, :func:`stop_queue`, called by the runtime at start and stop), so the
+event loop never blocks on the log stream (a slow terminal, a full pipe); the lines keep their
+order and the queue is drained at shutdown. Other loggers write directly (they are rare).
+
 Secrets: the formatters replace every registered secret (the Redis password, the admin token; see
 :func:`register_secrets`) with ``***`` in the final line, a last guard behind the code's own
 redaction (which never logs them in the first place).
@@ -20,8 +25,11 @@ redaction (which never logs them in the first place).
 from __future__ import annotations
 
 import logging
+import queue
 import sys
+import threading
 from datetime import UTC, datetime
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any, Literal
 from urllib.parse import unquote
 
@@ -152,6 +160,68 @@ def configure(level: str | int = "INFO", fmt: str = "json") -> None:
         for h in logging.getLogger(name).handlers:
             if type(h.formatter).__module__.startswith("uvicorn"):
                 h.setFormatter(formatter(fmt))
+
+
+# -- the access lines go through a queue: the event loop never waits for the log stream ---------------
+
+class _RootHandlers(logging.Handler):
+    """The listener's side: hands each record to the root logger's handlers as they are when it is
+    written (so handlers added later - pytest's, a test's - see access lines as before)."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        for h in logging.getLogger().handlers:
+            if record.levelno >= h.level:
+                h.handle(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+
+class _InProcessQueueHandler(QueueHandler):
+    """A QueueHandler for a queue read in this process: the record is queued as it is (no
+    formatting on the event loop; the formatters of the real handlers run on the listener's thread)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_queue_users = 0
+_queue_lock = threading.Lock()
+_listener: QueueListener | None = None
+_queue_handler: QueueHandler | None = None
+
+
+def start_queue() -> None:
+    """Access lines (logger ``service.access``) from now on go through a
+    :class:`~logging.handlers.QueueHandler` to a :class:`~logging.handlers.QueueListener` thread
+    that writes them, in order, to the root logger's handlers. Counted: each start needs a
+    :func:`stop_queue`."""
+    global _queue_users, _listener, _queue_handler
+    with _queue_lock:
+        _queue_users += 1
+        if _listener is not None:
+            return
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        _queue_handler = _InProcessQueueHandler(q)
+        _listener = QueueListener(q, _RootHandlers())
+        _listener.start()
+        log.addHandler(_queue_handler)
+        log.propagate = False
+
+
+def stop_queue() -> None:
+    """Write every queued line, then go back to writing access lines directly (the last user's stop)."""
+    global _queue_users, _listener, _queue_handler
+    with _queue_lock:
+        _queue_users = max(0, _queue_users - 1)
+        if _queue_users or _listener is None:
+            return
+        log.propagate = True
+        if _queue_handler is not None:
+            log.removeHandler(_queue_handler)
+        _listener.stop()  # processes what is queued, then joins the thread
+        _listener = _queue_handler = None
 
 
 # -- the access line of /rank -----------------------------------------------------------------------

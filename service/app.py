@@ -30,8 +30,10 @@ share of the ranked requests goes to the prediction log (:mod:`service.predlog`)
 
 Without a routing config, a bundle that fails to load does not stop the app: it starts, ``/readyz``
 says why it is not ready and ``/rank`` answers 503; an invalid MTRANK_ROUTING_CONFIG stops the
-start with an error naming the line. Errors: invalid requests -> 422 naming the field (FastAPI's
-``detail`` list with ``loc``), a body that is not JSON -> 415/422 with a message, a body over
+start with an error naming the line. Errors (every non-2xx answer has one shape,
+``{"error": {"code", "message", "field"?, "details"?}, "request_id"}``, see
+:mod:`service.routes.errors`; ``Retry-After`` on 429 and 503): invalid requests -> 422 naming the
+field, a body that is not JSON -> 415/422 with a message, a body over
 MTRANK_MAX_BODY_BYTES -> 413, a context entry the schema does not accept -> 422 naming the key, an
 unknown forced variant -> 422 naming the header, Redis unavailable -> 503 in fail mode, overload ->
 429 with Retry-After; anything unexpected is logged with the request id and answered 500.

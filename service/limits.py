@@ -9,10 +9,13 @@ everything else. Pure functions; the ASGI middleware (:mod:`service.middleware`)
   (RFC 8259), whatever a ``charset`` parameter says.
 * JSON: parsed by orjson, which is strict: NaN/Infinity, invalid UTF-8, lone surrogates, a byte
   order mark, nesting deeper than 1024 and numbers beyond a double are syntax errors (422
-  ``json_invalid`` naming the position and showing the text around it).
-* Schema: :mod:`service.schemas` (items, id length, top_k, request id); errors are 422 with the
-  field's ``loc``, at most :data:`MAX_ERRORS` of them, and never echo the input back (an input can
-  be a megabyte, or nested a thousand levels deep).
+  ``json_invalid`` naming the line, column and byte offset; the text there is not shown).
+* Schema: :mod:`service.schemas` (items, id length, top_k, request id); errors are 422 naming the
+  field (:func:`field_errors`: a dotted path, the first one in ``error.field``), at most
+  :data:`MAX_ERRORS` of them, and never echo the input back (an input can be a megabyte, or nested
+  a thousand levels deep).
+* Off the event loop: ``/rank`` parses a body of ``OFF_LOOP_BYTES`` or more in the threadpool, and
+  lists the errors of a body with thousands of them there too (:func:`parse_body_off_loop`).
 * Request ids: ``X-Request-Id`` is used when it is 1 to 128 visible ASCII characters; otherwise it
   is ignored (the body's ``request_id`` or a generated one is used).
 """
@@ -24,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from email.message import Message
 from typing import Any, TypeVar
 
+import anyio.to_thread
 import orjson
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +38,8 @@ from service.schemas import REQUEST_ID_MAX
 M = TypeVar("M", bound=BaseModel)
 
 MAX_ERRORS = 20
+#: bodies of this many bytes or more are parsed and validated in the threadpool (see parse_body_off_loop)
+OFF_LOOP_BYTES = 64 * 1024
 _RID = re.compile(rb"[!-~]{1,%d}" % REQUEST_ID_MAX)
 _ID_FIELDS = ("user_id", "items")
 
@@ -61,16 +67,11 @@ def check_json_content_type(ctype: str | None) -> None:
     msg["content-type"] = ctype
     sub = msg.get_content_subtype()
     if msg.get_content_maintype() != "application" or not (sub == "json" or sub.endswith("+json")):
-        raise HTTPException(415, f"Content-Type must be application/json, got {ctype[:100]!r}")
-
-
-def _near(raw: bytes, pos: int, width: int = 24) -> str:
-    pos = max(0, min(pos, len(raw)))
-    return raw[max(0, pos - width): pos + width].decode("utf-8", "backslashreplace")
+        raise HTTPException(415, "Content-Type must be application/json or application/*+json")
 
 
 def parse_json(raw: bytes) -> Any:
-    """The body as Python objects, or RequestValidationError (422) naming the position."""
+    """The body as Python objects, or RequestValidationError (422) naming the position (never the text)."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -78,44 +79,94 @@ def parse_json(raw: bytes) -> Any:
         reason = getattr(e, "msg", None) or str(e)
         err = {"type": "json_invalid", "loc": ["body", pos],
                "msg": f"JSON decode error: {reason} (line {getattr(e, 'lineno', 1)}, "
-                      f"column {getattr(e, 'colno', pos + 1)})",
-               "ctx": {"near": _near(raw, pos)}}
+                      f"column {getattr(e, 'colno', pos + 1)}, byte {pos})"}
         raise RequestValidationError([err]) from None
 
 
-def public_errors(errors: Sequence[Mapping[str, Any]], prefix: tuple = ()) -> list[dict]:
-    """Validation errors as answered: ``type``, ``loc`` (with ``prefix``), ``msg``, simple ``ctx``;
-    never the input; at most MAX_ERRORS (plus one line saying how many more)."""
+def field_path(loc: Sequence[Any], type_: str = "") -> str:
+    """A ``loc`` as a dotted path: ``["body", "items", 3]`` -> ``items.3``; other locations keep their
+    name (``header.x-mtrank-variant``); the body as a whole, or a JSON syntax error in it, ``body``."""
+    parts = [str(x) for x in loc]
+    if parts[:1] == ["body"]:
+        parts = parts[1:]
+        if not parts or type_ == "json_invalid":
+            return "body"
+    return ".".join(parts) or "body"
+
+
+def error_count(errors: Sequence[Mapping[str, Any]]) -> int:
+    """How many errors ``errors`` stand for (a ``too_many_errors`` entry counts those it replaced)."""
+    return sum(int(e.get("ctx", {}).get("more", 1)) if e.get("type") == "too_many_errors" else 1 for e in errors)
+
+
+def field_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Validation errors as answered (:class:`service.schemas.FieldError`): ``field``, ``loc``,
+    ``type``, ``message``; never the input; at most MAX_ERRORS (plus one entry saying how many more)."""
     out = []
     for e in errors[:MAX_ERRORS]:
-        loc = [*prefix, *e.get("loc", ())]
-        loc = [x if isinstance(x, (str, int)) else str(x) for x in loc]
+        loc = [x if isinstance(x, (str, int)) else str(x) for x in e.get("loc", ())]
+        type_ = str(e.get("type", "value_error"))
         msg = str(e.get("msg", ""))
-        field = loc[1] if len(loc) > 1 and loc[0] == "body" else None
-        if e.get("type") == "string_type" and field in _ID_FIELDS:
+        if type_ == "string_type" and len(loc) > 1 and loc[0] == "body" and loc[1] in _ID_FIELDS:
             msg = "ids must be strings or integers (of at most 64 bits)"
-        d: dict[str, Any] = {"type": str(e.get("type", "value_error")), "loc": loc, "msg": msg}
-        ctx = e.get("ctx")
-        if ctx:
-            d["ctx"] = {str(k): v if isinstance(v, (str, int, bool)) or v is None else str(v)
-                        for k, v in ctx.items()}
-        out.append(d)
-    if len(errors) > MAX_ERRORS:
-        out.append({"type": "too_many_errors", "loc": list(prefix) or ["body"],
-                    "msg": f"{len(errors) - MAX_ERRORS} more errors not shown"})
+        out.append({"field": field_path(loc, type_), "loc": loc, "type": type_, "message": msg})
+    more = error_count(errors[MAX_ERRORS:])
+    if more:
+        out.append({"field": "body", "loc": ["body"], "type": "too_many_errors",
+                    "message": f"{more} more errors not shown"})
     return out
 
 
+def body_errors(e: ValidationError) -> list[dict]:
+    """A schema's errors with ``body`` locs: the first MAX_ERRORS, then one entry counting the rest."""
+    errors = e.errors(include_url=False, include_input=False)
+    shown: list[dict] = [{**x, "loc": ("body", *x["loc"])} for x in errors[:MAX_ERRORS]]
+    if len(errors) > MAX_ERRORS:  # counted, not copied (a body can hold thousands)
+        shown.append({"type": "too_many_errors", "loc": ("body",), "ctx": {"more": len(errors) - MAX_ERRORS}})
+    return shown
+
+
+class ManyErrors(RequestValidationError):
+    """More than MAX_ERRORS schema errors. Listing them costs milliseconds (pydantic builds every one
+    of thousands), so it happens on demand: :meth:`errors`, or :meth:`listed` in the threadpool."""
+
+    def __init__(self, cause: ValidationError):
+        super().__init__([])
+        self.cause = cause
+
+    def errors(self) -> Sequence[Any]:
+        return body_errors(self.cause)
+
+    def listed(self) -> RequestValidationError:
+        return RequestValidationError(body_errors(self.cause))
+
+
 def validate(model: type[M], obj: Any) -> M:
-    """``obj`` (parsed JSON) as ``model``, or RequestValidationError with ``body`` locs."""
+    """``obj`` (parsed JSON) as ``model``, or RequestValidationError with ``body`` locs (:class:`ManyErrors`
+    beyond MAX_ERRORS errors)."""
     try:
         return model.model_validate(obj)
     except ValidationError as e:
-        raise RequestValidationError(public_errors(e.errors(include_url=False, include_input=False),
-                                                   prefix=("body",))) from None
+        if e.error_count() > MAX_ERRORS:
+            raise ManyErrors(e) from None
+        raise RequestValidationError(body_errors(e)) from None
 
 
 def parse_body(raw: bytes, ctype: str | None, model: type[M]) -> M:
     """Content type, JSON and schema of one request body (415 / 422)."""
     check_json_content_type(ctype)
     return validate(model, parse_json(raw))
+
+
+async def parse_body_off_loop(raw: bytes, ctype: str | None, model: type[M]) -> M:
+    """:func:`parse_body` as ``POST /rank`` runs it, keeping the costly cases off the event loop
+    (bench/loop_block.py measures them): a body of :data:`OFF_LOOP_BYTES` or more is parsed and
+    validated in the threadpool; a smaller one inline (the hop to a thread costs about as much as
+    parsing it); and a body of any size with more than MAX_ERRORS errors has them listed in the
+    threadpool (an 8 KB body of 2,000 bad ids takes pydantic milliseconds to list)."""
+    try:
+        if len(raw) >= OFF_LOOP_BYTES:
+            return await anyio.to_thread.run_sync(parse_body, raw, ctype, model)
+        return parse_body(raw, ctype, model)
+    except ManyErrors as e:
+        raise await anyio.to_thread.run_sync(e.listed) from None

@@ -4,7 +4,19 @@ One process: the default registry. Several uvicorn workers: ``mtrank serve`` poi
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start; every worker then
 writes its values to memory-mapped files there and a scrape (answered by any one worker) merges
 them with :class:`prometheus_client.multiprocess.MultiProcessCollector`. A worker that exits
-marks itself dead (:func:`worker_exit`) so that its live gauges drop out.
+marks itself dead (:func:`worker_exit`) so that its live gauges drop out; one that was killed
+(no exit code ran) is marked dead by the next scrape (:func:`exposition` prunes the live-gauge
+files of processes that no longer run).
+
+Bounded label sets: no label takes a value per model *version* (a version published every hour
+would add series for ever). Which versions serve is :data:`MODEL_INFO`, computed at scrape time
+from the serving state (``mtrank_model_info{variant, model, version, precision} 1``, one series
+per variant: an unloaded version is gone from the next scrape). Join it to the request counter
+on (instance, variant, model) to count requests by version.
+
+Gauges describe the worker's present: the breaker and degraded gauges are refreshed by a thread
+per worker (:class:`GaugeRefresher`, every :data:`GAUGE_REFRESH_S`), not only when a request or a
+probe happens to land on that worker.
 
 The hot path only touches label children bound once and cached (per variant/model/status, per
 stage), never ``.labels()`` with a fresh lookup per request.
@@ -14,8 +26,7 @@ Names (see README "Operations"):
 =====================================  =========  ==========================  ==============================
 name                                   type       labels                      meaning
 =====================================  =========  ==========================  ==============================
-mtrank_rank_requests_total             counter    variant, model, version,    /rank answers
-                                                  status
+mtrank_rank_requests_total             counter    variant, model, status      /rank answers
 mtrank_rank_duration_seconds           histogram  status                      /rank wall time in the process
 mtrank_rank_stage_seconds              histogram  stage                       per stage of ranked requests
 mtrank_rank_candidates                 histogram                              items per ranked request
@@ -33,12 +44,18 @@ mtrank_predlog_written_total           counter                                pr
 mtrank_predlog_dropped_total           counter    reason                      records dropped
 mtrank_rank_forced_total               counter    variant                     ranked with X-Mtrank-Variant
 mtrank_features_lost                   gauge                                  held bundles whose features vanished
+mtrank_model_info                      gauge      variant, model, version,    1 per variant: the bundle
+                                                  precision                   serving it (at scrape time)
 =====================================  =========  ==========================  ==============================
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -49,19 +66,23 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from service.ranking import STAGES as RANK_STAGES
 from service.redis_client import BREAKER_STATES
 
+log = logging.getLogger("service.metrics")
 STAGES = (*RANK_STAGES, "total")  # the ranking stages, plus the whole request
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0)
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-RANK_REQUESTS = Counter("mtrank_rank_requests", "POST /rank answers by variant, model, model version and HTTP "
-                                                "status (variant/model empty when the request was not routed)",
-                        ["variant", "model", "version", "status"])
+RANK_REQUESTS = Counter("mtrank_rank_requests", "POST /rank answers by variant, model and HTTP status "
+                                                "(variant/model empty when the request was not routed; the "
+                                                "version serving a variant: mtrank_model_info)",
+                        ["variant", "model", "status"])
 RANK_DURATION = Histogram("mtrank_rank_duration_seconds", "POST /rank wall time inside the process, from the "
                                                           "first byte of the request to the response, by status",
                           ["status"], buckets=LATENCY_BUCKETS)
@@ -99,7 +120,7 @@ _STAGE = {s: RANK_STAGE.labels(s) for s in STAGES}
 _MISSING_USER = MISSING.labels("user")
 _MISSING_ITEM = MISSING.labels("item")
 _CORRUPT_ITEM = CORRUPT.labels("item")
-_requests: dict[tuple[str | None, str | None, int | None, int], Counter] = {}
+_requests: dict[tuple[str | None, str | None, int], Counter] = {}
 _durations: dict[int, Histogram] = {}
 _degraded: dict[str, Counter] = {}
 _dropped: dict[str, Counter] = {}
@@ -111,12 +132,11 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-def count_request(variant: str | None, model: str | None, version: int | None, status: int) -> None:
-    key = (variant, model, version, status)
+def count_request(variant: str | None, model: str | None, status: int) -> None:
+    key = (variant, model, status)
     child = _requests.get(key)
     if child is None:
-        child = _requests.setdefault(key, RANK_REQUESTS.labels(variant or "", model or "",
-                                                               "" if version is None else str(version), str(status)))
+        child = _requests.setdefault(key, RANK_REQUESTS.labels(variant or "", model or "", str(status)))
     child.inc()
 
 
@@ -205,12 +225,16 @@ def count_forced(variant: str) -> None:
 
 
 def exposition() -> bytes:
-    """The text exposition of every metric (merged over the workers in multi-process mode)."""
-    if multiprocess_dir():
+    """The text exposition of every metric (merged over the workers in multi-process mode, after
+    dropping the live gauges of workers that died without :func:`worker_exit`)."""
+    path = multiprocess_dir()
+    if path:
         from prometheus_client import multiprocess
 
+        prune_dead_workers(path)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(MODEL_INFO)
         return generate_latest(registry)
     return generate_latest(REGISTRY)
 
@@ -221,3 +245,115 @@ def worker_exit() -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(os.getpid())
+
+
+def prune_dead_workers(path: str) -> list[int]:
+    """Mark dead (drop the live-gauge files of) every process that wrote live gauges under ``path``
+    and no longer runs - a worker killed by a signal or the OOM killer runs no exit code. Returns
+    their pids."""
+    from prometheus_client import multiprocess
+
+    dead = []
+    for f in Path(path).glob("gauge_live*_*.db"):
+        pid = f.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _running(int(pid)):
+            multiprocess.mark_process_dead(int(pid), path)
+            dead.append(int(pid))
+    return dead
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead worker its supervisor has not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# -- what serves: an info metric computed at scrape time ---------------------------------------------
+
+ModelRow = tuple[str, str, int, str]  # variant, model, version, precision
+
+
+class ModelInfo(Collector):
+    """``mtrank_model_info{variant, model, version, precision} 1``: the bundle serving each variant of
+    the worker's serving state at scrape time (:attr:`source`, set by the runtime). Holds no series
+    of its own, so an unloaded version is gone from the next scrape, however many came before."""
+
+    NAME = "mtrank_model_info"
+    LABELS = ("variant", "model", "version", "precision")
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[ModelRow]] | None = None
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.NAME, "1 per variant of the serving state: the model, version and precision "
+                                            "serving it (answered by the scraped worker)", labels=self.LABELS)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        fam = self._family()
+        source = self.source
+        try:
+            rows = list(source()) if source is not None else []
+        except Exception:  # a scrape must never fail on it
+            rows = []
+        for variant, model, version, precision in rows:
+            fam.add_metric([variant, model, str(version), precision], 1.0)
+        return [fam]
+
+
+MODEL_INFO = ModelInfo()
+REGISTRY.register(MODEL_INFO)
+
+
+def serving_models(source: Callable[[], Iterable[ModelRow]] | None) -> None:
+    """Where :data:`MODEL_INFO` reads the serving state from (None: nothing serves)."""
+    MODEL_INFO.source = source
+
+
+# -- gauges of the worker's present, refreshed in the background -------------------------------------
+
+#: seconds between two refreshes of the breaker and degraded gauges of a worker
+GAUGE_REFRESH_S = 1.0
+
+
+class GaugeRefresher:
+    """A daemon thread per worker that sets the breaker and degraded gauges every ``interval_s``
+    from ``probe() -> (breaker state, degraded)``, so that they say what the worker knows now even
+    when no request reaches it. Requests and ``/readyz`` still set them too (the latest wins)."""
+
+    def __init__(self, probe: Callable[[], tuple[str | None, bool]], interval_s: float = GAUGE_REFRESH_S):
+        self.probe = probe
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mtrank-gauges", daemon=True)
+
+    def start(self) -> GaugeRefresher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                state, degraded = self.probe()
+            except Exception:  # never let the thread die: the next round tries again
+                if not self._stop.is_set():  # (at shutdown the store may close under a probe)
+                    log.exception("refreshing the gauges failed")
+                continue
+            if not self._stop.is_set():
+                set_breaker(state)
+                set_degraded(degraded)
+
+    def stop(self) -> None:
+        """Stop without waiting for a probe in progress (it may wait for a stalled Redis; the
+        thread is a daemon and sets nothing once stopped)."""
+        self._stop.set()

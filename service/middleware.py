@@ -17,6 +17,9 @@ For every HTTP request it
   overload is absorbed by the queue, useful answers per second stay at capacity, and the latency
   of an accepted request is bounded by the queue-time target plus its own run;
 * answers anything unexpected with a 500 carrying the request id (and logs it with the traceback);
+* its own answers (413, 429, 500) have the one error shape of every non-2xx answer
+  (:func:`service.schemas.error_answer`: ``{"error": {"code", "message"}, "request_id"}``,
+  ``Retry-After`` on 429);
 * writes the ``/rank`` bookkeeping when the answer is done: metrics (:mod:`service.metrics`) and
   the access line (:mod:`service.access_log`), from the :class:`RequestInfo` the route filled in.
 """
@@ -31,11 +34,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from service import access_log, metrics
 from service.limits import content_length, request_id_from_header
-from service.schemas import new_request_id
+from service.schemas import ErrorCode, error_answer, new_request_id
 
 log = logging.getLogger("service.http")
 RANK_PATH = "/rank"
@@ -73,26 +74,28 @@ class RequestInfo:
         self.model = ranker.model_ref
 
 
-def _json_response(status: int, body: dict, extra: Sequence[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
-    data = orjson.dumps(body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
+def _error_messages(code: ErrorCode, message: str, request_id: str,
+                    extra: Sequence[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
+    """The ASGI messages of an error answer (:func:`service.schemas.error_answer`, the one builder)."""
+    status, data, hdrs = error_answer(code, message, request_id)
+    headers = [*((k.encode("latin-1"), v.encode("latin-1")) for k, v in hdrs.items()),
+               (b"content-length", str(len(data)).encode()), *extra]
     return ({"type": "http.response.start", "status": status, "headers": headers},
             {"type": "http.response.body", "body": data, "more_body": False})
 
 
 class EdgeMiddleware:
     """See the module doc. ``inflight_limit``: /rank executing at once per worker; ``queue_limit``:
-    /rank waiting for a slot; ``queue_timeout_s``: the longest wait before 429; ``retry_after_s``:
-    the Retry-After of a shed request; ``cache_on``: count item-cache hits/misses."""
+    /rank waiting for a slot; ``queue_timeout_s``: the longest wait before 429 (its Retry-After is
+    :data:`service.schemas.RETRY_AFTER_S`); ``cache_on``: count item-cache hits/misses."""
 
     def __init__(self, app, *, max_body_bytes: int, inflight_limit: int, queue_limit: int = 0,
-                 queue_timeout_s: float = 1.0, retry_after_s: int = 1, cache_on: bool = False):
+                 queue_timeout_s: float = 1.0, cache_on: bool = False):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.inflight_limit = inflight_limit
         self.queue_limit = queue_limit
         self.queue_timeout_s = queue_timeout_s
-        self.retry_after = str(retry_after_s).encode()
         self.cache_on = cache_on
         self.inflight = 0  # executing; touched only in the event loop: no lock
         self._waiters: deque[asyncio.Future] = deque()  # FIFO of requests waiting for a slot
@@ -176,9 +179,8 @@ class EdgeMiddleware:
                 info.error = "Overloaded"
                 why = (f"{len(self._waiters)} requests already wait for a slot" if refused == "queue_full" else
                        f"no slot within {self.queue_timeout_s * 1000:.0f} ms (MTRANK_SHED_QUEUE_MS)")
-                for m in _json_response(429, {"detail": f"overloaded: {why}; {self.inflight} ranks executing in "
-                                                        "this worker; retry later", "request_id": info.request_id},
-                                        [(b"retry-after", self.retry_after)]):
+                for m in _error_messages(ErrorCode.overloaded, f"overloaded: {why}; {self.inflight} ranks executing "
+                                                               "in this worker; retry later", info.request_id):
                     await send_with_id(m)
                 return
             metrics.inflight(1)
@@ -192,7 +194,7 @@ class EdgeMiddleware:
             info.error = info.error or "InternalError"
             if started:
                 raise  # the head is out: nothing better to do than to drop the connection
-            for m in _json_response(500, {"detail": "internal error", "request_id": info.request_id}):
+            for m in _error_messages(ErrorCode.internal_error, "internal error", info.request_id):
                 await send_with_id(m)
         finally:
             if is_rank:
@@ -220,8 +222,8 @@ class EdgeMiddleware:
                 break
         if too_large:
             info.error = "BodyTooLarge"
-            for m in _json_response(413, {"detail": f"request body larger than {limit} bytes (MTRANK_MAX_BODY_BYTES)",
-                                          "request_id": info.request_id}, [(b"connection", b"close")]):
+            for m in _error_messages(ErrorCode.body_too_large, f"request body larger than {limit} bytes "
+                                     "(MTRANK_MAX_BODY_BYTES)", info.request_id, [(b"connection", b"close")]):
                 await send(m)
             return None
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -240,8 +242,7 @@ class EdgeMiddleware:
         """Metrics and the access line of one /rank answer; never raises."""
         try:
             model = info.model
-            name, version = (model["name"], model["version"]) if model else (None, None)
-            metrics.count_request(info.variant, name, version, status)
+            metrics.count_request(info.variant, model["name"] if model else None, status)
             metrics.observe_duration(status, seconds)
             res = info.result
             if res is not None and status == 200:

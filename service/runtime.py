@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-from service import metrics
+from service import access_log, metrics
 from service.predlog import PredictionLog
 from service.redis_client import FeatureStore, make_store
 from service.serving import ServingManager, ServingState, Watcher
@@ -29,6 +29,7 @@ class Runtime:
     manager: ServingManager | None = None
     watcher: Watcher | None = None
     predlog: PredictionLog | None = None
+    gauges: metrics.GaugeRefresher | None = None
 
     @property
     def serving(self) -> ServingState | None:
@@ -47,6 +48,16 @@ class Runtime:
 
     def breaker_state(self) -> str | None:
         return self.redis_client.state if self.redis_client is not None else None
+
+    def model_rows(self) -> list[metrics.ModelRow]:
+        """(variant, model, version, precision) of every variant serving now (``mtrank_model_info``)."""
+        st = self.serving
+        return [(v.name, v.bundle.name, v.bundle.version, v.bundle.precision) for v in st.variants] if st else []
+
+    def gauge_probe(self) -> tuple[str | None, bool]:
+        """(breaker state, ready but degraded) now, for the background refresh of the gauges."""
+        reasons, degraded = self.readiness()
+        return self.breaker_state(), bool(degraded) and not reasons
 
     def readiness(self) -> tuple[list[str], list[str]]:
         """(reasons not to be ready, reasons to be degraded). Redis is PINGed unless a breaker is
@@ -109,6 +120,8 @@ class Runtime:
                          v.name, v.first, v.last, st.config.buckets, v.ranker.fusion_name, v.ranker.weights)
         if s.store_poll_s > 0:
             self.watcher = Watcher(self.manager, s.store_poll_s).start()
+        metrics.serving_models(self.model_rows)
+        self.gauges = metrics.GaugeRefresher(self.gauge_probe).start()
         if s.admin_token is None:
             log.info("admin API disabled (MTRANK_ADMIN_TOKEN is not set)")
         if s.predlog_rate > 0:
@@ -117,12 +130,17 @@ class Runtime:
                      "(MAXLEN ~%d, ~%d bytes)", s.predlog_rate, s.predlog_features_rate, s.predlog_stream,
                      redact_url(s.predlog_redis_url) if s.predlog_redis_url else "the feature store's Redis",
                      s.predlog_maxlen, s.predlog_max_bytes)
+        access_log.start_queue()  # last: nothing above raised, so stop() will drain it
         log.info("limits: %d ranks executing per worker, %d waiting at most %.0f ms (then 429), %d items, ids of "
                  "%d characters, bodies of %d bytes; %d onnxruntime threads, %d workers", s.inflight_limit,
                  s.queue_limit, s.shed_queue_ms, s.max_items, s.max_id_length, s.max_body_bytes, s.ort_threads,
                  s.workers)
 
     def stop(self) -> None:
+        if self.gauges is not None:
+            self.gauges.stop()
+        if metrics.MODEL_INFO.source == self.model_rows:
+            metrics.serving_models(None)
         if self.watcher is not None:
             self.watcher.stop()
         if self.predlog is not None:
@@ -130,3 +148,4 @@ class Runtime:
         if self.redis_client is not None:
             self.redis_client.close()
         metrics.worker_exit()
+        access_log.stop_queue()  # the last access lines are written before the worker exits

@@ -15,9 +15,11 @@ Callers that do not want duplicates should dedupe before calling.
 from __future__ import annotations
 
 import uuid
+from enum import StrEnum
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -155,25 +157,114 @@ class RankResponse(BaseModel):
                                                                    "(timeout, down, circuit_open)")
 
 
+# -- the error answer: one shape for every non-2xx answer (routes and middleware alike) -------------
+
+class ErrorCode(StrEnum):
+    """What went wrong, one word per kind; :data:`ERROR_STATUS` gives its HTTP status."""
+
+    invalid_request = "invalid_request"  # the body or a header fails validation (JSON syntax included)
+    invalid_context = "invalid_context"  # a context entry the model's feature schema does not accept
+    unknown_variant = "unknown_variant"  # X-Mtrank-Variant names no variant (or forcing is off)
+    bad_request = "bad_request"
+    unauthorized = "unauthorized"  # admin: no or malformed Authorization header
+    forbidden = "forbidden"  # admin: wrong token
+    not_found = "not_found"  # no such route (or the admin API is off)
+    not_in_store = "not_in_store"  # admin: no such bundle version in the store
+    method_not_allowed = "method_not_allowed"
+    in_use = "in_use"  # admin: the bundle serves a variant
+    body_too_large = "body_too_large"
+    unsupported_media_type = "unsupported_media_type"
+    load_refused = "load_refused"  # admin: the bundle cannot be served (the message says why)
+    reload_failed = "reload_failed"  # admin: the rebuild failed; the old state serves (details: the report)
+    overloaded = "overloaded"  # shed: no execution slot in time (Retry-After)
+    internal_error = "internal_error"
+    not_ready = "not_ready"  # no serving state (Retry-After)
+    feature_store_unavailable = "feature_store_unavailable"  # Redis down in fail mode (Retry-After)
+    events_unavailable = "events_unavailable"  # POST /events: the stream's Redis failed, nothing taken (Retry-After)
+
+
+#: the HTTP status of every error code (the one table; exceptions map to codes in service.routes.errors)
+ERROR_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.invalid_request: 422, ErrorCode.invalid_context: 422, ErrorCode.unknown_variant: 422,
+    ErrorCode.bad_request: 400, ErrorCode.unauthorized: 401, ErrorCode.forbidden: 403,
+    ErrorCode.not_found: 404, ErrorCode.not_in_store: 404, ErrorCode.method_not_allowed: 405,
+    ErrorCode.in_use: 409, ErrorCode.body_too_large: 413, ErrorCode.unsupported_media_type: 415,
+    ErrorCode.load_refused: 422, ErrorCode.reload_failed: 422, ErrorCode.overloaded: 429,
+    ErrorCode.internal_error: 500, ErrorCode.not_ready: 503, ErrorCode.feature_store_unavailable: 503,
+    ErrorCode.events_unavailable: 503,
+}
+#: statuses that carry ``Retry-After`` (seconds): worth retrying later, elsewhere or here
+RETRY_STATUSES = frozenset((429, 503))
+RETRY_AFTER_S = 1
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="dotted path of the field: 'items.3', 'context.hour', 'header.x-mtrank-variant'; "
+                                   "'body' for the body as a whole (a JSON syntax error)")
+    loc: list[str | int] = Field(description="the same as a list: body/header, then the path (or the byte offset "
+                                             "of a JSON syntax error)")
+    type: str = Field(description="pydantic's error type, or json_invalid, context_error, too_many_errors")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode
+    message: str = Field(description="for people; never echoes the request's bytes")
+    field: str | None = Field(default=None, description="the first bad field (dotted path), when one is to blame")
+    details: list[FieldError] | dict[str, Any] | None = Field(
+        default=None, description="422: every bad field (at most 20, then a too_many_errors entry); a failed "
+                                  "reload: its report")
+
+
 class ErrorResponse(BaseModel):
-    """A request that was not ranked (413, 415, 503, 500)."""
+    """Every non-2xx answer: ``{"error": {"code", "message", "field"?, "details"?}, "request_id"}``
+    (429 and 503 also carry ``Retry-After``)."""
 
-    detail: str
-    request_id: str | None = None
-
-
-class ValidationIssue(BaseModel):
-    loc: list[str | int] = Field(description="where: body/header, then the field path (or the byte offset of "
-                                             "a JSON syntax error)")
-    msg: str
-    type: str
-    ctx: dict[str, Any] | None = None
+    error: ErrorDetail
+    request_id: str
 
 
-class ValidationErrorResponse(BaseModel):
-    """422: what is wrong, by field; the input itself is never echoed."""
+def error_body(code: ErrorCode, message: str, request_id: str, *, field: str | None = None,
+               details: list[dict] | dict | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code.value, "message": message}
+    if field is not None:
+        err["field"] = field
+    if details is not None:
+        err["details"] = details
+    return {"error": err, "request_id": request_id}
 
-    detail: list[ValidationIssue]
+
+def error_answer(code: ErrorCode, message: str, request_id: str, *, field: str | None = None,
+                 details: list[dict] | dict | None = None, status: int | None = None,
+                 extra: dict[str, Any] | None = None) -> tuple[int, bytes, dict[str, str]]:
+    """The one builder of an error answer: (status, JSON body, headers). ``status`` defaults to the
+    code's (:data:`ERROR_STATUS`); ``extra`` adds top-level members (``/readyz``'s report)."""
+    status = ERROR_STATUS[code] if status is None else status
+    body = error_body(code, message, request_id, field=field, details=details)
+    if extra:
+        body = {**extra, **body}
+    headers = {"content-type": "application/json"}
+    if status in RETRY_STATUSES:
+        headers["retry-after"] = str(RETRY_AFTER_S)
+    return status, orjson.dumps(body), headers
+
+
+_HEADER_DOCS = {"X-Request-Id": {"description": "the request id (also in the body)", "schema": {"type": "string"},
+                                 "required": True},
+                "Retry-After": {"description": "seconds to wait before retrying", "required": True,
+                                "schema": {"type": "integer"}}}
+
+
+def error_responses(descriptions: dict[int, str], model: type[BaseModel] | None = None) -> dict[int | str, Any]:
+    """OpenAPI ``responses`` of a route's error statuses: :class:`ErrorResponse` (or ``model``, a
+    subclass), with the ``Retry-After`` header on 429/503."""
+    out: dict[int | str, Any] = {}
+    for status, text in descriptions.items():
+        headers = {"X-Request-Id": _HEADER_DOCS["X-Request-Id"]}
+        if status in RETRY_STATUSES:
+            headers["Retry-After"] = _HEADER_DOCS["Retry-After"]
+        out[status] = {"model": model or ErrorResponse, "description": text, "headers": headers}
+    return out
 
 
 class Readiness(BaseModel):
@@ -184,3 +275,7 @@ class Readiness(BaseModel):
     ready: bool
     degraded: bool = False
     reasons: list[str] | None = None
+
+
+class NotReadyResponse(Readiness, ErrorResponse):
+    """``GET /readyz`` when not ready (503): the readiness report and the error shape in one body."""

@@ -7,9 +7,11 @@ sha256 in the manifest's ``precisions``); :func:`load_bundle` loads the one aske
 the default, is ``model.onnx``).
 
 :func:`load_bundle` is two steps. :func:`read_manifest` picks the newest version (or the pinned
-one) and validates the manifest; :func:`open_bundle` verifies the model file against the
-manifest's sha256 *before* handing it to onnxruntime, checks that the session's inputs/outputs are
-the manifest's, and warms the session up (:func:`warm_up`). Between the two the serving layer
+one) and validates the manifest; :func:`open_bundle` reads the model file once and checks those
+bytes against the manifest's sha256 (:func:`read_model`), then creates the onnxruntime session
+*from the verified bytes* (:func:`open_verified`; the file is not opened again, so a file replaced
+after the check is never what serves), checks that the session's inputs/outputs are the
+manifest's, and warms the session up (:func:`warm_up`). Between the two the serving layer
 checks that Redis holds features for the bundle's schema (:mod:`service.serving.feature_check`).
 Which bundles are held at once, and the hot swap between them, are :mod:`service.serving`'s job;
 this module loads one bundle at a time.
@@ -21,6 +23,7 @@ WARNING (CPU is the last resort), or raises :class:`ProviderError` when ``strict
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +44,6 @@ from service.contract import (
     VOCAB_FILE,
     BundleManifest,
     model_inputs,
-    sha256_file,
 )
 from service.providers import ProviderMismatch, check_session_providers, preload_cuda_dlls, uses_run_gate
 from service.settings import PROVIDER_ALIASES
@@ -203,21 +205,50 @@ def read_manifest(store_root: str | os.PathLike, name: str, version: int | None 
     return path, manifest
 
 
-def open_bundle(path: Path, manifest: BundleManifest, precision: str = "fp32",
-                providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
-                intra_op_threads: int = 0, warmup: bool | Sequence[int] = True) -> Bundle:
-    """The served bundle of a manifest from :func:`read_manifest`: the model file is checked against
-    its sha256 *before* onnxruntime sees it, then the session is opened on the providers, its
-    inputs/outputs are checked against the manifest, and it is warmed up. ``warmup``: ``True`` runs
-    one batch of 2 items, a list of batch sizes one batch of each (:func:`warm_up`), ``False`` none."""
+@dataclass(frozen=True)
+class VerifiedModel:
+    """A model file's bytes whose sha256 is the manifest's: what onnxruntime is given (the file is
+    not opened again, so a file replaced after the check cannot be what serves)."""
+
+    path: Path
+    precision: str
+    data: bytes = field(repr=False)
+
+
+def read_model(path: Path, manifest: BundleManifest, precision: str = "fp32") -> VerifiedModel:
+    """Read the ``precision`` model file of a manifest from :func:`read_manifest` once and check its
+    sha256; :class:`BundleError` when it is unreadable or differs."""
     model_file, want_sha = manifest.model_file(precision)
     model_path = path / model_file
-    digest = sha256_file(model_path)
+    try:
+        data = model_path.read_bytes()
+    except OSError as e:
+        raise BundleError(f"{model_path}: unreadable: {e}") from e
+    digest = hashlib.sha256(data).hexdigest()
     if digest != want_sha:
         raise BundleError(f"{model_path}: sha256 mismatch: file is {digest}, "
                           f"manifest says {want_sha} (corrupt or partial copy)")
+    return VerifiedModel(model_path, precision, data)
 
-    vocabs = _read_vocabs(path / VOCAB_FILE, manifest)
+
+def open_bundle(path: Path, manifest: BundleManifest, precision: str = "fp32",
+                providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
+                intra_op_threads: int = 0, warmup: bool | Sequence[int] = True) -> Bundle:
+    """The served bundle of a manifest from :func:`read_manifest`: :func:`read_model` (the bytes,
+    checked against the sha256), then :func:`open_verified` on those bytes."""
+    return open_verified(path, manifest, read_model(path, manifest, precision), providers=providers, strict=strict,
+                         intra_op_threads=intra_op_threads, warmup=warmup)
+
+
+def open_verified(path: Path, manifest: BundleManifest, model: VerifiedModel,
+                  providers: str | Sequence[str] = ("CPUExecutionProvider",), strict: bool = False,
+                  intra_op_threads: int = 0, warmup: bool | Sequence[int] = True) -> Bundle:
+    """The bundle of verified model bytes: the onnxruntime session is created from ``model.data``
+    (never from the path), opened on the providers, its inputs/outputs checked against the
+    manifest, and warmed up. ``warmup``: ``True`` runs one batch of 2 items, a list of batch sizes
+    one batch of each (:func:`warm_up`), ``False`` none."""
+    precision, model_path = model.precision, model.path
+    vocabs = read_vocabs(path / VOCAB_FILE, manifest)
 
     chosen = resolve_providers(providers, strict)
     preload_cuda_dlls(chosen)
@@ -231,7 +262,7 @@ def open_bundle(path: Path, manifest: BundleManifest, precision: str = "fp32",
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
+        session = ort.InferenceSession(model.data, sess_options=opts, providers=chosen)
     except Exception as e:  # onnxruntime raises its own exception types
         raise BundleError(f"{model_path}: onnxruntime could not load it: {e}") from e
     got = list(session.get_providers())
@@ -310,7 +341,7 @@ def default_inputs(manifest: BundleManifest, n_items: int) -> dict[str, np.ndarr
     return out
 
 
-def _read_vocabs(path: Path, manifest: BundleManifest) -> dict[str, list[str]]:
+def read_vocabs(path: Path, manifest: BundleManifest) -> dict[str, list[str]]:
     try:
         raw = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:

@@ -4,8 +4,8 @@
 --
 -- The file holds one JSON request body per line (different users, Zipf-drawn candidates); each
 -- request takes the next line, wrapping around ([offset] = first line, 0-based). Counts answers by
--- HTTP status, 200 bodies that say "degraded":true, and shed answers (429 or 503 with a Retry-After
--- header: an overloaded service's refusals). done() prints one line
+-- HTTP status, 200 bodies that say "degraded":true, and shed answers (429, or an "overloaded" 503 of
+-- older services, with a Retry-After header: an overloaded service's refusals). done() prints one line
 --   MTRANK_WRK_JSON {...}
 -- with requests, duration, bytes, socket errors, statuses, degraded, shed and latency percentiles in us
 -- (wrk's own histogram: the time from sending a request to its complete response).
@@ -51,7 +51,8 @@ function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
   if status == 200 and body ~= nil and string.find(body, '"degraded":true', 1, true) then
     degraded = degraded + 1
-  elseif status == 429 or status == 503 then
+  elseif status == 429 or (status == 503 and body ~= nil and string.find(body, "overloaded", 1, true)) then
+    -- every 503 carries Retry-After (not ready, Redis down in fail mode): only an overloaded one is shed
     for name, _ in pairs(headers) do
       if string.lower(name) == "retry-after" then
         shed = shed + 1

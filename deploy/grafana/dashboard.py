@@ -18,7 +18,7 @@ OUT = Path(__file__).resolve().parent / "dashboards" / "mtrank.json"
 
 #: metric families as the service exposes them (counters with their ``_total``)
 METRICS = {
-    "requests": "mtrank_rank_requests_total",      # counter {variant, model, version, status}
+    "requests": "mtrank_rank_requests_total",      # counter {variant, model, status}
     "duration": "mtrank_rank_duration_seconds",    # histogram {status}, whole /rank in the process
     "stage": "mtrank_rank_stage_seconds",          # histogram {stage=fetch|assemble|inference|fusion|serialise|total}
     "candidates": "mtrank_rank_candidates",        # histogram, items per ranked request
@@ -33,6 +33,7 @@ METRICS = {
     "breaker": "mtrank_redis_breaker_state",       # gauge: 0 closed, 1 half-open, 2 open (livemax)
     "predlog_written": "mtrank_predlog_written_total",  # counter
     "predlog_dropped": "mtrank_predlog_dropped_total",  # counter {reason}
+    "model_info": "mtrank_model_info",             # gauge {variant, model, version, precision} = 1 (at scrape)
 }
 #: label values the queries rely on
 STATUS_5XX = 'status=~"5.."'  # `status` holds the HTTP status code
@@ -75,8 +76,10 @@ QUERIES: dict[str, list[tuple[str, str]]] = {
                (f"sum({_rate('shed')})", "shed")],
     "degraded": [(f"sum by (reason) ({_rate('degraded')})", "{{reason}}")],
     "variant_split": [(f"sum by (variant) ({_rate('requests')})", "{{variant}}")],
-    "variant_version": [(f"sum by (variant, model, version) ({_rate('requests')})",
-                         "{{variant}} {{model}} v{{version}}")],
+    # the version is not a label of the counter (it would grow with every release): joined from the
+    # info metric of what serves each variant on each replica
+    "variant_version": [(f"sum by (variant, model, version) ({_rate('requests')} * on (instance, variant, model) "
+                         f"group_left (version) {_m('model_info')})", "{{variant}} {{model}} v{{version}}")],
     "cache_hit_ratio": [(f"sum({_rate('cache_hits')}) / clamp_min((sum({_rate('cache_hits')}) or vector(0)) + "
                          f"(sum({_rate('cache_misses')}) or vector(0)), 1e-9)", "hit ratio")],
     "missing": [(f"sum by (entity) ({_rate('missing')})", "missing {{entity}}"),

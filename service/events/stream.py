@@ -19,6 +19,10 @@ from collections.abc import Sequence
 from service.events.record import FIELD, EventRecord, encode, stream_key
 
 
+class EventsUnavailable(Exception):
+    """The stream's Redis failed: nothing of the batch was taken (the client sends it again)."""
+
+
 def min_id(max_age_s: float, now_s: float | None = None) -> str:
     """The oldest entry id the age bound keeps (``<ms>-0``)."""
     now_s = time.time() if now_s is None else now_s

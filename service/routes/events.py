@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from service import limits
@@ -15,8 +15,6 @@ from service.events.schemas import EventsAccepted, EventsRequest, events_request
 from service.routes.rank import RESPONSES as RANK_RESPONSES
 from service.runtime import Runtime
 
-#: seconds a client waits before it sends a batch again that was refused with 503
-RETRY_AFTER_S = 1
 EVENTS_DESCRIPTION = """Append a batch of outcome events (impression, click, conversion, watch) to the
 events stream; `mtrank events consume` applies them (fresh behaviour sequences). At most
 MTRANK_EVENTS_MAX_BATCH events, ids of at most MTRANK_MAX_ID_LENGTH characters, `value` (watch
@@ -73,6 +71,5 @@ def _inline(schema: dict) -> dict:
     return walk(schema)
 
 
-def _unavailable(why: str) -> HTTPException:
-    return HTTPException(503, f"events stream unavailable ({why}); nothing was accepted, send the batch again",
-                         headers={"Retry-After": str(RETRY_AFTER_S)})
+def _unavailable(why: str) -> stream.EventsUnavailable:
+    return stream.EventsUnavailable(f"events stream unavailable ({why}); nothing was accepted, send the batch again")

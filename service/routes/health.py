@@ -2,17 +2,20 @@
 (Prometheus) and ``/models`` (the first variant's model plus every variant; no secrets)."""
 
 # no `from __future__ import annotations`: FastAPI must see the real types of the route signatures
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics
+from service.routes.errors import answer
 from service.runtime import Runtime
-from service.schemas import ErrorResponse, Readiness
+from service.schemas import ErrorCode, NotReadyResponse, Readiness, error_responses
 from service.serving import NotReady
+
+_500 = {500: "unexpected error (logged with the request id)"}
 
 
 def router(rt: Runtime) -> APIRouter:
-    r = APIRouter()
+    r = APIRouter(responses=error_responses(_500))
 
     @r.get("/healthz")
     def healthz() -> dict:
@@ -21,14 +24,15 @@ def router(rt: Runtime) -> APIRouter:
     @r.get("/readyz", response_model=Readiness,
            description="200 when this replica can answer /rank usefully; ``degraded: true`` (still 200) "
                        "while the feature store is unavailable in degrade mode; 503 otherwise",
-           responses={503: {"model": Readiness, "description": "not ready: the reasons say why"}})
-    def readyz() -> JSONResponse:
+           responses=error_responses({503: "not ready: the reasons say why (the readiness report and the error "
+                                           "shape in one body, with Retry-After)"}, NotReadyResponse))
+    def readyz(request: Request) -> Response:
         reasons, degraded = rt.readiness()
         metrics.set_breaker(rt.breaker_state())
         metrics.set_degraded(bool(degraded) and not reasons)
         if reasons:
-            return JSONResponse({"ready": False, "degraded": bool(degraded), "reasons": reasons + degraded},
-                                status_code=503)
+            return answer(request, ErrorCode.not_ready, "; ".join(reasons + degraded),
+                          extra={"ready": False, "degraded": bool(degraded), "reasons": reasons + degraded})
         if degraded:
             return JSONResponse({"ready": True, "degraded": True, "reasons": degraded})
         return JSONResponse({"ready": True, "degraded": False})
@@ -38,7 +42,7 @@ def router(rt: Runtime) -> APIRouter:
         metrics.set_breaker(rt.breaker_state())
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
-    @r.get("/models", responses={503: {"model": ErrorResponse, "description": "no model loaded"}})
+    @r.get("/models", responses=error_responses({503: "no model loaded (with Retry-After)"}))
     def models() -> JSONResponse:
         st = rt.serving
         if st is None:

@@ -10,14 +10,7 @@ from fastapi.responses import Response
 from service import limits, metrics
 from service.middleware import RequestInfo
 from service.runtime import Runtime
-from service.schemas import (
-    DUPLICATES_DOC,
-    ErrorResponse,
-    RankRequest,
-    RankResponse,
-    ValidationErrorResponse,
-    rank_request_model,
-)
+from service.schemas import DUPLICATES_DOC, RankRequest, RankResponse, error_responses, rank_request_model
 from service.serving import NotReady
 
 FORCE_HEADER = "X-Mtrank-Variant"
@@ -28,13 +21,12 @@ most MTRANK_MAX_ITEMS, a body of at most MTRANK_MAX_BODY_BYTES (413), context ke
 feature schema only (422). {DUPLICATES_DOC} The request id (X-Request-Id header, else the body's
 request_id, else generated) is echoed in the X-Request-Id response header. Beyond the worker's
 queue-time target (MTRANK_SHED_QUEUE_MS) or queue bound the answer is 429 with Retry-After."""
-_ERR = {"model": ErrorResponse}
-RESPONSES: dict[int | str, dict[str, Any]] = {413: {**_ERR, "description": "body larger than MTRANK_MAX_BODY_BYTES"},
-             415: {**_ERR, "description": "body is not JSON"},
-             422: {"model": ValidationErrorResponse, "description": "invalid request (detail names the field)"},
-             429: {**_ERR, "description": "overloaded: no slot within MTRANK_SHED_QUEUE_MS (with Retry-After)"},
-             500: {**_ERR, "description": "unexpected error (logged with the request id)"},
-             503: {**_ERR, "description": "model not loaded, or feature store unavailable in fail mode"}}
+RESPONSES: dict[int | str, dict[str, Any]] = error_responses({
+    413: "body larger than MTRANK_MAX_BODY_BYTES", 415: "body is not JSON",
+    422: "invalid request: error.field names the first bad field, error.details all of them",
+    429: "overloaded: no slot within MTRANK_SHED_QUEUE_MS (with Retry-After)",
+    500: "unexpected error (logged with the request id)",
+    503: "model not loaded, or feature store unavailable in fail mode (with Retry-After)"})
 
 
 def router(rt: Runtime) -> APIRouter:
@@ -45,10 +37,12 @@ def router(rt: Runtime) -> APIRouter:
     r = APIRouter()
 
     async def rank_body(request: Request) -> RankRequest:
-        """The body, parsed here (strict JSON, the configured limits) rather than by FastAPI."""
+        """The body, parsed here (strict JSON, the configured limits) rather than by FastAPI; large
+        bodies and long error lists off the event loop (:func:`service.limits.parse_body_off_loop`)."""
         info: RequestInfo = request.state.info
         try:
-            body = limits.parse_body(await request.body(), request.headers.get("content-type"), RankRequestModel)
+            body = await limits.parse_body_off_loop(await request.body(), request.headers.get("content-type"),
+                                                    RankRequestModel)
         except (HTTPException, RequestValidationError) as e:
             info.error = type(e).__name__ if isinstance(e, RequestValidationError) else "UnsupportedMediaType"
             raise

@@ -42,8 +42,10 @@ def serve(status: int, headers: dict[str, str], body: bytes) -> ThreadingHTTPSer
     (429, {"Retry-After": "1"}, b'{"detail":"overloaded"}', {"degraded": 0, "shed": "non2xx", "failed": 0}),
     (503, {"retry-after": "1"}, b'{"detail":"overloaded"}', {"degraded": 0, "shed": "non2xx", "failed": 0}),
     (503, {}, b'{"detail":"feature store unavailable"}', {"degraded": 0, "shed": 0, "failed": "non2xx"}),
+    (503, {"Retry-After": "1"}, b'{"error":{"code":"feature_store_unavailable","message":"feature store unavailable"}'
+                                b',"request_id":"r"}', {"degraded": 0, "shed": 0, "failed": "non2xx"}),
     (500, {"Retry-After": "1"}, b'{"detail":"internal error"}', {"degraded": 0, "shed": 0, "failed": "non2xx"}),
-], ids=["ok", "degraded", "429-shed", "503-shed", "503-error", "500-error"])
+], ids=["ok", "degraded", "429-shed", "503-shed", "503-error", "503-error-retry-after", "500-error"])
 def test_wrk_counts(tmp_path, status, headers, body, want):
     bodies = tmp_path / "bodies.jsonl"
     bodies.write_text('{"user_id":"u1","items":["a","b"]}\n{"user_id":"u2","items":["c"]}\n')

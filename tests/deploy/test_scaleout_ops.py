@@ -31,7 +31,7 @@ from tests.deploy.readers import (
 #: service/metrics.py; ``test_dashboard_metrics_are_the_ones_the_service_defines`` does that
 #: automatically when the module exists.
 DASHBOARD_METRICS = {
-    "mtrank_rank_requests_total": "counter",       # {variant, model, version, status}
+    "mtrank_rank_requests_total": "counter",       # {variant, model, status}
     "mtrank_rank_duration_seconds": "histogram",   # {status}
     "mtrank_rank_stage_seconds": "histogram",      # {stage}
     "mtrank_rank_candidates": "histogram",
@@ -46,10 +46,12 @@ DASHBOARD_METRICS = {
     "mtrank_redis_breaker_state": "gauge",         # 0 closed, 1 half-open, 2 open
     "mtrank_predlog_written_total": "counter",
     "mtrank_predlog_dropped_total": "counter",     # {reason}
+    "mtrank_model_info": "gauge",                  # {variant, model, version, precision}
 }
 #: labels the dashboard groups or filters by, per metric
 DASHBOARD_LABELS = {
-    "mtrank_rank_requests_total": {"variant", "model", "version", "status"},
+    "mtrank_rank_requests_total": {"variant", "model", "status"},
+    "mtrank_model_info": {"variant", "model", "version"},
     "mtrank_rank_duration_seconds": {"status"},
     "mtrank_rank_stage_seconds": {"stage"},
     "mtrank_rank_degraded_total": {"reason"},
@@ -311,6 +313,7 @@ def _service_metric_families() -> dict[str, tuple[str, set[str] | None]]:
     out: dict[str, tuple[str, set[str] | None]] = {}
     try:
         from prometheus_client.metrics import MetricWrapperBase
+        from prometheus_client.registry import Collector
 
         mod = sys.modules.get("service.metrics") or importlib.import_module("service.metrics")
         objs = []
@@ -321,6 +324,9 @@ def _service_metric_families() -> dict[str, tuple[str, set[str] | None]]:
                 labels = set(getattr(obj, "_labelnames", ()) or ())
                 for m in obj.describe():
                     out[m.name + ("_total" if m.type == "counter" else "")] = (m.type, labels)
+            elif isinstance(obj, Collector) and hasattr(obj, "describe"):  # a collector computed at scrape time
+                for m in obj.describe():
+                    out[m.name] = (m.type, set(getattr(obj, "LABELS", ()) or ()))
     except Exception:  # noqa: BLE001 - fall back to reading the source
         out = {}
     if not out:

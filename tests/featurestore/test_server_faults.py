@@ -141,7 +141,8 @@ def test_fail_mode_answers_503_not_500(own_redis, world, tmp_path):
     finally:
         srv.stop()
     assert {a[0] for a in answers} == {503}, answers
-    assert all(a[1] == {"detail": "feature store unavailable", "request_id": "rq-fail"} for a in answers)
+    assert all(a[1] == {"error": {"code": "feature_store_unavailable", "message": "feature store unavailable"},
+                        "request_id": "rq-fail"} for a in answers)
     assert_latencies([a[2] for a in answers], DEADLINE_MS / 1000)
 
 

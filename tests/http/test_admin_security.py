@@ -5,7 +5,7 @@ route (a complete, valid bundle placed next to the store is never loaded)."""
 import pytest
 
 from tests.support.bundles import write_bundle
-from tests.support.http import raw_request
+from tests.support.http import error_of, raw_request
 
 TOKEN = "adm1n-t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -29,11 +29,11 @@ def test_missing_credentials_401_wrong_token_403(admin, method, path, body):
         for headers in ({}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Basic Zm9vOmJhcg=="},
                         {"Authorization": TOKEN}, {"Authorization": f"Token {TOKEN}"}):
             r = call(c, method, path, body, headers)
-            assert r.status_code == 401, (headers, r.text)
+            assert error_of(r, 401)["code"] == "unauthorized", (headers, r.text)
             assert r.headers["www-authenticate"] == 'Bearer realm="mtrank-admin"'
         for wrong in ("wrong", TOKEN[:-1], TOKEN + "x", TOKEN.upper(), "\u00e9" * 4):
             r = call(c, method, path, body, {"Authorization": f"Bearer {wrong}".encode()})
-            assert r.status_code == 403 and "www-authenticate" not in r.headers, (wrong, r.text)
+            assert error_of(r, 403)["code"] == "forbidden" and "www-authenticate" not in r.headers, (wrong, r.text)
             assert TOKEN not in r.text
         # the request was refused before anything ran: the right token still finds the state untouched
         assert call(c, "GET", "/admin/models", None, AUTH).json()["bundles"][0]["version"] == 1
@@ -61,7 +61,7 @@ def test_names_and_versions_cannot_leave_the_store(admin, tmp_path, store_root, 
         for body in TRAVERSALS:
             r = c.post(path, json=body, headers=AUTH)
             assert r.status_code == 422, (body, r.status_code, r.text)
-            assert {"name", "version"} & {str(x) for e in r.json()["detail"] for x in e["loc"]}
+            assert {"name", "version"} & {str(x) for e in error_of(r, 422)["details"] for x in e["loc"]}
         # an ordinary name that is not in the store is just unknown
         r = c.post(path, json={"name": "evil", "version": 1}, headers=AUTH)
         assert r.status_code == 404

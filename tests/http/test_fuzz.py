@@ -2,7 +2,8 @@
 real uvicorn server with a real model and real Redis features, so that /rank actually ranks.
 Positive and negative cases (schema-valid and schema-violating), derandomized (the same cases on
 every run), bounded in count and time: no 5xx, every status code documented, every response
-conforming to its schema (body, content type, headers), X-Request-Id on every answer."""
+conforming to its schema (body, content type, headers), X-Request-Id on every answer, and every
+non-2xx answer of the one error shape (``tests.support.http.error_of``)."""
 
 import time
 from collections import Counter
@@ -19,6 +20,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+
+from tests.support.http import error_of
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
@@ -49,6 +52,9 @@ def test_openapi_fuzz(env_for, server_factory):
                 response = case.call_and_validate(checks=CHECKS, timeout=10)
                 statuses[(case.operation.label, response.status_code)] += 1
                 assert response.headers.get("x-request-id")
+                if response.status_code >= 400:  # the one error shape (and Retry-After on 429/503)
+                    headers = {k.lower(): v[0] if isinstance(v, list) else v for k, v in response.headers.items()}
+                    error_of((response.status_code, headers, response.content))
                 assert time.monotonic() - t0 < BUDGET_S, "fuzzing must stay within a minute"
 
             try:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import re
+import threading
 import time
 
 import httpx
@@ -146,9 +147,47 @@ def test_unexpected_error_is_500_with_the_request_id(app_client, caplog):
         with caplog.at_level(logging.INFO):
             r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]}, headers={"X-Request-Id": "rid-500"})
             assert c.get("/healthz").status_code == 200
-    assert r.status_code == 500 and r.json() == {"detail": "internal error", "request_id": "rid-500"}
+    assert r.status_code == 500 and r.json() == {"error": {"code": "internal_error", "message": "internal error"},
+                                                 "request_id": "rid-500"}
     assert r.headers["x-request-id"] == "rid-500" and "kaboom" not in r.text
     err = [x for x in caplog.records if x.levelno == logging.ERROR and "rid-500" in x.getMessage()]
     assert err and err[0].exc_info is not None
     access = [x.fields for x in caplog.records if x.name == "service.access"]
     assert access[-1]["status"] == 500 and access[-1]["error"] == "RuntimeError"
+
+
+def test_access_lines_never_block_the_loop_keep_order_and_are_flushed(app_client):
+    """Issue 14 item 7: the access lines go through a queue. A log stream that blocks (a handler
+    stuck like a write to a full pipe) does not hold /rank up: the answers come back while nothing
+    is written; released, every line is written in request order, all of them by the shutdown."""
+    gate = threading.Event()
+    written: list[str] = []
+
+    class Stuck(logging.Handler):
+        def emit(self, record):
+            if record.name == "service.access":
+                gate.wait(60)
+                written.append(record.fields["request_id"])
+
+    stuck = Stuck()
+    root = logging.getLogger()
+    root.addHandler(stuck)
+    n = 20
+    try:
+        with app_client() as c:
+            answered: list[int] = []
+
+            def send():
+                for i in range(n):
+                    answered.append(c.post("/rank", json={"user_id": "u0", "items": ["i1"]},
+                                           headers={"X-Request-Id": f"q-{i}"}).status_code)
+
+            t = threading.Thread(target=send, daemon=True)
+            t.start()
+            t.join(60)
+            assert answered == [200] * n and written == []  # answered while the stream was stuck
+            gate.set()
+        assert written == [f"q-{i}" for i in range(n)]  # all written by the shutdown, in order
+    finally:
+        gate.set()
+        root.removeHandler(stuck)

@@ -35,7 +35,7 @@ def test_metrics_of_one_worker(env_for, serve_factory):
     def d(name, **labels):
         return metric(m, name, **labels) - metric(m0, name, **labels)
 
-    routed = dict(variant="default", model="demo", version=1)
+    routed = dict(variant="default", model="demo")
     assert d("mtrank_rank_requests_total", status=200, **routed) == 3
     assert d("mtrank_rank_requests_total", status=422, **routed) == 1  # the context error
     assert d("mtrank_rank_requests_total", status=422, variant="") == 1  # not routed: invalid body
@@ -55,6 +55,10 @@ def test_metrics_of_one_worker(env_for, serve_factory):
     assert d("mtrank_item_cache_hits_total") + d("mtrank_item_cache_misses_total") == 11
     assert d("mtrank_rank_shed_total") == 0 and d("mtrank_rank_degraded_total") == 0
     assert metric(m, "mtrank_redis_breaker_state") == 0 and metric(m, "mtrank_rank_inflight") == 0
+    # the version serving each variant: an info metric, not a label of the counters
+    assert {lab for (n, lab) in m if n == "mtrank_model_info"} == {
+        (("model", "demo"), ("precision", "fp32"), ("variant", "default"), ("version", "1"))}
+    assert not any("version" in dict(lab) for (n, lab) in m if n.startswith("mtrank_") and n != "mtrank_model_info")
     text = httpx.get(f"{srv.base}/metrics").text
     for name, kind in [("mtrank_model_loads_total", "counter"), ("mtrank_predlog_dropped_total", "counter"),
                        ("mtrank_rank_degraded_total", "counter"), ("mtrank_rank_duration_seconds", "histogram")]:

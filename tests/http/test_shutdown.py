@@ -66,6 +66,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(env_for, serve_factory, r
     assert srv.proc.wait(timeout=30) == 0, srv.log()[-3000:]
     assert time.monotonic() - t0 >= 2.0  # they really waited for Redis, i.e. were drained
     assert "Traceback" not in srv.log()
+    # their access lines (written through a queue) were all flushed before the exit
+    access = [json.loads(x) for x in srv.log().splitlines() if x.startswith("{") and '"service.access"' in x]
+    assert sum(1 for a in access if a["status"] == 200 and a["n_items"] == len(ITEMS)) == N
 
 
 def test_drain_is_bounded(env_for, serve_factory, redis_url):

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.support.bundles import corrupt_bundle, publish_bundle
+from tests.support.http import error_of
 
 TOKEN = "s3cr3t-admin-Token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -87,8 +88,7 @@ def test_token_never_logged_or_shown(admin, caplog):
 def test_names_cannot_escape_the_store(admin, body, field, path):
     with admin() as c:
         r = c.post(path, json=body, headers=AUTH)
-        assert r.status_code == 422, r.text
-        assert field in [str(x) for e in r.json()["detail"] for x in e["loc"]]
+        assert field in [str(x) for e in error_of(r, 422)["details"] for x in e["loc"]]
 
 
 def test_list_load_unload(admin, store_root):
@@ -108,7 +108,7 @@ def test_list_load_unload(admin, store_root):
         assert [b["version"] for b in call(c, "get", "/admin/models", headers=AUTH).json()["bundles"]] == [1, 2]
         # the serving one cannot be unloaded
         r = c.post("/admin/models/unload", json={"name": "demo", "version": 2}, headers=AUTH)
-        assert r.status_code == 409 and "default" in r.json()["detail"]
+        assert error_of(r, 409)["code"] == "in_use" and "default" in r.json()["error"]["message"]
         # the other one can
         r = c.post("/admin/models/unload", json={"name": "demo", "version": 1}, headers=AUTH)
         assert r.status_code == 200 and r.json()["unloaded"]
@@ -141,5 +141,5 @@ def test_load_refused_bundle_is_422_with_reason(admin, store_root):
     corrupt_bundle(store_root, "checksum", version=2)
     with admin() as c:
         r = c.post("/admin/models/load", json={"name": "demo", "version": 2}, headers=AUTH)
-        assert r.status_code == 422 and "sha256 mismatch" in r.json()["detail"]
+        assert "sha256 mismatch" in error_of(r, 422)["message"]
         assert c.post("/rank", json={"user_id": "u0", "items": ["i1"]}).json()["model"]["version"] == 1

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.contract import MODEL_FILE
+from tests.support.http import error_of
 from tests.support.ports import free_port
 
 
@@ -87,10 +88,10 @@ def test_not_ready_when_redis_down(make_settings, features):
     url = f"redis://127.0.0.1:{closed_port()}/0"
     with TestClient(create_app(make_settings(redis_url=url, redis_timeout_ms=200, redis_failure_mode="fail"))) as c:
         r = c.get("/readyz")
-        assert r.status_code == 503
+        assert error_of(r, 503)["code"] == "not_ready"
         assert r.json()["ready"] is False and "redis" in r.json()["reasons"][0]
         r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
-        assert r.status_code == 503 and r.json()["detail"] == "feature store unavailable"
+        assert error_of(r, 503) == {"code": "feature_store_unavailable", "message": "feature store unavailable"}
         assert c.get("/healthz").status_code == 200
     # the default failure mode answers with default features instead, marked degraded: the replica
     # can still answer /rank usefully, so it stays ready, saying degraded and why
@@ -122,7 +123,7 @@ def test_password_not_logged_or_shown(make_settings, features, redis_url, caplog
 
 
 def loc_names(resp):
-    return [str(x) for e in resp.json()["detail"] for x in e["loc"]]
+    return [str(x) for e in error_of(resp, 422)["details"] for x in e["loc"]]
 
 
 @pytest.mark.parametrize("payload,field", [
@@ -152,7 +153,7 @@ def test_non_json_bodies(client):
     r = client.post("/rank", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.text
     r = client.post("/rank", content=b'{"user_id": "u0", "items": ["i1"]}', headers={"content-type": "text/plain"})
-    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+    assert "application/json" in error_of(r, 415)["message"]
     r = client.post("/rank", content=b"user_id=u0", headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415
     r = client.post("/rank", content=b'{"user_id": "u0", "items": ["i1"]}')
@@ -174,7 +175,7 @@ def test_bundle_fails_to_load(make_settings, features, store_root):
         r = c.get("/readyz")
         assert r.status_code == 503 and "sha256 mismatch" in r.json()["reasons"][0]
         r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
-        assert r.status_code == 503 and "sha256 mismatch" in r.json()["detail"]
+        assert "sha256 mismatch" in error_of(r, 503)["message"]
         assert c.get("/models").status_code == 503
 
 
@@ -194,7 +195,8 @@ def test_unexpected_error_is_500_logged_with_request_id(make_settings, features,
         app.state.mtrank.bundle.run = boom
         with caplog.at_level(logging.ERROR, logger="service.app"):
             r = c.post("/rank", json={"user_id": "u0", "items": ["i1"], "request_id": "rid-77"})
-    assert r.status_code == 500 and r.json() == {"detail": "internal error", "request_id": "rid-77"}
+    assert r.status_code == 500 and r.json() == {"error": {"code": "internal_error", "message": "internal error"},
+                                                 "request_id": "rid-77"}
     assert any("rid-77" in rec.getMessage() for rec in caplog.records)
 
 

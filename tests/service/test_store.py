@@ -7,7 +7,17 @@ import onnxruntime as ort
 import pytest
 
 from service.contract import MANIFEST_FILE, MODEL_FILE, FeatureSchema, sha256_file
-from service.store import BundleError, ProviderError, bundle_dir, default_inputs, list_versions, load_bundle
+from service.store import (
+    BundleError,
+    ProviderError,
+    bundle_dir,
+    default_inputs,
+    list_versions,
+    load_bundle,
+    open_verified,
+    read_manifest,
+    read_model,
+)
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -50,6 +60,39 @@ def test_sha256_mismatch_refused_before_session(tmp_path, bundle_factory, monkey
     with pytest.raises(BundleError, match="sha256 mismatch") as e:
         load_bundle(tmp_path, "demo")
     assert "corrupt or partial" in str(e.value)
+
+
+def test_session_is_built_from_the_verified_bytes(tmp_path, bundle_factory):
+    """Issue 14 item 8: the bytes whose sha256 was checked are the bytes onnxruntime runs. A model
+    file replaced on disk after the check (another valid model, as a swap or a write in place)
+    changes nothing: the session is the verified model's; a fresh load refuses the new file."""
+    d = bundle_factory(tmp_path, version=1, seed=1)
+    original = (d / MODEL_FILE).read_bytes()
+    other = (bundle_factory(tmp_path / "x", version=1, seed=2) / MODEL_FILE).read_bytes()
+    path, manifest = read_manifest(tmp_path, "demo")
+    model = read_model(path, manifest)
+    assert model.data == original
+    rng = np.random.default_rng(0)
+    inputs = {k: (rng.integers(0, 3, v.shape) if v.dtype == np.int64 else rng.normal(size=v.shape)).astype(v.dtype)
+              for k, v in default_inputs(manifest, n_items=6).items()}
+
+    def scores(model_bytes: bytes) -> np.ndarray:
+        sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        return np.concatenate([np.ravel(o) for o in sess.run(manifest.outputs, inputs)])
+
+    want, swapped = scores(original), scores(other)
+    assert not np.allclose(want, swapped)  # the two models tell apart
+    for replace in ("rename", "in place"):
+        if replace == "rename":  # a swap: a new file renamed over the old one
+            (d / "new.onnx").write_bytes(other)
+            (d / "new.onnx").replace(d / MODEL_FILE)
+        else:
+            (d / MODEL_FILE).write_bytes(other[::-1])
+        b = open_verified(path, manifest, model, warmup=False)
+        got = b.run(inputs)
+        np.testing.assert_allclose(np.concatenate([got[t] for t in manifest.outputs]), want, rtol=1e-6)
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        load_bundle(tmp_path, "demo")
 
 
 def test_bad_manifest_and_name_mismatch(tmp_path, bundle_factory):

@@ -3,6 +3,7 @@ Content-Length, bytes that are not UTF-8) and Prometheus scrapes."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import httpx
@@ -57,3 +58,26 @@ def metric(samples: dict, name: str, **labels) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
     want = {k: str(v) for k, v in labels.items()}
     return sum(v for (n, lab), v in samples.items() if n == name and want.items() <= dict(lab).items())
+
+
+ERROR_KEYS = {"code", "message", "field", "details"}
+
+
+def error_of(r, status: int | None = None) -> dict:
+    """The ``error`` of a non-2xx answer (an httpx/TestClient response, or ``(status, headers, body)``
+    from :func:`raw_request`), after checking the one error shape: ``{"error": {"code", "message",
+    "field"?, "details"?}, "request_id"}``, the request id also in ``X-Request-Id``, ``Retry-After``
+    on 429/503."""
+    if isinstance(r, tuple):
+        code, headers, body = r
+    else:
+        code, headers, body = r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content
+    assert code >= 400 and (status is None or code == status), (code, body[:300])
+    doc = json.loads(body)
+    assert isinstance(doc.get("error"), dict) and isinstance(doc.get("request_id"), str), doc
+    err = doc["error"]
+    assert {"code", "message"} <= err.keys() <= ERROR_KEYS, err
+    assert doc["request_id"] == headers.get("x-request-id"), (doc["request_id"], headers.get("x-request-id"))
+    if code in (429, 503):
+        assert headers.get("retry-after", "").isdigit(), headers
+    return err

@@ -37,7 +37,7 @@ import pandas as pd
 from service.codec import EntityCodec
 from service.contract import VOCAB_FILE, BundleManifest, FeatureSchema, TaskSpec
 from service.readout import join
-from service.store import _read_vocabs, read_manifest
+from service.store import read_manifest, read_vocabs
 from training.data.spec import DatasetSpec, ExposureTable, FeatureSpec, dump_spec
 
 EXPOSURES = "exposures.parquet"
@@ -99,7 +99,7 @@ def rows(records: Iterable[Mapping], store: str | Path) -> tuple[pd.DataFrame, B
         key = (r["model"], int(r["version"]))
         if key not in decoders:
             path, manifest = read_manifest(store, *key)
-            decoders[key] = (manifest, _Decoder(manifest, _read_vocabs(path / VOCAB_FILE, manifest)))
+            decoders[key] = (manifest, _Decoder(manifest, read_vocabs(path / VOCAB_FILE, manifest)))
         manifest, dec = decoders[key]
         if first is None:
             first = manifest
