@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Literal, get_args
 
@@ -349,6 +350,13 @@ def model_inputs(schema: FeatureSchema) -> list[ModelInput]:
             out.append(ModelInput(name=f"{entity}_seq", entity=entity, kind="sequence", dtype="int64",
                                   fields=[f.name for f in sq], width=sum(f.max_len for f in sq)))
     return out
+
+
+def vocab_lookup(values: Sequence[object], vocab_size: int) -> dict[str, int]:
+    """Raw value -> index of a bundle vocabulary (``vocab.json``): the value at position i has index
+    i + 1; 0 is out of vocabulary, and so is every index at or above ``vocab_size`` (outside the
+    embedding table)."""
+    return {str(v): i + 1 for i, v in enumerate(values) if i + 1 < vocab_size}
 
 
 def sha256_file(path) -> str:

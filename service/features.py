@@ -39,7 +39,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.codec import Decoded, EntityCodec
-from service.contract import FeatureSchema, ModelInput, item_key, meta_key, model_inputs, namespace, user_key
+from service.contract import (
+    FeatureSchema,
+    ModelInput,
+    item_key,
+    meta_key,
+    model_inputs,
+    namespace,
+    user_key,
+    vocab_lookup,
+)
 from service.item_cache import ItemCache
 from service.redis_client import StoreUnavailable
 from service.settings import Settings
@@ -143,8 +152,7 @@ class FeatureFetcher:
         for f in self._ctx_sparse:
             if f.name not in vocabs:
                 raise ValueError(f"no vocabulary for context field {f.name!r}")
-            # indices at or above vocab_size would be out of the embedding table: keep them OOV
-            self._ctx_lookup[f.name] = {str(v): i + 1 for i, v in enumerate(vocabs[f.name]) if i + 1 < f.vocab_size}
+            self._ctx_lookup[f.name] = vocab_lookup(vocabs[f.name], f.vocab_size)
         self._ctx_sparse_pos = {f.name: j for j, f in enumerate(self._ctx_sparse)}
         self._ctx_dense_pos = {f.name: j for j, f in enumerate(self._ctx_dense)}
         self._ctx_dense_default = np.array([[f.default for f in self._ctx_dense]], dtype=np.float32)

@@ -43,7 +43,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from service.codec import EntityCodec
-from service.contract import VOCAB_FILE, BundleManifest, FeatureSchema, meta_key, namespace, user_key
+from service.contract import VOCAB_FILE, BundleManifest, FeatureSchema, meta_key, namespace, user_key, vocab_lookup
 from service.events.record import FIELD, decode, stream_key
 from service.redis_client import FeatureStore
 from service.routing import RoutingConfig, implicit_config, load_config, parse_policy
@@ -103,8 +103,7 @@ def target_of(prefix: str, schema: FeatureSchema, vocabs: Mapping[str, Sequence[
     for f in schema.sequence_of("user"):
         if f.event is not None:
             if f.vocab_of not in lookups:
-                lookups[f.vocab_of] = {str(v): i + 1 for i, v in enumerate(vocabs.get(f.vocab_of, ()))
-                                       if i + 1 < sizes[f.vocab_of]}
+                lookups[f.vocab_of] = vocab_lookup(vocabs.get(f.vocab_of, ()), sizes[f.vocab_of])
             slots.setdefault(f.event, []).append(Slot(f.name, seq_at + 4 * pos, f.max_len, lookups[f.vocab_of]))
         pos += f.max_len
     default = codec.encode(np.zeros((1, codec.n_sparse), np.int64), codec.dense_defaults[None, :],
