@@ -1,4 +1,5 @@
 import logging
+import zlib
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_key_layout(schema):
     ns = namespace("p", schema)
     assert ns == f"p:{schema.fingerprint()[:12]}"
     assert user_key(ns, "42") == f"{ns}:u:42"
-    assert item_key(ns, "a:b") == f"{ns}:i:a:b"
+    assert item_key(ns, "a:b") == f"{ns}:i:{{{zlib.crc32(ns.encode()):08x}.{zlib.crc32(b'a:b') % 64}}}:a:b"
     assert meta_key(ns) == f"{ns}:meta"
 
 
