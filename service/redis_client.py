@@ -27,9 +27,13 @@ Choices, and why:
   the probe; the thread then exits.
 * **Cluster**: keys are grouped per node from a slot table copied out of the cluster client's
   ``nodes_manager``, one MGET per hash slot (Redis refuses cross-slot MGETs even on one node),
-  pipelined on one connection per node; every node is written to first and then read, so the
-  nodes work concurrently and a read costs about the slowest node. A node that fails costs only
-  its keys: the others' values come back on :attr:`StoreUnavailable.partial`. MOVED/ASK or a
+  all of a node's MGETs packed (hiredis) into one write on one connection and their replies read
+  back in turn; every node is written to first and then read, so the nodes work concurrently and
+  a read costs about the slowest node. Item keys carry one of ``ITEM_GROUPS`` hash tags per
+  namespace (:func:`service.contract.item_key`), so a request is at most ``ITEM_GROUPS`` + 2 MGETs
+  in all (+ the user and meta keys) however many items it names, and a key's slot is found from
+  a cache of key heads (the part before ``}``) instead of a CRC per key. A node that fails costs
+  only its keys: the others' values come back on :attr:`StoreUnavailable.partial`. MOVED/ASK or a
   failed node schedule a background topology refresh.
 
 Failures surface as :class:`StoreUnavailable` (a ``redis.RedisError``) with a short ``reason``:
