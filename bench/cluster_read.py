@@ -55,15 +55,18 @@ USER_BYTES, ITEM_BYTES = 156, 32
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few rounds and items, output to a temp dir")
-    p.add_argument("--users", type=int, default=10_000)
-    p.add_argument("--items", type=int, default=100_000)
+    p.add_argument("--users", type=int, default=None, help="users loaded (default 10,000; quick 1,000)")
+    p.add_argument("--items", type=int, default=None, help="items loaded (default 100,000; quick 5,000)")
     p.add_argument("--sizes", default="500,2000", help="items per read (comma-separated)")
-    p.add_argument("--rounds", type=int, default=1500, help="timed reads per size and store")
-    p.add_argument("--warmup", type=int, default=100, help="untimed reads per size and store first")
+    p.add_argument("--rounds", type=int, default=None, help="timed reads per size and store (default 1,500; quick 60)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed reads per size and store first (default 100)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default bench/results)")
     a = p.parse_args(argv)
-    if a.quick:
-        a.users, a.items, a.rounds, a.warmup = 1000, 5000, 60, 10
+    defaults = dict(users=1000, items=5000, rounds=60, warmup=10) if a.quick else \
+        dict(users=10_000, items=100_000, rounds=1500, warmup=100)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     return a
 
 
