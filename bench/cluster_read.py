@@ -253,6 +253,7 @@ def run(a) -> dict:
                    "mgets_per_node": calls,
                    "ratio_p50": row["cluster"]["p50_ms"] / row["single"]["p50_ms"],
                    "ratio_p99": row["cluster"]["p99_ms"] / row["single"]["p99_ms"],
+                   "cpu_ratio": row["cluster"]["client_cpu_ms"] / row["single"]["client_cpu_ms"],
                    "v1_ratio_p50": row["cluster, v1 keys"]["p50_ms"] / row["single"]["p50_ms"]}
             results["sizes"][str(n)] = res
             print(f"N={n}: single p50 {row['single']['p50_ms']:.3f} ms, cluster p50 {row['cluster']['p50_ms']:.3f} ms "
@@ -299,10 +300,14 @@ def render(report: dict) -> str:
              res["slot_planning"]["v1"]["p50_ms"]] for n, res in report["results"]["sizes"].items()]
     lines.append(md_table(["read", "key build", "slot grouping (v2 keys)", "slot grouping (v1 keys)"], rows,
                           digits=[0, 3, 3, 3]))
-    target = ", ".join(f"1 + {int(n):,}: {res['ratio_p50']:.2f}x" for n, res in report["results"]["sizes"].items())
-    met = all(res["ratio_p50"] <= 1.5 for res in report["results"]["sizes"].values())
-    lines += ["", f"Target: cluster p50 within 1.5x of the single Redis. Measured: {target} "
-              f"({'met' if met else 'NOT met'})."]
+    sizes = report["results"]["sizes"]
+    target = ", ".join(f"1 + {int(n):,}: {res['ratio_p50']:.2f}x" for n, res in sizes.items())
+    met = all(res["ratio_p50"] <= 1.5 for res in sizes.values())
+    cpu = ", ".join(f"1 + {int(n):,}: {res['cpu_ratio']:.2f}x" for n, res in sizes.items())
+    lines += ["", f"Target: cluster p50 within 1.5x of the single Redis. Measured (wall p50): {target} "
+              f"({'met' if met else 'NOT met'}). Client CPU per read, cluster / single: {cpu}. On a loaded "
+              "machine the wall times are mostly waiting to be scheduled (compare the load average above); the "
+              "client CPU ratio is what an idle machine's wall ratio would approach."]
     return "\n".join(lines) + "\n"
 
 

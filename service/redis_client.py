@@ -30,9 +30,9 @@ Choices, and why:
   all of a node's MGETs packed (hiredis) into one write on one connection and their replies read
   back in turn; every node is written to first and then read, so the nodes work concurrently and
   a read costs about the slowest node. Item keys carry one of ``ITEM_GROUPS`` hash tags per
-  namespace (:func:`service.contract.item_key`), so a request is at most ``ITEM_GROUPS`` + 2 MGETs
-  in all (+ the user and meta keys) however many items it names, and a key's slot is found from
-  a cache of key heads (the part before ``}``) instead of a CRC per key. A node that fails costs
+  namespace (:func:`service.contract.item_key`), so a request's items are at most ``ITEM_GROUPS``
+  MGETs (plus one each for the user and meta keys) however many it names, and a key's slot is
+  found from a cache of key heads (the part before ``}``) instead of a CRC per key. A node that fails costs
   only its keys: the others' values come back on :attr:`StoreUnavailable.partial`. MOVED/ASK or a
   failed node schedule a background topology refresh.
 
