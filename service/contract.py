@@ -26,13 +26,14 @@ And the Redis layout of the online features (:func:`namespace`, :func:`user_key`
 
     ns   = f"{prefix}:{schema.fingerprint()[:12]}"
     user = f"{ns}:u:{user_id}"
-    item = f"{ns}:i:{{{tag}.{k}}}:{item_id}"   # k = crc32(item_id) % ITEM_GROUPS, tag = crc32(ns) (8 hex)
+    item = f"{ns}:i:{{{h}.{k}.{j}}}:{item_id}"  # k = crc32(item_id) % ITEM_GROUPS, h = crc32(ns)
     meta = f"{ns}:meta"
 
-The braces are a Redis Cluster hash tag: a cluster hashes only ``{tag.k}``, so the items of a
+The braces are a Redis Cluster hash tag: a cluster hashes only ``{h.k.j}``, so the items of a
 namespace live in :data:`ITEM_GROUPS` slots and one request's items need at most that many
 MGETs in all, however many items it asks for (a single Redis reads them in one ``MGET``
-as before). The namespace's own hash in the tag puts each namespace's groups in other slots.
+as before). ``j`` spreads the groups evenly over the slots (:func:`_item_heads`); ``h`` puts
+each namespace's groups in other slots.
 
 The namespace holds the schema fingerprint, so a model only ever reads features written for its
 own schema and vocabularies. ``mtrank features load`` (:mod:`training.materialize`) writes them;
@@ -44,12 +45,14 @@ the service (Redis client, settings) nor from training (``tests/test_imports.py`
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import zlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
+from itertools import count
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -337,7 +340,9 @@ def namespace(prefix: str, schema: FeatureSchema) -> str:
 #: key of the same feature would be spelt differently, so that new keys land in a new namespace
 KEY_LAYOUT_VERSION = 2
 #: item hash-tag groups per namespace: on a cluster a request's items touch at most this many slots
-ITEM_GROUPS = 64
+ITEM_GROUPS = 32
+#: Redis Cluster's hash slots (a key's slot: CRC16 of its hash tag, mod this)
+CLUSTER_SLOTS = 16384
 
 
 def user_key(ns: str, user_id: str) -> str:
@@ -349,11 +354,27 @@ def item_group(item_id: str) -> int:
     return zlib.crc32(item_id.encode()) % ITEM_GROUPS
 
 
+def cluster_slot(tag: str) -> int:
+    """The Redis Cluster hash slot of a hash tag (CRC16/XMODEM, as the server computes it)."""
+    return binascii.crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
+
+
 @lru_cache(maxsize=256)
 def _item_heads(ns: str) -> tuple[str, ...]:
-    """Every item key of ``ns`` is one of these ``ITEM_GROUPS`` heads followed by the item id."""
-    tag = f"{zlib.crc32(ns.encode()):08x}"
-    return tuple(f"{ns}:i:{{{tag}.{k}}}:" for k in range(ITEM_GROUPS))
+    """Every item key of ``ns`` is one of these ``ITEM_GROUPS`` heads followed by the item id.
+
+    Group ``k``'s tag is ``<h>.<k>.<j>``: ``h`` the namespace's crc32 (so namespaces use different
+    slots), ``j`` the first counter that puts the tag's slot in the ``k``-th of ``ITEM_GROUPS``
+    equal slot ranges. The groups are thus spread evenly over the slot space: masters holding equal
+    contiguous slot ranges (as ``redis-cli --cluster create`` and ``rebalance`` leave them) hold
+    equal numbers of groups, which a hash alone would not give with so few groups."""
+    h = f"{zlib.crc32(ns.encode()):08x}"
+    heads = []
+    for k in range(ITEM_GROUPS):
+        lo, hi = k * CLUSTER_SLOTS // ITEM_GROUPS, (k + 1) * CLUSTER_SLOTS // ITEM_GROUPS
+        j = next(j for j in count() if lo <= cluster_slot(f"{h}.{k}.{j}") < hi)
+        heads.append(f"{ns}:i:{{{h}.{k}.{j}}}:")
+    return tuple(heads)
 
 
 def item_key(ns: str, item_id: str) -> str:

@@ -7,7 +7,16 @@ import random
 
 from redis.crc import key_slot
 
-from service.contract import ITEM_GROUPS, KEY_LAYOUT_VERSION, item_group, item_key, item_keys, meta_key, user_key
+from service.contract import (
+    CLUSTER_SLOTS,
+    ITEM_GROUPS,
+    KEY_LAYOUT_VERSION,
+    item_group,
+    item_key,
+    item_keys,
+    meta_key,
+    user_key,
+)
 from service.redis_client import _positions_by_slot
 
 NS = "p:0123456789ab"
@@ -30,9 +39,31 @@ def test_item_keys_fall_in_item_groups_slots_per_namespace():
     assert KEY_LAYOUT_VERSION == 2
 
 
+def test_item_groups_spread_evenly_over_the_slots():
+    """Group k's slot is in the k-th of ITEM_GROUPS equal slot ranges: masters with equal contiguous
+    ranges (what `redis-cli --cluster create` makes) hold equal numbers of groups, to one."""
+    for ns in (NS, "mtrank:ffffffffffff", "other-prefix:000000000000"):
+        slots = [key_slot(item_key(ns, i).encode()) for i in _one_id_per_group()]
+        width = CLUSTER_SLOTS // ITEM_GROUPS
+        assert [s // width for s in slots] == list(range(ITEM_GROUPS))
+        for masters in (3, 5, 8):
+            per = [sum(m * CLUSTER_SLOTS // masters <= s < (m + 1) * CLUSTER_SLOTS // masters for s in slots)
+                   for m in range(masters)]
+            assert max(per) - min(per) <= 1, (ns, masters, per)
+
+
+def _one_id_per_group() -> list[str]:
+    ids: dict[int, str] = {}
+    for i in range(10_000):
+        ids.setdefault(item_group(str(i)), str(i))
+        if len(ids) == ITEM_GROUPS:
+            return [ids[k] for k in range(ITEM_GROUPS)]
+    raise AssertionError("some group has no id")
+
+
 def test_item_group_is_stable():
     """Writers and readers on other machines and Python versions must agree: crc32, not hash()."""
-    assert [item_group(i) for i in ("", "0", "item-1", "é")] == [0, 33, 41, 62]
+    assert [item_group(i) for i in ("", "0", "item-1", "é")] == [0, 1, 9, 30]
 
 
 def test_positions_by_slot_follow_redis_cluster_rules():
