@@ -307,7 +307,7 @@ def render(report: dict) -> str:
     lines += ["", f"Target: cluster p50 within 1.5x of the single Redis. Measured (wall p50): {target} "
               f"({'met' if met else 'NOT met'}). Client CPU per read, cluster / single: {cpu}. On a loaded "
               "machine the wall times are mostly waiting to be scheduled (compare the load average above); the "
-              "client CPU ratio is what an idle machine's wall ratio would approach."]
+              "client CPU per read is the client's own work, which an idle machine's wall time exposes."]
     return "\n".join(lines) + "\n"
 
 
