@@ -43,6 +43,7 @@ from service.contract import (
     FeatureSchema,
     ModelInput,
     item_key,
+    item_keys,
     meta_key,
     model_inputs,
     namespace,
@@ -170,7 +171,7 @@ class FeatureFetcher:
         cache = self.cache
         if cache is None:
             keys = [user_key(ns, user_id)]
-            keys.extend([item_key(ns, i) for i in item_ids])
+            keys.extend(item_keys(ns, item_ids))
             values, degraded = self._read(keys)
             user_values, item_values, fetched, from_cache = values[:1], values[1:], None, 0
         else:
@@ -178,7 +179,7 @@ class FeatureFetcher:
             fetched = [j for j, v in enumerate(item_values) if v is None]
             from_cache = len(item_ids) - len(fetched)
             keys = [user_key(ns, user_id), self._meta_key]
-            keys.extend([item_key(ns, item_ids[j]) for j in fetched])
+            keys.extend(item_keys(ns, [item_ids[j] for j in fetched]))
             values, degraded = self._read(keys)
             for j, v in zip(fetched, values[2:], strict=True):
                 item_values[j] = v

@@ -27,9 +27,13 @@ Choices, and why:
   the probe; the thread then exits.
 * **Cluster**: keys are grouped per node from a slot table copied out of the cluster client's
   ``nodes_manager``, one MGET per hash slot (Redis refuses cross-slot MGETs even on one node),
-  pipelined on one connection per node; every node is written to first and then read, so the
-  nodes work concurrently and a read costs about the slowest node. A node that fails costs only
-  its keys: the others' values come back on :attr:`StoreUnavailable.partial`. MOVED/ASK or a
+  all of a node's MGETs packed (hiredis) into one write on one connection and their replies read
+  back in turn; every node is written to first and then read, so the nodes work concurrently and
+  a read costs about the slowest node. Item keys carry one of ``ITEM_GROUPS`` hash tags per
+  namespace (:func:`service.contract.item_key`), so a request's items are at most ``ITEM_GROUPS``
+  MGETs (plus one each for the user and meta keys) however many it names, and a key's slot is
+  found from a cache of key heads (the part before ``}``) instead of a CRC per key. A node that fails costs
+  only its keys: the others' values come back on :attr:`StoreUnavailable.partial`. MOVED/ASK or a
   failed node schedule a background topology refresh.
 
 Failures surface as :class:`StoreUnavailable` (a ``redis.RedisError``) with a short ``reason``:
@@ -47,6 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
@@ -277,14 +282,16 @@ class FeatureStore:
             raise self._failed(node, reply)
         return reply
 
-    def _send(self, node: _Node, commands: list[tuple]):
-        """A connection of ``node`` with ``commands`` written on it (pipelined)."""
+    def _send(self, node: _Node, commands: list[tuple] | bytes):
+        """A connection of ``node`` with ``commands`` written on it (pipelined; ``bytes``: packed already)."""
         try:
             conn = node.pool.get_connection()
         except redis.RedisError as e:
             raise self._failed(node, e) from None
         try:
-            if len(commands) == 1:
+            if isinstance(commands, bytes):
+                conn.send_packed_command([commands])
+            elif len(commands) == 1:
                 conn.send_command(*commands[0])
             else:
                 conn.send_packed_command(conn.pack_commands(commands))
@@ -324,26 +331,30 @@ class FeatureStore:
         return StoreUnavailable(reason, detail)
 
     def _mget_cluster(self, keys: Sequence[str], until: float) -> list[bytes | None]:
-        table = self._slot_table
-        plan: dict[str, dict[int, list[int]]] = {}  # node -> slot -> positions
-        for pos, key in enumerate(keys):
-            slot = key_slot(key.encode())
-            plan.setdefault(table[slot], {}).setdefault(slot, []).append(pos)
+        """One pipeline per node (a write of all its MGETs, then a read of all their replies), one
+        MGET per hash slot; every node is written to before any is read, so they work concurrently.
+        With the item keys' hash tags (:data:`service.contract.ITEM_GROUPS`) that is a bounded
+        number of MGETs per node, however many items a request names."""
+        table, pack = self._slot_table, hiredis.pack_command  # hiredis packs in C; redis-py's packer loops per key
+        plan: dict[str, list[list[int]]] = {}  # node -> positions of each of its MGETs (one per slot)
+        for slot, positions in _positions_by_slot(keys).items():
+            plan.setdefault(table[slot], []).append(positions)
         out: list = [None] * len(keys)
         errors: list[StoreUnavailable] = []
         sent = []
-        for name, by_slot in plan.items():
+        for name, groups in plan.items():
             node = self._nodes.get(name)
             if node is None:
-                errors.append(StoreUnavailable("down", f"no node serves slot {next(iter(by_slot))}"))
+                errors.append(StoreUnavailable("down", f"no node serves slot {key_slot(keys[groups[0][0]].encode())}"))
                 self._schedule_refresh()
                 continue
             if not node.breaker.allow():
                 errors.append(StoreUnavailable("circuit_open", node.breaker.last_error or ""))
                 continue
-            groups = list(by_slot.values())
+            # (hiredis' stub types the argument as a 1-tuple; it takes any tuple of str/bytes)
+            packed = b"".join([pack(("MGET", *map(keys.__getitem__, g))) for g in groups])  # type: ignore[arg-type]
             try:
-                conn = self._send(node, [("MGET", *[keys[p] for p in g]) for g in groups])
+                conn = self._send(node, packed)
             except StoreUnavailable as e:
                 errors.append(e)
                 continue
@@ -406,6 +417,35 @@ class FeatureStore:
         for n in list(self._nodes.values()):
             n.pool.disconnect()
         self.client.close()
+
+
+#: hash slot of a key *head* (the key up to its first ``}``) when the head alone decides it, i.e. holds
+#: a non-empty hash tag: each namespace's item keys share ITEM_GROUPS heads (service.contract), so a
+#: request's thousands of item keys cost a dict lookup each instead of a CRC each
+_HEAD_SLOTS: dict[str, int] = {}
+_HEAD_SLOTS_MAX = 1 << 16
+
+
+def _positions_by_slot(keys: Sequence[str]) -> dict[int, list[int]]:
+    """The positions of ``keys`` grouped by hash slot (Redis Cluster's rules: the first ``{...}``
+    with something inside, else the whole key)."""
+    cache = _HEAD_SLOTS
+    by_slot: dict[int, list[int]] = {}
+    for pos, key in enumerate(keys):
+        head, brace, _ = key.partition("}")
+        slot = cache.get(head) if brace else None
+        if slot is None:
+            slot = key_slot(key.encode())
+            if brace and "{" in head[:-1]:  # a non-empty tag inside the head: it alone decides the slot
+                if len(cache) >= _HEAD_SLOTS_MAX:
+                    cache.clear()
+                cache[head] = slot
+        at = by_slot.get(slot)
+        if at is None:
+            by_slot[slot] = [pos]
+        else:
+            at.append(pos)
+    return by_slot
 
 
 def redis_name(pool: redis.ConnectionPool) -> str:

@@ -10,9 +10,13 @@ touches what a running model reads. Re-running overwrites the same keys with the
 
 On a Redis Cluster (a ``redis.cluster.RedisCluster`` client, e.g. from a ``redis+cluster://`` URL)
 each batch is written with ``mset_nonatomic``: one MSET per hash slot, pipelined per node by the
-cluster client (a plain MSET across slots is refused by the cluster).
+cluster client (a plain MSET across slots is refused by the cluster). Item keys carry a hash tag
+of one of :data:`service.contract.ITEM_GROUPS` groups, so a batch of items is at most that many
+MSETs; the reader (:meth:`service.redis_client.FeatureStore.mget`) reads them back through the same
+key functions, a bounded number of MGETs per node.
 
-The namespace meta key is written last, after every value, and carries a fresh ``load_id``:
+The namespace meta key is written last, after every value, and carries a fresh ``load_id`` (and
+the ``key_layout`` version the keys were written in, :data:`service.contract.KEY_LAYOUT_VERSION`):
 serving processes read it in their feature MGET and empty their item caches when it changes
 (see :mod:`service.features`), so a reload is picked up at the next request.
 """
@@ -30,7 +34,16 @@ from redis.cluster import RedisCluster
 from tqdm.auto import tqdm
 
 from service.codec import EntityCodec
-from service.contract import MANIFEST_FILE, VOCAB_FILE, BundleManifest, item_key, meta_key, namespace, user_key
+from service.contract import (
+    KEY_LAYOUT_VERSION,
+    MANIFEST_FILE,
+    VOCAB_FILE,
+    BundleManifest,
+    item_keys,
+    meta_key,
+    namespace,
+    user_key,
+)
 from training.data.dataset import encode_entities, read_raw
 
 
@@ -59,10 +72,10 @@ def load_features(data: str | Path, bundle_dir: str | Path, client: redis.Redis 
     ns = namespace(prefix, schema)
     raw = read_raw(data)
     counts, total_bytes = {}, 0
-    for entity, key_of in (("user", user_key), ("item", item_key)):
+    for entity in ("user", "item"):
         table = encode_entities(raw, schema, vocabs, entity, fill_dense=False)  # NaN: the reader's mean
         values = EntityCodec.for_schema(schema, entity).encode(table.sparse, table.dense, table.seq)
-        keys = [key_of(ns, i) for i in table.ids]
+        keys = [user_key(ns, i) for i in table.ids] if entity == "user" else item_keys(ns, table.ids)
         with tqdm(total=len(keys), desc=f"{entity} features", unit=entity, disable=not progress) as bar:
             for i in range(0, len(keys), chunk * 10):
                 _write(client, keys[i:i + chunk * 10], values[i:i + chunk * 10], chunk)
@@ -73,6 +86,7 @@ def load_features(data: str | Path, bundle_dir: str | Path, client: redis.Redis 
     client.set(meta_key(ns), json.dumps({
         "schema_fingerprint": schema.fingerprint(), "model": manifest.name, "version": manifest.version,
         "users": summary.users, "items": summary.items, "loaded_at": time.time(), "load_id": uuid.uuid4().hex,
+        "key_layout": KEY_LAYOUT_VERSION,
     }))
     return summary
 

@@ -5,6 +5,7 @@ instead of failing. The kill is the last test of the module."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import socket
@@ -16,11 +17,14 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from service.codec import EntityCodec
+from service.contract import ITEM_GROUPS, VOCAB_FILE, item_keys, user_key
 from service.features import item_key, namespace
 from service.redis_client import StoreUnavailable, client_for_url, make_client
 from service.settings import Settings
 from tests.support.redis_server import RedisProc
 from tests.support.world import load_world, store_settings
+from training.data.dataset import encode_entities, read_raw
 
 PREFIX = "clu"
 pytestmark = pytest.mark.slow  # three redis-server nodes joined into a cluster, one killed at the end
@@ -136,6 +140,45 @@ def test_scores_equal_a_single_redis(loaded, world, rig, own_redis, cache):
             assert ja["items"] == jb["items"]
     if cache:
         assert on_cluster.ranker.fetcher.cache_stats()["hits"] > 0
+
+
+def test_features_written_by_the_loader_read_back_identical(loaded, world, rig):
+    """Writer (mtrank features load) and reader (FeatureStore.mget) agree on the key layout: every
+    user's and item's value read from the cluster, in a shuffled order, is the bytes the codec
+    makes of the data; the items sit in ITEM_GROUPS slots."""
+    rg = rig(store_settings(loaded.url, PREFIX, world))
+    schema = rg.ranker.bundle.manifest.feature_schema
+    vocabs = json.loads((world.bundle_dir / VOCAB_FILE).read_text())
+    raw = read_raw(world.data)
+    ns = namespace(PREFIX, schema)
+    keys, want = [], []
+    for entity in ("user", "item"):
+        table = encode_entities(raw, schema, vocabs, entity)
+        keys += [user_key(ns, i) for i in table.ids] if entity == "user" else item_keys(ns, list(table.ids))
+        want += EntityCodec.for_schema(schema, entity).encode(table.sparse, table.dense, table.seq)
+    order = random.Random(3).sample(range(len(keys)), len(keys))
+    assert rg.store.mget([keys[j] for j in order]) == [want[j] for j in order]
+    assert len({key_slot(k.encode()) for k in item_keys(ns, world.items)}) == ITEM_GROUPS
+
+
+def _mget_calls(p: RedisProc) -> int:
+    return int(p.client().info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+
+
+def test_a_read_of_2000_items_is_at_most_item_groups_mgets(loaded, world, rig):
+    """1 user + 2,000 items: one MGET per slot touched, so ITEM_GROUPS + 1 in all (counted by each
+    node's INFO commandstats), against ~2,000 under the untagged layout."""
+    rg = rig(store_settings(loaded.url, PREFIX, world))
+    ns = "bound:000000000000"
+    keys = [user_key(ns, "someone"), *item_keys(ns, [f"item-{i}" for i in range(2000)])]
+    values = [f"v{j}".encode() for j in range(len(keys))]
+    rg.store.client.mset_nonatomic(dict(zip(keys, values, strict=True)))
+    before = [_mget_calls(p) for p in loaded.procs]
+    assert rg.store.mget(keys) == values
+    calls = [_mget_calls(p) - b for p, b in zip(loaded.procs, before, strict=True)]
+    slots = [len({key_slot(k.encode()) for k in keys if loaded.node_of(k) is p}) for p in loaded.procs]
+    assert calls == slots and sum(calls) == ITEM_GROUPS + 1
+    rg.store.client.delete(*keys)
 
 
 def test_a_moved_slot_is_followed_after_one_degraded_read(loaded, world, rig):

@@ -1,4 +1,6 @@
 import logging
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -63,7 +65,8 @@ def test_key_layout(schema):
     ns = namespace("p", schema)
     assert ns == f"p:{schema.fingerprint()[:12]}"
     assert user_key(ns, "42") == f"{ns}:u:42"
-    assert item_key(ns, "a:b") == f"{ns}:i:a:b"
+    k = zlib.crc32(b"a:b") % 32  # key layout 2: one of 32 hash-tag groups (tests/featurestore/test_key_layout.py)
+    assert re.fullmatch(rf"{ns}:i:\{{{zlib.crc32(ns.encode()):08x}\.{k}\.\d+\}}:a:b", item_key(ns, "a:b"))
     assert meta_key(ns) == f"{ns}:meta"
 
 

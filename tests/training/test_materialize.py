@@ -1,12 +1,14 @@
 """`mtrank features load`: packed values in a real Redis, idempotent, namespaced by schema."""
 
 import json
+import re
+import zlib
 
 import numpy as np
 import redis
 
 from service.codec import EntityCodec
-from service.contract import BundleManifest, item_key, meta_key, namespace, user_key
+from service.contract import KEY_LAYOUT_VERSION, BundleManifest, item_key, meta_key, namespace, user_key
 from training.data.dataset import encode_entities, prepare, read_raw
 from training.data.synth import SynthConfig, generate
 from training.export import export_bundle
@@ -29,8 +31,11 @@ def test_load_is_idempotent_and_namespaced(tmp_path, redis_url, key_prefix):
     assert len(keys) == 120 + 300 + 1
     # the layout, spelled out (docs/contract: changing it strands every loaded namespace)
     assert ns == f"{key_prefix}:{ds.schema.fingerprint()[:12]}"
-    assert set(keys) == ({f"{ns}:u:{u}".encode() for u in ds.users.ids} | {f"{ns}:i:{i}".encode() for i in ds.items.ids}
-                         | {f"{ns}:meta".encode()})
+    users = {f"{ns}:u:{u}".encode() for u in ds.users.ids}
+    assert users | {f"{ns}:meta".encode()} < set(keys)
+    h = f"{zlib.crc32(ns.encode()):08x}"  # key layout 2: an item key carries the hash tag of one of 32 groups
+    items = {re.fullmatch(rf"{ns}:i:\{{{h}\.(\d+)\.\d+\}}:(.+)", k.decode()).groups() for k in keys if b":i:" in k}
+    assert items == {(str(zlib.crc32(i.encode()) % 32), i) for i in ds.items.ids}
     before = dict(zip(keys, client.mget(keys), strict=True))
     load_features(data, bundle, client, prefix=key_prefix, progress=False)  # again: same keys, same bytes
     after_keys = sorted(client.scan_iter(match=f"{key_prefix}:*", count=1000))
@@ -38,6 +43,7 @@ def test_load_is_idempotent_and_namespaced(tmp_path, redis_url, key_prefix):
     assert all(client.get(k) == v for k, v in before.items() if not k.endswith(b":meta"))
     meta = json.loads(client.get(meta_key(ns)))
     assert meta["schema_fingerprint"] == ds.schema.fingerprint() and meta["users"] == 120
+    assert meta["key_layout"] == KEY_LAYOUT_VERSION == 2
 
     # the stored bytes decode to exactly what training encoded
     manifest = BundleManifest.from_json((bundle / "manifest.json").read_text())
