@@ -20,6 +20,8 @@ from training.data.synth import SynthConfig, generate
 from training.materialize import load_features
 from training.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # trains a model of its own (two other binary tasks)
+
 
 @pytest.fixture(scope="module")
 def click_like(tmp_path_factory, redis_server):

@@ -146,6 +146,7 @@ def test_report_and_manifest_hold_calibration_for_every_task(trained):
     assert report["test_metrics"]["ece/ctr"] < max(0.02, report["test_metrics"]["ece_uncalibrated/ctr"])
 
 
+@pytest.mark.slow
 def test_served_watch_time_is_unbiased_on_clicked_test_rows(trained):
     """The served (ONNX) watch time's mean on the clicked test rows is within 5% of the observed
     mean; the uncorrected expm1(E[log1p y]) is more than 20% low."""
