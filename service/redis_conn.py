@@ -9,16 +9,17 @@ Choices, and why:
 
 * **Connecting is off the request path.** Opening a connection is DNS (``getaddrinfo`` has no
   timeout), a connect per address, TLS, AUTH or HELLO, SELECT, and here a PING that proves the
-  server answers: each step bounded by ``MTRANK_REDIS_TIMEOUT_MS``, none bounded by a request's
+  server answers: each network step bounded by ``MTRANK_REDIS_TIMEOUT_MS``, none by a request's
   budget. So it runs in one thread per node (``mtrank-redis-pool-<node>``; nodes connect in
   parallel, a node whose DNS hangs stalls only its own thread). The thread wakes every
-  :data:`MAINTAIN_EVERY_S` and whenever a request discards a connection, drops idle sockets the
+  :data:`MAINTAIN_EVERY_S` (backing off to :data:`MAINTAIN_MAX_S` while opens fail) and whenever a
+  request discards a connection, drops idle sockets the
   server closed (a restart, an idle timeout) and opens replacements, one at a time.
 * **A request waits at most its budget.** :meth:`WarmPool.acquire` returns an idle connection
   (checked with a zero-timeout poll: one the server closed is dropped, and the next one tried); with
   none idle it waits on a condition until one is released or opened, or until the budget is spent.
   It fails at once when the pool has no connection at all and the last attempt to open one
-  failed: the node is unreachable, waiting would only spend the budget.
+  failed, or the node's breaker is open: waiting would only spend the budget.
 * **Three failures, told apart.** ``redis.ConnectionError`` (no connection, the last open failed)
   and ``redis.TimeoutError`` (no connection yet, one is being opened) are failures of the node;
   :class:`PoolBusy` (every connection in use by other requests) is not: it says the pool is too
@@ -46,8 +47,10 @@ from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
-#: seconds between two maintenance passes of a pool (drop closed idle sockets, refill)
+#: seconds between two maintenance passes of a pool (drop closed idle sockets, refill); after failed
+#: opens the pause doubles up to MAINTAIN_MAX_S (a request that discards a connection wakes it at once)
 MAINTAIN_EVERY_S = 0.1
+MAINTAIN_MAX_S = 0.8
 _PONG = (b"PONG", "PONG", True)
 
 
@@ -101,6 +104,7 @@ class WarmPool:
         self._closed = False
         self._tried = threading.Event()  # the first fill has finished, well or not
         self.error: str | None = None  # why the last open failed; None once one succeeds
+        self._fails = 0  # consecutive failed opens
         self._bug: str | None = None  # the last open raised something that is not a Redis error
         self.opened = 0
         self._thread = threading.Thread(target=self._run, name=f"mtrank-redis-pool-{name}", daemon=True)
@@ -132,10 +136,13 @@ class WarmPool:
                     self._wake.set()
                 if self._closed:
                     raise redis.ConnectionError("connection pool closed")
-                if self._total == 0 and self._bug is not None:
-                    raise RuntimeError(f"opening a connection failed: {self._bug}")
-                if self._total == 0 and self.error is not None:
-                    raise redis.ConnectionError(f"no warm connection ({self.error})")
+                if self._total == 0:  # nothing to wait for unless the thread is opening one
+                    if self._bug is not None:
+                        raise RuntimeError(f"opening a connection failed: {self._bug}")
+                    if self.error is not None:
+                        raise redis.ConnectionError(f"no warm connection ({self.error})")
+                    if self._paused():
+                        raise redis.ConnectionError("no warm connection (circuit open)")
                 left = until - time.monotonic()
                 if left <= 0:
                     if self._total:
@@ -158,6 +165,7 @@ class WarmPool:
         conn.disconnect()
         with self._cond:
             self._total -= 1
+            self._cond.notify_all()  # a waiter may now have nothing left to wait for
         self._wake.set()
 
     # -- breaker hooks ---------------------------------------------------------------------------
@@ -166,6 +174,7 @@ class WarmPool:
         with self._cond:
             idle, self._idle = self._idle, []
             self._total -= len(idle)
+            self._cond.notify_all()
         for conn in idle:
             conn.disconnect()
 
@@ -214,7 +223,7 @@ class WarmPool:
                 self._maintain()
             finally:
                 self._tried.set()
-            self._wake.wait(MAINTAIN_EVERY_S)
+            self._wake.wait(min(MAINTAIN_EVERY_S * 2 ** self._fails, MAINTAIN_MAX_S))
             self._wake.clear()
 
     def _maintain(self) -> None:
@@ -245,6 +254,7 @@ class WarmPool:
                 if self.error is not None:
                     log.warning("feature store %s: connected again (was: %s)", self.name, self.error)
                 self.error = self._bug = None
+                self._fails = 0
                 self._total += 1
                 self._idle.append(conn)
                 self._cond.notify()
@@ -254,5 +264,6 @@ class WarmPool:
             if error != self.error:
                 log.warning("feature store %s: opening a connection failed: %s", self.name, error)
             self.error = error
+            self._fails = min(self._fails + 1, 8)
             self._bug = error if bug else None
             self._cond.notify_all()  # waiting requests: fail now rather than at their deadline

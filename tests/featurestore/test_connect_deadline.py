@@ -53,12 +53,15 @@ def _audit(event: str, args: tuple) -> None:
         _connects.append((threading.current_thread().name, "getaddrinfo", time.monotonic()))
 
 
-sys.addaudithook(_audit)  # audit hooks cannot be removed: it is idle unless a test watches a port
+_hooked: list[bool] = []
 
 
 @contextmanager
 def watching(port: int):
     """Record every socket connect and DNS lookup of this process to ``port`` (thread, event, time)."""
+    if not _hooked:  # audit hooks cannot be removed: installed on first use, idle unless watching
+        sys.addaudithook(_audit)
+        _hooked.append(True)
     _connects.clear()
     _watching.append(port)
     try:
@@ -272,3 +275,24 @@ def test_restart_reconnects_in_the_pool_thread_at_most_pool_size_connections(own
     assert len(after) <= pool_size + 1, after
     assert stats["connected_clients"] <= pool_size + 1, stats["connected_clients"]  # + this test's client
     assert all(t < DEADLINE_S + BOUND_S for _, t in seen)
+
+
+def test_a_busy_pool_waits_within_the_budget_and_is_not_a_node_failure(own_redis):
+    """Every warm connection in use (here: the only one, held by the test): a read waits for one at
+    most its budget, answers ``timeout`` and does not count towards opening the breaker; once a
+    connection is free again, reads succeed without a new connection."""
+    r = own_redis()
+    r.client().mset({"k1": b"a", "k2": b"b"})
+    st = make_store(Settings(redis_url=r.url, redis_pool_size=1, breaker_failures=2, redis_timeout_ms=500))
+    try:
+        pool = st._single.pool
+        held = pool.acquire(time.monotonic() + 1)
+        got = timed_reads(st, 4)
+        assert [reason for reason, _ in got] == ["timeout"] * 4, got
+        assert max(t for _, t in got) < DEADLINE_S + BOUND_S
+        assert st.state == "closed" and st.breakers()[st._single.name]["failures"] == 0
+        pool.release(held)
+        assert st.mget(["k1", "k2"]) == [b"a", b"b"]
+        assert st.connections()[st._single.name] == {"idle": 1, "open": 1, "opened": 1, "error": None}
+    finally:
+        st.close()
