@@ -140,6 +140,7 @@ class WarmPool:
                     if self._bug is not None:
                         raise RuntimeError(f"opening a connection failed: {self._bug}")
                     if self.error is not None:
+                        self._wake.set()  # retry now rather than after the back-off: the node is wanted
                         raise redis.ConnectionError(f"no warm connection ({self.error})")
                     if self._paused():
                         raise redis.ConnectionError("no warm connection (circuit open)")
