@@ -10,21 +10,24 @@ Choices, and why:
 * **Two paths.** ``store.client`` is an ordinary redis-py client (``redis.Redis`` or
   ``redis.cluster.RedisCluster``) with ``MTRANK_REDIS_TIMEOUT_MS`` timeouts and one immediate
   retry, for the control path (meta checks, ``/readyz``, tools). :meth:`FeatureStore.mget`, the
-  request path, uses its own connection pool per node, without redis-py's retries, so nothing
-  it does can take longer than the budget.
-* **Deadline = socket timeouts.** The pools' connect/send timeouts are ``MTRANK_REDIS_DEADLINE_MS``
-  and every reply is read with ``read_response(timeout=<what is left of the budget>)``. On a
-  timeout redis-py closes the socket (``disconnect_on_error``), so a late reply can never be read
-  by the next request; the pool reconnects that connection when it is next used. No threads are
-  spent per request. (A byte-trickling server could stretch one read by one more timeout; Redis
-  does not trickle.)
+  request path, reads through a :class:`~service.redis_conn.WarmPool` per node, without retries.
+* **The whole read inside the budget.** A read never connects: DNS, connect, TLS, AUTH/HELLO and
+  SELECT happen in each node's pool thread (``service.redis_conn``), which keeps
+  ``MTRANK_REDIS_POOL_SIZE`` connections warm and replaces closed ones. A read waits for a warm
+  connection at most its budget, sends with the rest of it as the socket timeout and reads every
+  reply with ``read_response(timeout=<what is left>)``. On a timeout the socket is closed and the
+  connection discarded (a late reply can never be read by the next request); the pool thread
+  opens its replacement. No threads are spent per request. (A byte-trickling server could stretch
+  one read by one more timeout; Redis does not trickle.)
 * **Circuit breaker per node**, small and local (:class:`Breaker`; the packaged breakers are
   not thread-safe or want asyncio). ``MTRANK_BREAKER_FAILURES`` consecutive failures open it;
-  while open, reads of that node fail at once with ``circuit_open`` (no network). Probing is off
-  the request path: opening starts a tiny daemon thread that PINGs the node on a fresh connection
-  every ``MTRANK_BREAKER_PROBE_S`` (state ``half_open`` while the PING is out) and closes the
-  breaker on PONG, so service resumes ~probe_s after Redis answers, with no request paying for
-  the probe; the thread then exits.
+  while open, reads of that node fail at once with ``circuit_open`` (no network) and the node's
+  pool stops connecting. Probing is off the request path: opening starts a tiny daemon thread
+  that PINGs the node on a fresh connection every ``MTRANK_BREAKER_PROBE_S``. A PONG makes it
+  half-open: that connection joins the pool, reads are re-admitted on warm connections only (at
+  most the pool's size at once, none connects), and the first success closes it (a read's, or the
+  next probe's), a failure opens it again. So service resumes ~probe_s after Redis answers, with
+  no request paying for the probe and no reconnect storm; the thread then exits.
 * **Cluster**: keys are grouped per node from a slot table copied out of the cluster client's
   ``nodes_manager``, one MGET per hash slot (Redis refuses cross-slot MGETs even on one node),
   all of a node's MGETs packed (hiredis) into one write on one connection and their replies read
@@ -59,6 +62,7 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError
 from redis.retry import Retry
 
+from service.redis_conn import PoolBusy, WarmPool, connection_kwargs, set_timeout
 from service.settings import Settings, url_secret
 
 log = logging.getLogger(__name__)
@@ -83,10 +87,14 @@ class StoreUnavailable(redis.RedisError):
 
 
 class Breaker:
-    """Consecutive-failure circuit breaker of one Redis node, with a background PING probe.
+    """Consecutive-failure circuit breaker of one Redis node, with a background probe.
 
-    ``probe`` raises when the node does not answer. ``allow()`` and ``success()`` (the healthy
-    request path) read one attribute and take no lock."""
+    ``failures`` consecutive failures open it: reads fail at once, and a thread calls ``probe``
+    (raises when the node does not answer) every ``probe_s``. A probe that answers makes it
+    ``half_open``: reads are let through again, on the warm connections of the node's pool (a
+    read never connects, so re-admission cannot storm the node). The first success, a read's or
+    the next probe's, closes it; a failure while half-open opens it again at once. ``allow()``
+    and ``success()`` (the healthy request path) read attributes and take no lock."""
 
     def __init__(self, name: str, failures: int, probe_s: float, probe: Callable[[], object],
                  stop: threading.Event, on_open: Callable[[], None] | None = None):
@@ -97,6 +105,7 @@ class Breaker:
         self._stop = stop
         self._on_open = on_open
         self._lock = threading.Lock()
+        self._probing = False  # a probe thread runs (one at most)
         self.state = "closed"
         self.failures = 0  # consecutive
         self.last_error: str | None = None
@@ -104,78 +113,73 @@ class Breaker:
         self.retired = False  # the node left the cluster: stop probing it
 
     def allow(self) -> bool:
-        return self.state == "closed"
+        return self.state != "open"
 
     def success(self) -> None:
-        if self.failures:
-            with self._lock:
-                self.failures = 0
+        if self.failures or self.state != "closed":
+            self._close("a read succeeded")
 
     def failure(self, error: str) -> None:
         with self._lock:
             self.failures += 1
             self.last_error = error
-            if self.state != "closed" or self.failures < self.threshold:
+            if self.state == "half_open":
+                self.state = "open"
+            elif self.state != "closed" or self.failures < self.threshold:
                 return
-            self.state = "open"
-            self.opened_at = time.monotonic()
+            else:
+                self.state = "open"
+                self.opened_at = time.monotonic()
+            start, self._probing = not self._probing, True
         log.warning("feature store %s: circuit open after %d consecutive failures (%s)", self.name,
                     self.failures, error)
         if self._on_open is not None:
             self._on_open()
-        threading.Thread(target=self._probe_loop, name=f"mtrank-breaker-{self.name}", daemon=True).start()
+        if start:
+            threading.Thread(target=self._probe_loop, name=f"mtrank-breaker-{self.name}", daemon=True).start()
+
+    def _close(self, why: str) -> None:
+        with self._lock:
+            was, self.state, self.failures = self.state, "closed", 0
+        if was != "closed":
+            log.warning("feature store %s: circuit closed (%s; %.2fs after it opened)", self.name, why,
+                        time.monotonic() - (self.opened_at or 0.0))
 
     def _probe_loop(self) -> None:
-        while not self._stop.wait(self.probe_s) and not self.retired:
+        while not self._stop.wait(self.probe_s):
             with self._lock:
-                self.state = "half_open"
+                if self.state == "closed" or self.retired:
+                    self._probing = False
+                    return
+                state = self.state
             try:
                 self._probe()
-            except Exception as e:  # any failure keeps it open
+            except Exception as e:  # any failure keeps it open (or opens it again)
                 with self._lock:
                     self.state = "open"
                     self.last_error = f"probe: {type(e).__name__}: {e}"
+                if state == "half_open" and self._on_open is not None:
+                    self._on_open()
+                continue
+            if state == "half_open":  # no read came to decide: a second probe answer does
+                self._close("PING answered twice")
                 continue
             with self._lock:
-                self.state = "closed"
-                self.failures = 0
-            log.warning("feature store %s: circuit closed (PING answered after %.2fs)", self.name,
-                        time.monotonic() - (self.opened_at or 0.0))
-            return
+                if self.state == "open":
+                    self.state = "half_open"
+            log.info("feature store %s: circuit half-open (PING answered after %.2fs): reads re-admitted on "
+                     "warm connections", self.name, time.monotonic() - (self.opened_at or 0.0))
 
 
 class _Node:
-    """One Redis server of the request path: its pool (short timeouts) and breaker."""
+    """One Redis server of the request path: its warm pool and breaker."""
 
     __slots__ = ("breaker", "name", "pool")
 
-    def __init__(self, name: str, pool: redis.ConnectionPool, breaker: Breaker):
+    def __init__(self, name: str, pool: WarmPool, breaker: Breaker):
         self.name = name
         self.pool = pool
         self.breaker = breaker
-
-
-def _fast_pool(pool: redis.ConnectionPool, timeout_s: float) -> redis.ConnectionPool:
-    """A pool like ``pool`` (same server, credentials, TLS, db) with ``timeout_s`` socket timeouts,
-    no retries and no CLIENT SETINFO round trips at connect."""
-    kw = dict(pool.connection_kwargs)
-    for k in ("lib_name", "lib_version", "retry_on_timeout", "retry_on_error", "cache", "himport_registry"):
-        kw.pop(k, None)
-    kw.update(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
-              driver_info=None, health_check_interval=0)
-    return redis.ConnectionPool(connection_class=pool.connection_class, **kw)
-
-
-def _ping_once(pool: redis.ConnectionPool, timeout_s: float) -> None:
-    """PING on a new connection to the pool's server (never a pooled one: it may hold a stale reply)."""
-    conn = _fast_pool(pool, timeout_s).make_connection()
-    try:
-        conn.connect()
-        conn.send_command("PING")
-        if conn.read_response(timeout=timeout_s) not in (b"PONG", "PONG", True):
-            raise redis.ConnectionError("unexpected PING reply")
-    finally:
-        conn.disconnect()
 
 
 class FeatureStore:
@@ -186,6 +190,7 @@ class FeatureStore:
         self.client = client
         self.settings = settings
         self.deadline_s = settings.redis_deadline_ms / 1000.0
+        self.connect_timeout_s = settings.redis_timeout_s  # the pools' threads: connect, TLS, AUTH, PING
         self.probe_timeout_s = max(self.deadline_s, min(settings.redis_timeout_s, 0.1))
         self.is_cluster = isinstance(client, RedisCluster)
         self._password = url_secret(settings.redis_url)
@@ -200,16 +205,21 @@ class FeatureStore:
             self._load_topology()
         else:
             self._single = self._node(redis_name(client.connection_pool), client.connection_pool)
+        # the first fill of every node's pool, in parallel: the first reads find warm connections
+        until = time.monotonic() + 2 * self.connect_timeout_s + 0.5
+        for node in list(self._nodes.values()):
+            node.pool.wait_ready(max(until - time.monotonic(), 0.0))
 
     # -- nodes and topology ----------------------------------------------------------------------
     def _node(self, name: str, source_pool: redis.ConnectionPool) -> _Node:
         node = self._nodes.get(name)
         if node is None:
-            pool = _fast_pool(source_pool, self.deadline_s)
+            pool = WarmPool(name, source_pool.connection_class, connection_kwargs(source_pool, self.connect_timeout_s),
+                            self.settings.redis_pool_size, self.connect_timeout_s,
+                            paused=lambda: breaker.state == "open", scrub=self._scrub)
             breaker = Breaker(name, self.settings.breaker_failures, self.settings.breaker_probe_s,
-                              probe=lambda: _ping_once(pool, self.probe_timeout_s), stop=self._stop,
-                              on_open=lambda: pool.disconnect(inuse_connections=False))
-            node = self._nodes[name] = _Node(name, pool, breaker)
+                              probe=lambda: pool.probe(self.probe_timeout_s), stop=self._stop, on_open=pool.drop_idle)
+            node = self._nodes[name] = _Node(name, pool.start(), breaker)
         return node
 
     def _load_topology(self) -> None:
@@ -227,7 +237,7 @@ class FeatureStore:
             for name in set(self._nodes) - set(table):  # gone (e.g. replaced by a promoted replica)
                 node = self._nodes.pop(name)
                 node.breaker.retired = True
-                node.pool.disconnect()
+                node.pool.close()
 
     def _schedule_refresh(self) -> None:
         """Re-read the cluster topology in the background, at most once per second."""
@@ -276,28 +286,34 @@ class FeatureStore:
         node = self._single
         if not node.breaker.allow():
             raise StoreUnavailable("circuit_open", node.breaker.last_error or "")
-        conn = self._send(node, [("MGET", *keys)])
+        conn = self._send(node, [("MGET", *keys)], until)
         reply = self._recv(node, conn, 1, until)[0]
         if isinstance(reply, Exception):  # an error reply (NOAUTH, OOM, ...): the server cannot serve us
             raise self._failed(node, reply)
         return reply
 
-    def _send(self, node: _Node, commands: list[tuple] | bytes):
-        """A connection of ``node`` with ``commands`` written on it (pipelined; ``bytes``: packed already)."""
+    def _send(self, node: _Node, commands: list[tuple] | bytes, until: float):
+        """A warm connection of ``node`` with ``commands`` written on it (pipelined; ``bytes``: packed
+        already) by ``until``."""
         try:
-            conn = node.pool.get_connection()
+            conn = node.pool.acquire(until)
+        except PoolBusy as e:  # the pool is too small for the load: not a failure of the node
+            raise StoreUnavailable("timeout", self._scrub(f"{node.name}: {e}")) from None
         except redis.RedisError as e:
             raise self._failed(node, e) from None
         try:
+            set_timeout(conn, until - time.monotonic())
             if isinstance(commands, bytes):
                 conn.send_packed_command([commands])
             elif len(commands) == 1:
                 conn.send_command(*commands[0])
             else:
                 conn.send_packed_command(conn.pack_commands(commands))
-        except redis.RedisError as e:
-            node.pool.release(conn)
-            raise self._failed(node, e) from None
+        except BaseException as e:
+            node.pool.discard(conn)
+            if isinstance(e, redis.RedisError):
+                raise self._failed(node, e) from None
+            raise
         return conn
 
     def _recv(self, node: _Node, conn, n: int, until: float) -> list:
@@ -314,11 +330,12 @@ class FeatureStore:
                     raise
                 except redis.ResponseError as e:
                     out.append(e)
-        except redis.RedisError as e:
-            conn.disconnect()
-            raise self._failed(node, e) from None
-        finally:
-            node.pool.release(conn)
+        except BaseException as e:  # the connection may hold a late reply: never reused
+            node.pool.discard(conn)
+            if isinstance(e, redis.RedisError):
+                raise self._failed(node, e) from None
+            raise
+        node.pool.release(conn)
         node.breaker.success()
         return out
 
@@ -354,7 +371,7 @@ class FeatureStore:
             # (hiredis' stub types the argument as a 1-tuple; it takes any tuple of str/bytes)
             packed = b"".join([pack(("MGET", *map(keys.__getitem__, g))) for g in groups])  # type: ignore[arg-type]
             try:
-                conn = self._send(node, packed)
+                conn = self._send(node, packed, until)
             except StoreUnavailable as e:
                 errors.append(e)
                 continue
@@ -397,6 +414,14 @@ class FeatureStore:
                 if n.breaker.last_error]
         return max(errs)[1] if errs else None
 
+    def connections(self) -> dict[str, dict]:
+        """Per node: idle and open warm connections, connections ever opened, the last open error."""
+        out = {}
+        for n in list(self._nodes.values()):
+            idle, total = n.pool.counts
+            out[n.name] = {"idle": idle, "open": total, "opened": n.pool.opened, "error": n.pool.error}
+        return out
+
     def breakers(self) -> dict[str, dict]:
         """Per node: state, consecutive failures, last error (for metrics and admin views)."""
         return {n.name: {"state": n.breaker.state, "failures": n.breaker.failures, "last_error": n.breaker.last_error}
@@ -415,7 +440,7 @@ class FeatureStore:
     def close(self) -> None:
         self._stop.set()
         for n in list(self._nodes.values()):
-            n.pool.disconnect()
+            n.pool.close()
         self.client.close()
 
 

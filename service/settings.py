@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     redis_failure_mode: Literal["degrade", "fail"] = Field(
         default="degrade", description="Redis timeout/down: 'degrade' = default features + cached items, "
                                        "'degraded': true; 'fail' = 503")
+    redis_pool_size: int = Field(default=8, ge=1, le=1024,
+                                 description="warm connections per Redis node (per worker), opened and replaced by a "
+                                             "background thread; a /rank never connects: it waits for a free one "
+                                             "within its budget")
     breaker_failures: int = Field(default=3, ge=1, description="consecutive Redis failures that open the breaker")
     breaker_probe_s: float = Field(default=0.2, gt=0, le=60,
                                    description="while open, one probe of Redis at most this often, s")

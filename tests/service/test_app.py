@@ -224,13 +224,16 @@ def test_unexpected_redis_client_error_takes_the_replica_out_of_rotation(make_se
     answer. Each /rank is a 500, and /readyz says so (503) until a read succeeds again."""
     import redis as redis_py
 
+    from service.redis_conn import WarmPool, connection_kwargs
+
     with TestClient(create_app(make_settings()), raise_server_exceptions=False) as c:
         store = c.app.state.mtrank.redis_client
         node = store._single
         good = node.pool
-        # a real redis-py pool whose connections get a keyword their class does not take
-        node.pool = redis_py.ConnectionPool(connection_class=redis_py.Connection, driver_info_v9=None,
-                                            **good.connection_kwargs)
+        # a real warm pool whose connections get a keyword their class does not take
+        kw = {**connection_kwargs(store.client.connection_pool, 1.0), "driver_info_v9": None}
+        node.pool = WarmPool(node.name, redis_py.Connection, kw, 1, 1.0, paused=lambda: False, scrub=str).start()
+        assert node.pool.wait_ready(5)
         try:
             r = c.post("/rank", json={"user_id": "u0", "items": ["i1"]})
             assert r.status_code == 500
@@ -238,6 +241,7 @@ def test_unexpected_redis_client_error_takes_the_replica_out_of_rotation(make_se
             assert r.status_code == 503 and r.json()["ready"] is False
             assert any("TypeError" in x and "every /rank fails" in x for x in r.json()["reasons"]), r.json()
         finally:
+            node.pool.close()
             node.pool = good
         assert c.post("/rank", json={"user_id": "u0", "items": ["i1"]}).status_code == 200
         assert c.get("/readyz").json() == {"ready": True, "degraded": False}
