@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # install with the training extra, then: synthesise, train, export, load features, serve, rank
 demo: $(BIN)/python
-	$(BIN)/pip install --quiet '.[train]'
+	$(BIN)/pip install --quiet '.[train,readout]'
 	$(BIN)/mtrank demo $(DEMO_ARGS)
 
 install-dev: $(BIN)/python

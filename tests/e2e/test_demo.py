@@ -1,6 +1,6 @@
 """`mtrank demo` as a new user runs it (issue 11): with `--no-serve` a failed self-check exits
 non-zero with a one-line reason and no traceback; and from a fresh virtualenv holding only the
-README's install (`pip install '.[train]'`, no dev extras: no httpx, no pytest) the demo's
+README's install (`pip install '.[train,readout]'`, no dev extras: no httpx, no pytest) the demo's
 self-check path exits 0 without a traceback."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_failed_self_check_exits_nonzero_in_one_line(tmp_path, redis_server):
 
 @pytest.mark.slow
 def test_demo_from_a_train_only_install(tmp_path, redis_server):
-    """A fresh venv with `pip install '<repo>[train]'` (torch from the machine's find-links) and
+    """A fresh venv with `pip install '<repo>[train,readout]'` (torch from the machine's find-links) and
     nothing else; `mtrank demo --no-serve`, shrunk, must exit 0 after a 200 self-check."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -68,7 +68,7 @@ def test_demo_from_a_train_only_install(tmp_path, redis_server):
         return set(anywhere(directory, names)) | (top & set(names))
 
     shutil.copytree(ROOT, src, ignore=ignore)
-    p = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{src}[train]"], capture_output=True, text=True,
+    p = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{src}[train,readout]"], capture_output=True, text=True,
                        timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
     for dev_only in ("httpx", "pytest"):
