@@ -253,6 +253,8 @@ def test_compose_stack():
         for method, path in INTERNAL:
             status, _, body = s.request(method, path, {} if method == "POST" else None)
             seen[f"{method} {path}"] = status
+            doc = json.loads(body)  # nginx's own answers in the service's one error shape
+            assert doc["error"]["code"] in ("forbidden", "not_found") and doc["request_id"], (path, body)
         assert all(v in (403, 404) for v in seen.values()), seen
         for path in ("/healthz", "/readyz"):
             assert s.request("GET", path)[0] == 200, path
