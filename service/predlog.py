@@ -27,7 +27,7 @@ from pathlib import Path
 import orjson
 import redis
 
-from service import metrics
+from service import columnar, metrics
 
 log = logging.getLogger("service.predlog")
 FIELD = b"r"
@@ -162,7 +162,7 @@ def encode(ts: float, user_id: str, variant: str, bucket: int | None, n_items: i
            degraded: str | None = None) -> bytes:
     """One compact record from a /rank response body (decoded here, in the writer thread)."""
     resp = orjson.loads(body)
-    ranked = resp.get("items", [])
+    ranked = columnar.as_rows(resp) if "item_ids" in resp else resp.get("items", [])
     tasks = list(ranked[0]["scores"]) if ranked else []
     model = resp.get("model") or {}
     return orjson.dumps({

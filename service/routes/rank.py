@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from service import limits, metrics
+from service import columnar, limits, metrics
 from service.middleware import RequestInfo
 from service.runtime import Runtime
 from service.schemas import (
@@ -35,6 +35,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {413: {**_ERR, "description": "body
              429: {**_ERR, "description": "overloaded: no slot within MTRANK_SHED_QUEUE_MS (with Retry-After)"},
              500: {**_ERR, "description": "unexpected error (logged with the request id)"},
              503: {**_ERR, "description": "model not loaded, or feature store unavailable in fail mode"}}
+RESPONSES[200] = columnar.openapi_200()  # the columnar shape beside the default application/json one
 
 
 def router(rt: Runtime) -> APIRouter:
@@ -71,7 +72,8 @@ def router(rt: Runtime) -> APIRouter:
                 raise NotReady(f"model not loaded: {rt.not_ready}")
             route = st.route(body.user_id, x_mtrank_variant)
             info.routed(route)
-            result = route.variant.ranker.rank_result(body, route.bucket)
+            as_columns = columnar.wants_columnar(request.headers.get("accept"))
+            result = route.variant.ranker.rank_result(body, route.bucket, columnar=as_columns)
         except Exception as e:
             info.error = type(e).__name__
             raise
@@ -82,6 +84,6 @@ def router(rt: Runtime) -> APIRouter:
         if rt.predlog is not None:
             rt.predlog.offer(body.user_id, route.variant.name, route.bucket, result.n_items, result.body,
                              result.degraded)
-        return Response(content=result.body, media_type="application/json")
+        return Response(content=result.body, media_type=columnar.MEDIA_TYPE if as_columns else "application/json")
 
     return r
