@@ -88,9 +88,10 @@ from bench.serving.systems import ALL_SYSTEMS, clean_env, run_wrk, start_floor, 
 
 FULL = dict(users=100_000, items=200_000, exposures=1_000_000, train_rows=600_000, train_threads=0,
             sizes="100,500,1000", concurrency="1,8,32", duration=15.0, warmup=3.0, bodies=500,
-            systems=",".join(ALL_SYSTEMS), overload="8,32,64")
+            systems=",".join(ALL_SYSTEMS), overload="8,32,64", overload_rounds=3, overload_slice=5.0)
 QUICK = dict(users=1_000, items=2_000, exposures=20_000, train_rows=20_000, train_threads=1, sizes="100",
-             concurrency="1,4", duration=2.0, warmup=1.0, bodies=40, systems="floor,naive,ours", overload="")
+             concurrency="1,4", duration=2.0, warmup=1.0, bodies=40, systems="floor,naive,ours", overload="2,4",
+             overload_rounds=1, overload_slice=1.0)
 
 
 def parse_args(argv=None):
@@ -120,9 +121,9 @@ def parse_args(argv=None):
     p.add_argument("--p99-bound-ms", type=float, help="p99 bound of the ours/naive ratio (default: the "
                                                       "naive peer's p99 at its best throughput)")
     p.add_argument("--overload", help="concurrencies of the goodput-under-overload run of ours at --target-n "
-                                       "(default 8,32,64; --quick: none; '' = skip)")
-    p.add_argument("--overload-rounds", type=int, default=3, help="interleaved rounds of the overload run")
-    p.add_argument("--overload-slice", type=float, default=5.0, help="seconds per (c, client) slice and round")
+                                       "(default 8,32,64; --quick: 2,4; '' = skip)")
+    p.add_argument("--overload-rounds", type=int, help="interleaved rounds of the overload run (default 3)")
+    p.add_argument("--overload-slice", type=float, help="seconds per (c, client) slice and round (default 5)")
     p.add_argument("--soak", type=float, default=0.0, help="seconds of memory soak (0 = none; the issue asks 600)")
     p.add_argument("--soak-interval", type=float, default=5.0, help="seconds between RSS samples of the soak")
     p.add_argument("--seed", type=int, default=7)

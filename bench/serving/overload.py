@@ -104,9 +104,13 @@ def render(ov: dict | None) -> list[str]:
              f"idle before each slice. useful = 200 and not degraded; latency = accepted (200) requests only, "
              f"measured by the client, merged over the rounds.", ""]
     rows = [[x["c"], x["kind"], x["useful_rps"], x["p50_ms"], x["p90_ms"], x["p99_ms"], x["p999_ms"], x["shed_rps"],
-             x["failed"], x["degraded"], x["cpu_ms_per_useful"], x["server_cores"]]
+             x["failed"], x["degraded"], x["cpu_ms_per_useful"], x["server_cores"],
+             x["useful_rps"] / x["server_cores"] if x["server_cores"] else None]
             for x in sorted(ov["cells"], key=lambda x: (KINDS.index(x["kind"]), x["c"]))]
     lines.append(md_table(["c", "client", "useful req/s", "p50", "p90", "p99", "p99.9", "429/s", "errors",
-                           "degraded", "server CPU ms / useful", "server cores"], rows,
-                          digits=[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 2]))
+                           "degraded", "server CPU ms / useful", "server cores", "useful / server core-s"], rows,
+                          digits=[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 2, 1]))
+    lines += ["", "`server cores`: CPU the service's processes got during the slices (of 2); on a shared machine a "
+                  "slice's goodput follows it, and `useful / server core-s` (useful answers per CPU-second of the "
+                  "service) shows whether overload itself (refusals, retries) cost the service work."]
     return lines
