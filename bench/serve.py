@@ -30,6 +30,8 @@ The code is in ``bench/serving/`` (assets, systems, load, report); this file is 
      (the user-side-once graph: see ``export`` in the JSON).
    * ``ours-nocache``: the same with ``MTRANK_ITEM_CACHE_SIZE=0``.
    * ``ours-int8``: a routing config whose one variant says ``precision: int8``.
+   * ``ours-int8-col``: the same, the client asking for the columnar response (``Accept:
+     application/vnd.mtrank.columnar+json``, see ``service.columnar``).
    * ``floor-int8``: the floor on that int8 variant.
    * ``floor-unsplit``: the floor on the same trained model exported without the user-side split
      (``ServingModel(request_once=False)``): the fp32 baseline of the "int8 + user side once"
@@ -45,10 +47,12 @@ The code is in ``bench/serving/`` (assets, systems, load, report); this file is 
    machine used meanwhile (``/proc/stat``: a busy machine shows up there); the per-stage means
    from the service's own timers (``/metrics`` ``mtrank_rank_stage_seconds``) and the item cache's
    hit rate (``mtrank_item_cache_hits/misses``).
-6. **Memory**: resident set per worker after warm-up and after the cells, against the model file
+6. **Overload** (``bench/serving/overload.py``): goodput of ``ours`` at c = 8, 32, 64 with a client
+   that retries a 429 at once and one that honours Retry-After, interleaved slices.
+7. **Memory**: resident set per worker after warm-up and after the cells, against the model file
    plus the cache budget (also above the RSS of a bare interpreter that imported the service);
    ``--soak S`` runs our service at concurrency 8, N = ``--target-n``, for S seconds, sampling RSS.
-7. **Output**: a Markdown table (printed, and ``serve.md``) and ``serve.json`` in ``--out-dir``
+8. **Output**: a Markdown table (printed, and ``serve.md``) and ``serve.json`` in ``--out-dir``
    (default ``bench/results/``; a ``--quick`` run writes to a temp dir unless told), with the
    machine, the commit and the issue's target ratios with pass/fail.
 """
@@ -67,7 +71,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, OwnedRedis, fmt, git_info, machine_info, path_commit, worker_pids, write_json  # noqa: E402
-from bench.serving import log  # noqa: E402
+from bench.serving import log, overload  # noqa: E402
 from bench.serving.assets import (  # noqa: E402
     MODEL_NAME,
     build_data,
@@ -84,9 +88,10 @@ from bench.serving.systems import ALL_SYSTEMS, clean_env, run_wrk, start_floor, 
 
 FULL = dict(users=100_000, items=200_000, exposures=1_000_000, train_rows=600_000, train_threads=0,
             sizes="100,500,1000", concurrency="1,8,32", duration=15.0, warmup=3.0, bodies=500,
-            systems=",".join(ALL_SYSTEMS))
+            systems=",".join(ALL_SYSTEMS), overload="8,32,64", overload_rounds=3, overload_slice=5.0)
 QUICK = dict(users=1_000, items=2_000, exposures=20_000, train_rows=20_000, train_threads=1, sizes="100",
-             concurrency="1,4", duration=2.0, warmup=1.0, bodies=40, systems="floor,naive,ours")
+             concurrency="1,4", duration=2.0, warmup=1.0, bodies=40, systems="floor,naive,ours", overload="2,4",
+             overload_rounds=1, overload_slice=1.0)
 
 
 def parse_args(argv=None):
@@ -115,6 +120,10 @@ def parse_args(argv=None):
     p.add_argument("--target-n", type=int, help="N of the target ratios (default 500, --quick 100)")
     p.add_argument("--p99-bound-ms", type=float, help="p99 bound of the ours/naive ratio (default: the "
                                                       "naive peer's p99 at its best throughput)")
+    p.add_argument("--overload", help="concurrencies of the goodput-under-overload run of ours at --target-n "
+                                       "(default 8,32,64; --quick: 2,4; '' = skip)")
+    p.add_argument("--overload-rounds", type=int, help="interleaved rounds of the overload run (default 3)")
+    p.add_argument("--overload-slice", type=float, help="seconds per (c, client) slice and round (default 5)")
     p.add_argument("--soak", type=float, default=0.0, help="seconds of memory soak (0 = none; the issue asks 600)")
     p.add_argument("--soak-interval", type=float, default=5.0, help="seconds between RSS samples of the soak")
     p.add_argument("--seed", type=int, default=7)
@@ -129,6 +138,7 @@ def parse_args(argv=None):
     a.sizes = [int(x) for x in str(a.sizes).split(",") if x]
     a.concurrency = [int(x) for x in str(a.concurrency).split(",") if x]
     a.systems = [x.strip() for x in str(a.systems).split(",") if x.strip()]
+    a.overload = [int(x) for x in str(a.overload).split(",") if x.strip()]
     bad = set(a.systems) - set(ALL_SYSTEMS)
     if bad:
         p.error(f"unknown systems {sorted(bad)}")
@@ -143,7 +153,8 @@ def estimate_seconds(a, n_http_systems: int) -> float:
     cells = len(a.sizes) * (len(a.concurrency) * n_http_systems) * a.duration
     warm = len(a.sizes) * n_http_systems * a.warmup
     floor = len(a.sizes) * (a.duration + a.warmup) * sum(s.startswith("floor") for s in a.systems)
-    return cells + warm + floor + 25 * n_http_systems + a.soak
+    over = len(a.overload) * len(overload.KINDS) * a.overload_rounds * (a.overload_slice + 1) + 30 if a.overload else 0
+    return cells + warm + floor + 25 * n_http_systems + over + a.soak
 
 
 def main(argv=None) -> int:
@@ -166,7 +177,7 @@ def main(argv=None) -> int:
                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0,
                     "args": dict(vars(a)), "machine": machine_info(), "git": git_info(),
                     "export": path_commit("training/export.py"), "systems": {}, "cells": [], "memory": {},
-                    "soak": None, "targets": [], "errors": []}
+                    "overload": None, "soak": None, "targets": [], "errors": []}
     report["loadavg_start"] = report["machine"]["loadavg"]
 
     def save():
@@ -209,6 +220,9 @@ def main(argv=None) -> int:
         baseline = None if a.quick else runtime_baseline_mb()
         for system in http_systems:
             run_http(system, a, report, rds, run_dir, model_dir, bundle, bodies, baseline)
+            save()
+        if a.overload and "ours" in a.systems:
+            report["overload"] = run_overload(a, report, rds, run_dir, model_dir, bodies)
             save()
         if a.soak > 0:
             report["soak"] = soak(a, model_dir / "store", rds, run_dir, bodies)
@@ -273,7 +287,7 @@ def run_http(system: str, a, report: dict, rds: OwnedRedis, run_dir: Path, model
         report["systems"][system] = {"ran": True, "description": desc}
         warm_mem = None
         for n in a.sizes:
-            run_wrk(server.base, bodies[n], max(a.concurrency), a.warmup)  # warm-up, not measured
+            run_wrk(server.base, bodies[n], max(a.concurrency), a.warmup, headers=server.headers)  # warm-up
             if warm_mem is None:
                 warm_mem = memory_sample(server)
             for c in a.concurrency:
@@ -295,6 +309,26 @@ def run_http(system: str, a, report: dict, rds: OwnedRedis, run_dir: Path, model
         report["errors"].append(f"{system}: {traceback.format_exc(limit=3)}"
                                 + (f"\nserver log tail:\n{server.tail()}" if server else ""))
         log(f"{system} failed: {e}")
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run_overload(a, report: dict, rds: OwnedRedis, run_dir: Path, model_dir: Path, bodies: dict[int, Path]):
+    """Goodput under overload (bench/serving/overload.py) of ours at N = --target-n; None if it failed."""
+    n = a.target_n if a.target_n in bodies else a.sizes[0]
+    log(f"overload: ours, N={n}, c={a.overload}, {a.overload_rounds} rounds of {a.overload_slice:.0f} s slices")
+    server = None
+    try:
+        server, _ = start_server("ours", a, model_dir / "store", rds.url, run_dir, model_dir)
+        server.name = "ours"
+        run_wrk(server.base, bodies[n], max(a.overload), a.warmup)  # warm-up, not measured
+        return overload.run(server, bodies[n], n, a.overload, a.overload_rounds, a.overload_slice)
+    except Exception as e:  # noqa: BLE001 - reported, the rest of the report stands
+        report["errors"].append(f"overload: {traceback.format_exc(limit=3)}"
+                                + (f"\nserver log tail:\n{server.tail()}" if server else ""))
+        log(f"overload failed: {short_reason(e)}")
+        return None
     finally:
         if server is not None:
             server.stop()

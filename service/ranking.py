@@ -6,6 +6,9 @@ response items is built in Python (and serialised with orjson). Each stage is ti
 
 Duplicate item ids are scored once per occurrence (see :mod:`service.schemas`).
 
+Two response shapes, the same values: the default one object per ranked item, or (``columnar``,
+negotiated in :mod:`service.columnar`) parallel arrays written by orjson straight from numpy.
+
 When the feature store could not be read and ``MTRANK_REDIS_FAILURE_MODE=degrade``, the request
 is still ranked (schema defaults plus cached items, see :mod:`service.features`) and the response
 says so: ``"degraded": true, "degraded_reason": "timeout" | "down" | "circuit_open"``; both fields
@@ -67,8 +70,9 @@ class Ranker:
     def model_ref(self) -> dict:
         return dict(self._model_ref)
 
-    def rank_result(self, request: RankRequest, bucket: int | None = None) -> RankResult:
-        """Rank one request; ``bucket`` (the user's routing bucket) is echoed in the response."""
+    def rank_result(self, request: RankRequest, bucket: int | None = None, columnar: bool = False) -> RankResult:
+        """Rank one request; ``bucket`` (the user's routing bucket) is echoed in the response;
+        ``columnar``: the body is the columnar response (:mod:`service.columnar`)."""
         t_start = time.perf_counter()
         feats = self.fetcher.fetch(request.user_id, request.items, request.context)
 
@@ -79,8 +83,8 @@ class Ranker:
         idx = fusion.order(fused, request.top_k)
         t2 = time.perf_counter()
 
-        body = self._serialise(request, bucket, idx, fused, scores, feats.user_missing, feats.items_missing,
-                               feats.degraded)
+        serialise = self._serialise_columnar if columnar else self._serialise
+        body = serialise(request, bucket, idx, fused, scores, feats.user_missing, feats.items_missing, feats.degraded)
         t3 = time.perf_counter()
         timings = {**feats.timings, "inference": t1 - t0, "fusion": t2 - t1, "serialise": t3 - t2,
                    "total": t3 - t_start}
@@ -114,3 +118,21 @@ class Ranker:
             "degraded_reason": degraded,
         })
 
+    def _serialise_columnar(self, request: RankRequest, bucket: int | None, idx: np.ndarray, fused: np.ndarray,
+                            scores: dict[str, np.ndarray], user_missing: bool, items_missing: int,
+                            degraded: str | None = None) -> bytes:
+        """The columnar body: float64 arrays (the exact values ``.tolist()`` gives the default
+        response), NaN/inf written as null by orjson."""
+        items = request.items
+        return orjson.dumps({
+            "request_id": request.request_id,
+            "variant": self.variant,
+            "bucket": bucket,
+            "model": self._model_ref,
+            "item_ids": [items[i] for i in idx.tolist()],
+            "score": fused[idx].astype(np.float64, copy=False),
+            "scores": {t: scores[t][idx].astype(np.float64, copy=False) for t in self.tasks},
+            "missing": {"user": user_missing, "items": items_missing},
+            "degraded": degraded is not None,
+            "degraded_reason": degraded,
+        }, option=orjson.OPT_SERIALIZE_NUMPY)

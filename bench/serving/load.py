@@ -99,7 +99,7 @@ def http_cell(system: str, server: Server, bodies: Path, n: int, c: int, duratio
     m0 = server.scrape()
     cpu0, r0, busy0 = cpu_seconds(process_tree(server.pid)), cpu_seconds([redis_pid]), machine_busy()
     t0 = time.perf_counter()
-    res, wrk_cpu = run_wrk(server.base, bodies, c, duration, offset)
+    res, wrk_cpu = run_wrk(server.base, bodies, c, duration, offset, server.headers)
     wall = time.perf_counter() - t0
     cpu1, r1, busy1 = cpu_seconds(process_tree(server.pid)), cpu_seconds([redis_pid]), machine_busy()
     stages, hit_rate = stage_delta(m0, server.scrape())
@@ -195,7 +195,7 @@ def memory_budget(bundle: Path, system: str) -> dict:
     from service.settings import Settings
 
     m = BundleManifest.from_json((bundle / MANIFEST_FILE).read_text())
-    model = bundle / m.model_file("int8" if system == "ours-int8" else "fp32")[0]
+    model = bundle / m.model_file("int8" if system.startswith("ours-int8") else "fp32")[0]
     size = 0 if system == "ours-nocache" else Settings().item_cache_size
     model_mb = model.stat().st_size / 2 ** 20
     cache_mb = size * EntityCodec.for_schema(m.feature_schema, "item").size / 2 ** 20

@@ -5,7 +5,8 @@
   int8``; ``floor-unsplit`` on the model exported without the user-side split.
 * ``naive``: ``bench/naive_peer`` under uvicorn (FastAPI + torch eager + one Redis hash per entity).
 * ``ours``: ``mtrank serve`` with its defaults; ``ours-nocache`` with ``MTRANK_ITEM_CACHE_SIZE=0``;
-  ``ours-int8`` with a routing config whose one variant says ``precision: int8``.
+  ``ours-int8`` with a routing config whose one variant says ``precision: int8``; ``ours-int8-col``
+  the same, its client asking for the columnar response (``Accept``, see ``service.columnar``).
 * wrk (``bench/wrk/rank.lua``): closed loop on loopback, one JSON summary line per run.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from bench.common import ROOT, free_port, parse_prometheus, stop_group, worker_pids
 from bench.serving.assets import MODEL_NAME, unsplit_bundle
 
-ALL_SYSTEMS = ("floor", "floor-unsplit", "floor-int8", "naive", "ours", "ours-nocache", "ours-int8")
+ALL_SYSTEMS = ("floor", "floor-unsplit", "floor-int8", "naive", "ours", "ours-nocache", "ours-int8", "ours-int8-col")
 LUA = Path(__file__).resolve().parents[1] / "wrk" / "rank.lua"
 WRK_TIMEOUT = "30s"  # a slower answer counts as a timeout (a socket error) and is left out of wrk's latencies
 
@@ -98,6 +99,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.ready_path = ready_path
         self.metrics = metrics  # whether it serves the service's /metrics
+        self.headers: list[str] = []  # extra request headers its client sends ("Name: value")
 
     @property
     def pid(self) -> int:
@@ -192,12 +194,17 @@ def start_server(system: str, a, store: Path, redis_url: str, run_dir: Path, mod
     if system == "ours-nocache":
         extra["MTRANK_ITEM_CACHE_SIZE"] = "0"
         desc += ", MTRANK_ITEM_CACHE_SIZE=0"
-    if system == "ours-int8":
+    if system.startswith("ours-int8"):
         extra["MTRANK_ROUTING_CONFIG"] = str(int8_routing_config(run_dir))
         desc += ", MTRANK_ROUTING_CONFIG: one variant (100%) with `precision: int8` on the variant"
     if a.workers:
         desc += f", MTRANK_WORKERS={a.workers}"
     server = start_ours(system, store, redis_url, run_dir, extra, a.workers)
+    if system == "ours-int8-col":
+        from service.columnar import MEDIA_TYPE
+
+        server.headers.append(f"Accept: {MEDIA_TYPE}")
+        desc += f"; the client sends `Accept: {MEDIA_TYPE}` (the columnar response)"
     try:
         server.wait_ready()
     except Exception:
@@ -210,9 +217,14 @@ def start_server(system: str, a, store: Path, redis_url: str, run_dir: Path, mod
 # wrk
 # ---------------------------------------------------------------------------------------------
 
-def wrk_cmd(base: str, bodies: Path, c: int, seconds: float, offset: int = 0) -> list[str]:
-    return ["wrk", "-t1", f"-c{c}", f"-d{max(1, int(round(seconds)))}s", "--timeout", WRK_TIMEOUT, "-s", str(LUA),
-            base, "--", str(bodies), str(offset)]
+def wrk_cmd(base: str, bodies: Path, c: int, seconds: float, offset: int = 0, headers: list[str] | None = None,
+            mode: str = "plain") -> list[str]:
+    """wrk's command line; ``mode`` "retry"/"honour" (the overload run) runs one thread per
+    connection and records accepted latencies (see rank.lua)."""
+    threads = 1 if mode == "plain" else c
+    head = [x for h in headers or () for x in ("-H", h)]
+    return ["wrk", f"-t{threads}", f"-c{c}", f"-d{max(1, int(round(seconds)))}s", "--timeout", WRK_TIMEOUT, *head,
+            "-s", str(LUA), base, "--", str(bodies), str(offset), mode]
 
 
 def wrk_summary(stdout: str) -> dict | None:
@@ -223,10 +235,11 @@ def wrk_summary(stdout: str) -> dict | None:
     return None
 
 
-def run_wrk(base: str, bodies: Path, c: int, seconds: float, offset: int = 0) -> tuple[dict, float]:
+def run_wrk(base: str, bodies: Path, c: int, seconds: float, offset: int = 0, headers: list[str] | None = None,
+            mode: str = "plain") -> tuple[dict, float]:
     """One closed-loop wrk run; (its JSON summary, wrk's CPU seconds)."""
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = subprocess.run(wrk_cmd(base, bodies, c, seconds, offset), capture_output=True, text=True,
+    r = subprocess.run(wrk_cmd(base, bodies, c, seconds, offset, headers, mode), capture_output=True, text=True,
                        timeout=seconds + 120)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)

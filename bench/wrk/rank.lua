@@ -1,6 +1,6 @@
 -- wrk script of the serving benchmark (bench/serve.py): POST /rank bodies from a file, rotated.
 --
---   wrk -t1 -c8 -d15s --timeout 10s -s bench/wrk/rank.lua http://127.0.0.1:8000 -- bodies.jsonl [offset]
+--   wrk -t1 -c8 -d15s --timeout 10s -s bench/wrk/rank.lua http://127.0.0.1:8000 -- bodies.jsonl [offset] [mode]
 --
 -- The file holds one JSON request body per line (different users, Zipf-drawn candidates); each
 -- request takes the next line, wrapping around ([offset] = first line, 0-based). Counts answers by
@@ -9,6 +9,12 @@
 --   MTRANK_WRK_JSON {...}
 -- with requests, duration, bytes, socket errors, statuses, degraded, shed and latency percentiles in us
 -- (wrk's own histogram: the time from sending a request to its complete response).
+--
+-- [mode] (the overload run; needs one connection per thread, -tC -cC, so that a thread's last
+-- request is its connection's): "retry" sends the next request at once after a refusal, "honour"
+-- waits the refusal's Retry-After first; both record the latency of every 200 answer (LuaJIT
+-- clock) and print them as "accepted_ms" (the latencies of accepted requests only: wrk's histogram
+-- mixes in the fast refusals). Without [mode] ("plain") nothing of this happens.
 
 local bodies = {}
 local n = 0
@@ -18,9 +24,26 @@ degraded = 0
 shed = 0
 
 local threads = {}
+local mode = "plain"
+local sent_at = 0
+local wait_ms = 0
+accepted = {}   -- global, read by done(): latencies (ms) of the 200 answers, in "retry"/"honour" mode
+
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } mtrank_timespec;
+int clock_gettime(int clk_id, mtrank_timespec *tp);
+]]
+local ts = ffi.new("mtrank_timespec")
+
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
 
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("thread_no", #threads - 1)
 end
 
 function init(args)
@@ -37,25 +60,43 @@ function init(args)
   if n == 0 then
     error("no request bodies in " .. path)
   end
-  i = (tonumber(args[2] or "0") or 0) % n
+  mode = args[3] or "plain"
+  -- each thread starts at its own line (thread_no: set by setup)
+  i = ((tonumber(args[2] or "0") or 0) + 7919 * (thread_no or 0)) % n
+  if mode == "honour" then
+    delay = function()  -- wrk calls it before each request of this thread's one connection
+      local w = wait_ms
+      wait_ms = 0
+      return w
+    end
+  end
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
 end
 
 function request()
   i = i % n + 1
+  if mode ~= "plain" then
+    sent_at = now_ms()
+  end
   return wrk.format("POST", "/rank", nil, bodies[i])
 end
 
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
+  if status == 200 and mode ~= "plain" then
+    accepted[#accepted + 1] = now_ms() - sent_at
+  end
   if status == 200 and body ~= nil and string.find(body, '"degraded":true', 1, true) then
     degraded = degraded + 1
   elseif status == 429 or (status == 503 and body ~= nil and string.find(body, "overloaded", 1, true)) then
     -- every 503 carries Retry-After (not ready, Redis down in fail mode): only an overloaded one is shed
-    for name, _ in pairs(headers) do
+    for name, value in pairs(headers) do
       if string.lower(name) == "retry-after" then
         shed = shed + 1
+        if mode == "honour" then
+          wait_ms = 1000 * (tonumber(value) or 1)
+        end
         break
       end
     end
@@ -70,8 +111,14 @@ local function num(x)
 end
 
 function done(summary, latency, requests)
-  local st, deg, sh = {}, 0, 0
+  local st, deg, sh, acc = {}, 0, 0, {}
   for _, t in ipairs(threads) do
+    local a = t:get("accepted")
+    if a ~= nil then
+      for _, v in ipairs(a) do
+        acc[#acc + 1] = string.format("%.3f", v)
+      end
+    end
     local s = t:get("statuses")
     if s ~= nil then
       for k, v in pairs(s) do
@@ -95,9 +142,11 @@ function done(summary, latency, requests)
     'MTRANK_WRK_JSON {"requests": %d, "duration_us": %d, "bytes": %d, ' ..
     '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
     '"statuses": {%s}, "degraded": %d, "shed": %d, ' ..
-    '"latency_us": {"min": %s, "mean": %s, "stdev": %s, "max": %s, "percentiles": {%s}}}\n',
+    '"latency_us": {"min": %s, "mean": %s, "stdev": %s, "max": %s, "percentiles": {%s}}, ' ..
+    '"accepted_ms": [%s]}\n',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
     table.concat(parts, ", "), deg, sh,
-    num(latency.min), num(latency.mean), num(latency.stdev), num(latency.max), table.concat(pct, ", ")))
+    num(latency.min), num(latency.mean), num(latency.stdev), num(latency.max), table.concat(pct, ", "),
+    table.concat(acc, ", ")))
 end

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from service import limits, metrics
+from service import columnar, limits, metrics
 from service.middleware import RequestInfo
 from service.runtime import Runtime
 from service.schemas import DUPLICATES_DOC, RankRequest, RankResponse, error_responses, rank_request_model
@@ -27,6 +27,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = error_responses({
     429: "overloaded: no slot within MTRANK_SHED_QUEUE_MS (with Retry-After)",
     500: "unexpected error (logged with the request id)",
     503: "model not loaded, or feature store unavailable in fail mode (with Retry-After)"})
+RESPONSES[200] = columnar.openapi_200()  # the columnar shape beside the default application/json one
 
 
 def router(rt: Runtime) -> APIRouter:
@@ -65,7 +66,8 @@ def router(rt: Runtime) -> APIRouter:
                 raise NotReady(f"model not loaded: {rt.not_ready}")
             route = st.route(body.user_id, x_mtrank_variant)
             info.routed(route)
-            result = route.variant.ranker.rank_result(body, route.bucket)
+            as_columns = columnar.wants_columnar(request.headers.get("accept"))
+            result = route.variant.ranker.rank_result(body, route.bucket, columnar=as_columns)
         except Exception as e:
             info.error = type(e).__name__
             raise
@@ -77,6 +79,6 @@ def router(rt: Runtime) -> APIRouter:
             metrics.count_forced(route.variant.name)
         if rt.predlog is not None:
             rt.predlog.offer(body, route, result)
-        return Response(content=result.body, media_type="application/json")
+        return Response(content=result.body, media_type=columnar.MEDIA_TYPE if as_columns else "application/json")
 
     return r

@@ -63,9 +63,15 @@ def test_serve_benchmark_quick(tmp_path):
     assert "/bench_unsplit/" in rep["systems"]["floor-unsplit"]["bundle"]
     assert rep["systems"]["ours-int8"]["models"]["variants"][0]["name"] == "int8"
 
+    ov = rep["overload"]  # the goodput-under-overload run: both client kinds at c = 2 and 4
+    assert {(c["c"], c["kind"]) for c in ov["cells"]} == {(2, "retry"), (2, "honour"), (4, "retry"), (4, "honour")}
+    for c in ov["cells"]:
+        assert c["useful_rps"] > 0 and c["accepted"] > 0 and c["p50_ms"] <= c["p99_ms"], c
+
     names = [t["target"] for t in rep["targets"]]
     assert any(n.startswith("fp32 throughput") for n in names) and any("naive" in n for n in names)
     assert any(n.startswith("int8 + user side once throughput") for n in names)
+    assert any(n.startswith("overload goodput, honour client") for n in names)
     for t in rep["targets"]:
         assert t["pass"] in (True, False, None)
     assert rep["memory"]["ours"]["after"]["rss_mb_per_worker"][0] > 0
