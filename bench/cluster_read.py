@@ -15,7 +15,10 @@ and reads them with the service's own ``FeatureStore`` (``service.redis_client.m
   item keys' hash tags bound that to ``ITEM_GROUPS`` MGETs in all;
 * **cluster, v1 keys**: for reference, the same values under the previous layout's item keys
   (``<ns>:i:<item_id>``, no hash tag), read by the same code: one MGET per hash slot of each key,
-  about N MGETs.
+  about N MGETs;
+* **cluster, N groups** (``--compare-groups``, default 32 and 8): for comparison, the same read
+  with N item groups instead of ``ITEM_GROUPS`` (the contract's heads computed for N, under
+  another namespace): what the choice of ``ITEM_GROUPS`` costs or saves.
 
 Each round picks a random user and N distinct random items and reads them from every store in
 turn (the order alternates from round to round), after untimed warm-up reads. Times are wall
@@ -40,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import hiredis
@@ -66,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="500,2000", help="items per read (comma-separated)")
     p.add_argument("--rounds", type=int, default=None, help="timed reads per size and store (default 1,500; quick 60)")
     p.add_argument("--warmup", type=int, default=None, help="untimed reads per size and store first (default 100)")
-    p.add_argument("--item-groups", type=int, default=None,
-                   help="what-if: other item hash-tag groups than the contract's ITEM_GROUPS (written and read alike)")
+    p.add_argument("--compare-groups", default="32,8",
+                   help="what-if rows: the cluster read with other numbers of item groups than the contract's "
+                        "ITEM_GROUPS (comma-separated; '' for none)")
     p.add_argument("--server-reads", type=int, default=None,
                    help="reads per size and store for the server-time pass (default 200; quick 20)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default bench/results)")
@@ -178,14 +183,31 @@ def v1_item_keys(ns: str, item_ids: list[str]) -> list[str]:
     return [f"{ns}:i:{i}" for i in item_ids]
 
 
-def load(client, users: list[str], items: list[str], v1: bool) -> None:
-    """The users' and items' values under the contract's layout (and the v1 item keys: on the cluster)."""
+def what_if_heads(ns: str, groups: int) -> tuple[str, ...]:
+    """The item key heads ``service.contract`` would give ``ns`` with ``groups`` item groups."""
+    saved, contract.ITEM_GROUPS = contract.ITEM_GROUPS, groups
+    try:
+        return contract._item_heads.__wrapped__(ns)  # uncached: the cache holds the real layout's heads
+    finally:
+        contract.ITEM_GROUPS = saved
+
+
+def what_if_keys(heads: tuple[str, ...], item_ids: list[str]) -> list[str]:
+    """``item_keys`` with the heads of :func:`what_if_heads` (what the contract's item_keys does)."""
+    return [heads[zlib.crc32(i.encode()) % len(heads)] + i for i in item_ids]
+
+
+def load(client, users: list[str], items: list[str], v1: bool, extra=()) -> None:
+    """The users' and items' values under the contract's layout (and the v1 item keys: on the cluster;
+    and ``extra`` item key lists, for the what-if rows)."""
     rnd = random.Random(1)
     values = {user_key(NS, u): rnd.randbytes(USER_BYTES) for u in users}
     item_values = [rnd.randbytes(ITEM_BYTES) for _ in items]
     values.update(zip(item_keys(NS, items), item_values, strict=True))
     if v1:
         values.update(zip(v1_item_keys(NS, items), item_values, strict=True))
+    for keys in extra:
+        values.update(zip(keys, item_values, strict=True))
     pairs = list(values.items())
     write = client.mset_nonatomic if isinstance(client, RedisCluster) else client.mset  # per slot on a cluster
     for i in range(0, len(pairs), 20_000):
@@ -207,6 +229,7 @@ def run(a) -> dict:
     users = [f"u{i}" for i in range(a.users)]
     items = [f"item-{i}" for i in range(a.items)]
     sizes = [int(s) for s in a.sizes.split(",")]
+    what_if = [int(g) for g in a.compare_groups.split(",") if g.strip()]
     work = Path(tempfile.mkdtemp(prefix="mtrank-bench-cluster-"))
     single = cluster = None
     stores = {}
@@ -217,14 +240,17 @@ def run(a) -> dict:
         t0 = time.perf_counter()
         with single.client() as c:
             load(c, users, items, v1=False)
+        heads = {g: what_if_heads(f"bench-cr-g{g}:000000000000", g) for g in what_if}
         cc = make_store(Settings(redis_url=cluster.url)).client
-        load(cc, users, items, v1=True)
+        load(cc, users, items, v1=True, extra=[what_if_keys(h, items) for h in heads.values()])
         cc.close()
         print(f"loaded {a.users:,} users and {a.items:,} items in {time.perf_counter() - t0:.1f}s", flush=True)
         settings = dict(redis_deadline_ms=2000, breaker_failures=1000)
         stores = {"single": make_store(Settings(redis_url=single.url, **settings)),
                   "cluster": make_store(Settings(redis_url=cluster.url, **settings))}
         stores["cluster, v1 keys"] = stores["cluster"]
+        for g in what_if:
+            stores[f"cluster, {g} groups"] = stores["cluster"]
         names = list(stores)
         results: dict = {"sizes": {}}
         for n in sizes:
@@ -240,6 +266,8 @@ def run(a) -> dict:
                 build_s = time.perf_counter() - t
                 by_name = {"single": keys, "cluster": keys,
                            "cluster, v1 keys": [user_key(NS, user), *v1_item_keys(NS, chosen)]}
+                for g, h in heads.items():
+                    by_name[f"cluster, {g} groups"] = [user_key(NS, user), *what_if_keys(h, chosen)]
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
                     c, t = time.thread_time(), time.perf_counter()
@@ -268,7 +296,9 @@ def run(a) -> dict:
             user, chosen = rng.choice(users), rng.sample(items, n)
             calls = {}
             for name, keys in (("cluster", [user_key(NS, user), *item_keys(NS, chosen)]),
-                               ("cluster, v1 keys", [user_key(NS, user), *v1_item_keys(NS, chosen)])):
+                               ("cluster, v1 keys", [user_key(NS, user), *v1_item_keys(NS, chosen)]),
+                               *[(f"cluster, {g} groups", [user_key(NS, user), *what_if_keys(h, chosen)])
+                                 for g, h in heads.items()]):
                 before = cluster.mget_calls()
                 stores[name].mget(keys)
                 calls[name] = [x - y for x, y in zip(cluster.mget_calls(), before, strict=True)]
@@ -313,8 +343,8 @@ def render(report: dict) -> str:
         f"{' (dirty)' if report['git']['dirty'] else ''}; {report['machine']['cores']} cores "
         f"({report['machine']['cpu']}), load average at start {report['loadavg_start']}; redis-server "
         f"{versions.get('redis-server', '?')}, redis-py {versions.get('redis')}, hiredis {versions.get('hiredis')}.",
-        f"Key layout version {report['key_layout_version']}, {report['item_groups']} item groups"
-        f"{' (what-if: --item-groups)' if a.get('item_groups') is not None else ''}; "
+        f"Key layout version {report['key_layout_version']}, {report['item_groups']} item groups (the "
+        "`cluster, N groups` rows: the same read with N groups instead, for comparison); "
         f"{a['users']:,} users and {a['items']:,} items loaded; {a['rounds']} timed reads per size and store "
         f"(after {a['warmup']} warm-up), interleaved, order alternating. Times in ms, wall clock around "
         "`FeatureStore.mget` (all nodes on this machine: loopback, no network).",
@@ -366,9 +396,6 @@ def _cpu_extra(res: dict) -> float:
 def main(argv=None) -> None:
     a = parse_args(argv)
     out = a.out or (Path(tempfile.mkdtemp(prefix="mtrank-bench-")) if a.quick else ROOT / "bench" / "results")
-    if a.item_groups is not None:  # item_keys and _item_heads read the module's constant when called
-        contract.ITEM_GROUPS = a.item_groups
-        contract._item_heads.cache_clear()
     report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "machine": machine_info(), "git": git_info(),
               "key_layout_version": KEY_LAYOUT_VERSION, "item_groups": contract.ITEM_GROUPS}
