@@ -25,8 +25,10 @@ def test_cluster_read_benchmark_quick(tmp_path):
     rep = json.loads((tmp_path / "cluster_read.json").read_text())
     assert rep["item_groups"] == ITEM_GROUPS
     for n, res in rep["results"]["sizes"].items():
-        assert set(res["reads"]) == {"single", "cluster", "cluster, v1 keys"}
+        assert set(res["reads"]) == {"single", "cluster", "cluster, v1 keys", "cluster, 32 groups", "cluster, 8 groups"}
         assert all(r["n"] == 20 and r["p50_ms"] > 0 for r in res["reads"].values())
         tagged, untagged = sum(res["mgets_per_node"]["cluster"]), sum(res["mgets_per_node"]["cluster, v1 keys"])
         assert tagged <= ITEM_GROUPS + 1 < untagged, (n, tagged, untagged)
+        for g in (32, 8):  # the what-if rows: at most g item groups + the user key
+            assert sum(res["mgets_per_node"][f"cluster, {g} groups"]) <= g + 1
         assert res["ratio_p50"] > 0

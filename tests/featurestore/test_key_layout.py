@@ -40,16 +40,29 @@ def test_item_keys_fall_in_item_groups_slots_per_namespace():
 
 
 def test_item_groups_spread_evenly_over_the_slots():
-    """Group k's slot is in the k-th of ITEM_GROUPS equal slot ranges: masters with equal contiguous
-    ranges (what `redis-cli --cluster create` makes) hold equal numbers of groups, to one."""
-    for ns in (NS, "mtrank:ffffffffffff", "other-prefix:000000000000"):
+    """Group k's slot is in the middle half of the k-th of ITEM_GROUPS equal slot ranges: masters with
+    equal contiguous ranges (what `redis-cli --cluster create` makes) hold exactly equal numbers of
+    groups when their count divides ITEM_GROUPS (2, 3, 4, 6, 12), and equal to one for 5 or 8 masters."""
+    assert ITEM_GROUPS == 12
+    width = CLUSTER_SLOTS / ITEM_GROUPS
+    for n in range(200):
+        ns = f"mtrank:{n:012x}" if n else NS
         slots = [key_slot(item_key(ns, i).encode()) for i in _one_id_per_group()]
-        width = CLUSTER_SLOTS // ITEM_GROUPS
-        assert [s // width for s in slots] == list(range(ITEM_GROUPS))
-        for masters in (3, 5, 8):
-            per = [sum(m * CLUSTER_SLOTS // masters <= s < (m + 1) * CLUSTER_SLOTS // masters for s in slots)
-                   for m in range(masters)]
-            assert max(per) - min(per) <= 1, (ns, masters, per)
+        assert [int(s // width) for s in slots] == list(range(ITEM_GROUPS))
+        assert all(width / 4 - 1 <= s % width < width * 3 / 4 for s in slots), (ns, slots)
+        for masters in (2, 3, 4, 5, 6, 8, 12):
+            per = [sum(lo <= s <= hi for s in slots) for lo, hi in _cluster_create_ranges(masters)]
+            assert max(per) - min(per) <= (0 if ITEM_GROUPS % masters == 0 else 1), (ns, masters, per)
+
+
+def _cluster_create_ranges(masters: int) -> list[tuple[int, int]]:
+    """The slot ranges `redis-cli --cluster create` gives ``masters`` masters (its own rounding)."""
+    per, first, cursor, out = CLUSTER_SLOTS / masters, 0, 0.0, []
+    for m in range(masters):
+        last = CLUSTER_SLOTS - 1 if m == masters - 1 else round(cursor + per - 1)
+        out.append((first, last))
+        first, cursor = last + 1, cursor + per
+    return out
 
 
 def _one_id_per_group() -> list[str]:
@@ -63,7 +76,7 @@ def _one_id_per_group() -> list[str]:
 
 def test_item_group_is_stable():
     """Writers and readers on other machines and Python versions must agree: crc32, not hash()."""
-    assert [item_group(i) for i in ("", "0", "item-1", "é")] == [0, 1, 9, 30]
+    assert [item_group(i) for i in ("", "0", "item-1", "é")] == [0, 5, 9, 2]
 
 
 def test_positions_by_slot_follow_redis_cluster_rules():

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from service.codec import HEADER, EntityCodec
-from service.contract import model_inputs
+from service.contract import ITEM_GROUPS, model_inputs
 from service.features import (
     ContextError,
     FeatureFetcher,
@@ -65,7 +65,7 @@ def test_key_layout(schema):
     ns = namespace("p", schema)
     assert ns == f"p:{schema.fingerprint()[:12]}"
     assert user_key(ns, "42") == f"{ns}:u:42"
-    k = zlib.crc32(b"a:b") % 32  # key layout 2: one of 32 hash-tag groups (tests/featurestore/test_key_layout.py)
+    k = zlib.crc32(b"a:b") % ITEM_GROUPS  # key layout 2: one of the hash-tag groups (test_key_layout.py)
     assert re.fullmatch(rf"{ns}:i:\{{{zlib.crc32(ns.encode()):08x}\.{k}\.\d+\}}:a:b", item_key(ns, "a:b"))
     assert meta_key(ns) == f"{ns}:meta"
 

@@ -8,7 +8,7 @@ import numpy as np
 import redis
 
 from service.codec import EntityCodec
-from service.contract import KEY_LAYOUT_VERSION, BundleManifest, item_key, meta_key, namespace, user_key
+from service.contract import ITEM_GROUPS, KEY_LAYOUT_VERSION, BundleManifest, item_key, meta_key, namespace, user_key
 from training.data.dataset import encode_entities, prepare, read_raw
 from training.data.synth import SynthConfig, generate
 from training.export import export_bundle
@@ -33,9 +33,9 @@ def test_load_is_idempotent_and_namespaced(tmp_path, redis_url, key_prefix):
     assert ns == f"{key_prefix}:{ds.schema.fingerprint()[:12]}"
     users = {f"{ns}:u:{u}".encode() for u in ds.users.ids}
     assert users | {f"{ns}:meta".encode()} < set(keys)
-    h = f"{zlib.crc32(ns.encode()):08x}"  # key layout 2: an item key carries the hash tag of one of 32 groups
+    h = f"{zlib.crc32(ns.encode()):08x}"  # key layout 2: an item key carries the hash tag of one of ITEM_GROUPS groups
     items = {re.fullmatch(rf"{ns}:i:\{{{h}\.(\d+)\.\d+\}}:(.+)", k.decode()).groups() for k in keys if b":i:" in k}
-    assert items == {(str(zlib.crc32(i.encode()) % 32), i) for i in ds.items.ids}
+    assert items == {(str(zlib.crc32(i.encode()) % ITEM_GROUPS), i) for i in ds.items.ids}
     before = dict(zip(keys, client.mget(keys), strict=True))
     load_features(data, bundle, client, prefix=key_prefix, progress=False)  # again: same keys, same bytes
     after_keys = sorted(client.scan_iter(match=f"{key_prefix}:*", count=1000))
