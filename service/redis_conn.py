@@ -37,6 +37,7 @@ hide (see :class:`service.redis_client.FeatureStore`).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -99,6 +100,7 @@ class WarmPool:
         self._scrub = scrub
         self._cond = threading.Condition()
         self._idle: list = []
+        self._busy: set = set()  # connections requests hold (close() interrupts their reads)
         self._total = 0  # idle + in use
         self._wake = threading.Event()
         self._closed = False
@@ -130,6 +132,7 @@ class WarmPool:
                 while self._idle:
                     conn = self._idle.pop()
                     if _alive(conn):
+                        self._busy.add(conn)
                         return conn
                     conn.disconnect()
                     self._total -= 1
@@ -154,6 +157,7 @@ class WarmPool:
     def release(self, conn) -> None:
         """Give back a connection whose replies were all read."""
         with self._cond:
+            self._busy.discard(conn)
             if self._closed or conn._sock is None:
                 conn.disconnect()
                 self._total -= 1
@@ -165,6 +169,7 @@ class WarmPool:
         """Close a connection that failed or timed out (it may hold a late reply); the thread replaces it."""
         conn.disconnect()
         with self._cond:
+            self._busy.discard(conn)
             self._total -= 1
             self._cond.notify_all()  # a waiter may now have nothing left to wait for
         self._wake.set()
@@ -193,14 +198,24 @@ class WarmPool:
         self._wake.set()  # the thread refills the rest once the breaker lets it
 
     def close(self) -> None:
+        """Close the idle connections and cut the reads in flight short (a shutdown must not wait for
+        a stalled Redis: those requests fail now, the drain has already had its time)."""
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy = list(self._busy)
             self._total -= len(idle)
             self._cond.notify_all()
         self._wake.set()
         for conn in idle:
             conn.disconnect()
+        for conn in busy:
+            sock = conn._sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv; it then discards
+                except OSError:
+                    pass
 
     # -- the maintenance thread ------------------------------------------------------------------
     def _open(self, timeout_s: float):
