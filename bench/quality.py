@@ -16,8 +16,8 @@ cells "pending".
 **Protocol** (all in the JSON):
 
 * Order: per dataset (MovieLens per-user time split = the headline, then the random split, then
-  synthetic data): the baselines; the tuning grid (every model x every configuration of
-  :data:`GRID`, initialisation seed 0); the selected configuration at seeds 1-4; the ablations
+  synthetic data): the baselines; the tuning grid (every configuration of :data:`GRID` x every
+  model, initialisation seed 0, configuration-major); the selected configuration at seeds 1-4; the ablations
   (:data:`ABLATIONS`, the parent's selected configuration with one switch changed) at seeds 0-4.
 * Selection on validation only: the configuration with the lowest best validation loss (the
   early-stopping criterion: the weighted sum of the task losses) at seed 0. Same grid, same budget
@@ -188,7 +188,8 @@ def variants(args, dataset: str) -> dict[str, tuple[str, dict] | None]:
 
 def plan(args, dataset: str) -> list[tuple[dict, int]]:
     """The runs of one dataset in order, available ones only (a stage needs its selection)."""
-    runs = [(run_config(args, dataset, m, knobs), 0) for m in args.models for knobs in GRID.values()]
+    # configuration-major: every model at g0 first (a like-for-like snapshot early), then g1, ...
+    runs = [(run_config(args, dataset, m, knobs), 0) for knobs in GRID.values() for m in args.models]
     v = variants(args, dataset)
     for m in args.models:
         if v[m] is not None:
