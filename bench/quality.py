@@ -508,8 +508,10 @@ def aggregate(args) -> dict:
     pending_runs: list[tuple[str, str]] = []
     for dataset in DATASETS:
         d: dict = {"grid": {}, "selected": {}, "variants": {}, "baselines": {}, "comparisons": []}
+        grids = {}
         for m in MODELS:
             g, results = selected(args, dataset, m)
+            grids[m] = results
             d["selected"][m] = g
             d["grid"][m] = {name: None if r is None else
                             {"best_val_total": r["best_val_total"], "best_epoch": r["best_epoch"],
@@ -547,7 +549,16 @@ def aggregate(args) -> dict:
         for kind in BASELINES:
             r = load_run(baseline_path(args, dataset, kind))
             d["baselines"][kind] = r and {"metrics": r["metrics"], "chosen": r.get("chosen"), "seconds": r["seconds"]}
-        reg = next((_reg_task(v["summary"]) for v in d["variants"].values() if v and v["summary"]), None)
+        found = [r["metrics"] for res in grids.values() for r in res.values() if r] + \
+                [b["metrics"] for b in d["baselines"].values() if b]
+        reg = next((_reg_task(m) for m in found), None)
+        # a snapshot before the selections exist: every model at the first configuration, seed 0 (not a verdict)
+        first = next(iter(GRID))
+        d["snapshot"] = {"config": first, "note": "seed 0 of the first grid configuration, not tuned: no verdict",
+                         "runs": {m: res[first] and {"metrics": res[first]["metrics"], "best_epoch":
+                                                     res[first]["best_epoch"], "epochs_run": res[first]["epochs_run"],
+                                                     "capped": res[first]["capped"]}
+                                  for m, res in grids.items()}}
         for a, b in COMPARISONS:
             va, vb = d["variants"].get(a), d["variants"].get(b)
             row = {"a": a, "b": b, "metrics": {}}
@@ -619,6 +630,18 @@ def markdown(rep: dict) -> str:
                 cells.append("pending" if r["verdict"] == "pending" else
                              f"{r['mean']:+.4f} ± {r['std']:.4f} (n={r['n']}) {r['verdict']}")
             lines.append(f"| {row['a']} - {row['b']} | " + " | ".join(cells) + " |")
+        snap = d["snapshot"]
+        lines += ["", f"Snapshot: every model at {snap['config']} (the first grid configuration), seed 0 - "
+                  "**provisional, not tuned, one seed: no verdict**; the table above is the result.", "",
+                  "| model | " + " | ".join(c for c, _ in cols) + " | best epoch / run |",
+                  "|---" * (len(cols) + 2) + "|"]
+        for m, r in snap["runs"].items():
+            if r is None:
+                lines.append(f"| {m} | " + " | ".join("pending" for _ in cols) + " | |")
+                continue
+            cap = " CAPPED" if r["capped"] else ""
+            lines.append(f"| {m} | " + " | ".join(f"{r['metrics'].get(c, math.nan):.4f}" for c, _ in cols)
+                         + f" | {r['best_epoch']}/{r['epochs_run']}{cap} |")
         lines += ["", "Tuning grid (seed 0): best validation loss (best epoch / epochs run); * = selected.", "",
                   "| model | " + " | ".join(p["grid"]) + " |", "|---" * (len(p["grid"]) + 1) + "|"]
         for m, res in d["grid"].items():
@@ -635,13 +658,18 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(args) -> None:
-    rep = aggregate(args)
-    rep["machine"] = machine_info()
+def report_files(rep: dict) -> str:
+    """Writes ``OUT``.json and .md; returns the Markdown."""
     write_json(OUT.with_suffix(".json"), rep)
     md = markdown(rep)
     OUT.with_suffix(".md").write_text(md)
-    print(md)
+    return md
+
+
+def report(args) -> None:
+    rep = aggregate(args)
+    rep["machine"] = machine_info()
+    print(report_files(rep))
     print(f"wrote {OUT.with_suffix('.md')} and {OUT.with_suffix('.json')}")
 
 
