@@ -561,7 +561,9 @@ def aggregate(args) -> dict:
                                   for m, res in grids.items()}}
         for a, b in COMPARISONS:
             va, vb = d["variants"].get(a), d["variants"].get(b)
-            row = {"a": a, "b": b, "metrics": {}}
+            row = {"a": a, "b": b, "metrics": {},
+                   # an ablation whose switch the grid had already chosen is the selected run itself
+                   "identical": bool(va and vb and va["config"] == vb["config"] and a.split(":")[0] == b.split(":")[0])}
             for k, hib in [(m, h) for m, h in _columns(reg) if m in HEADLINE or m.startswith("rmse/")]:
                 pa_ = va["per_seed"].get(k, {}) if va else {}
                 pb_ = vb["per_seed"].get(k, {}) if vb else {}
@@ -624,6 +626,10 @@ def markdown(rep: dict) -> str:
         lines += ["", "Paired differences a - b (mean ± paired std, n seeds, verdict):", "",
                   "| a - b | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
         for row in d["comparisons"]:
+            if row.get("identical"):
+                lines.append(f"| {row['a']} - {row['b']} | " + " | ".join("same configuration (selected by the grid)"
+                                                                        for _ in shown) + " |")
+                continue
             cells = []
             for c in shown:
                 r = row["metrics"][c]
