@@ -506,6 +506,7 @@ def aggregate(args) -> dict:
                  "datasets": {}, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     all_seconds: dict[str, list[float]] = {}
     pending_runs: list[tuple[str, str]] = []
+    counted: set[Path] = set()
     for dataset in DATASETS:
         d: dict = {"grid": {}, "selected": {}, "variants": {}, "baselines": {}, "comparisons": []}
         grids = {}
@@ -517,10 +518,11 @@ def aggregate(args) -> dict:
                             {"best_val_total": r["best_val_total"], "best_epoch": r["best_epoch"],
                              "epochs_run": r["epochs_run"], "capped": r["capped"], "train_seconds": r["train_seconds"]}
                             for name, r in results.items()}
-            for r in results.values():
+            for g, r in results.items():
                 if r is None:
                     pending_runs.append((dataset, m))
                 else:
+                    counted.add(run_path(run_config(args, dataset, m, GRID[g]), 0))
                     all_seconds.setdefault(m, []).append(r["train_seconds"])
         for name, v in variants(args, dataset).items():
             base = name.split(":")[0]
@@ -533,7 +535,8 @@ def aggregate(args) -> dict:
             have = {s: r for s, r in runs.items() if r is not None}
             pending_runs += [(dataset, base)] * (SEEDS - len(have))
             for s, r in have.items():
-                if not (name in MODELS and s == 0):
+                if run_path(cfg, s) not in counted:  # a grid run, or an ablation the grid already selected
+                    counted.add(run_path(cfg, s))
                     all_seconds.setdefault(base, []).append(r["train_seconds"])
             metrics = sorted({k for r in have.values() for k in r["metrics"]})
             ok = {s: r for s, r in have.items() if not r["capped"]}
