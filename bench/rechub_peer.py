@@ -12,7 +12,9 @@ What the adapter does, and nothing more:
   BCE-with-logits / ESMM losses (the same function, only the activation moved into the loss);
 * ``batch_norm=False`` (an ablation; default True, torch-rechub's own architecture): torch-rechub's
   ``MLP`` is always Linear -> BatchNorm1d -> activation -> Dropout, in experts, towers and gates,
-  with no switch; this replaces every BatchNorm1d of the built model by an identity.
+  with no switch; this replaces every BatchNorm1d of the built model by an identity;
+* ``embedding_init_std`` (default 1e-4, torch-rechub's own ``RandomNormal(0, 0.0001)``): the std of
+  its embedding tables' normal init (ours defaults to 0.05), for the init ablation and the grid.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
+from torch_rechub.basic.initializers import RandomNormal
 from torch_rechub.models.multi_task import MMOE, PLE
 
 from service.contract import FeatureSchema, TaskSpec, model_inputs
@@ -38,6 +41,7 @@ class RechubConfig:
     task_experts: int = 1
     n_experts: int = 4
     batch_norm: bool = True  # False: its BatchNorm1d layers (experts, towers, gates) become identities
+    embedding_init_std: float = 1e-4  # its embeddings' N(0, std^2) init (torch-rechub's default: 1e-4)
 
 
 class RechubModel(nn.Module):
@@ -48,7 +52,8 @@ class RechubModel(nn.Module):
         c = self.config
         feats = []
         for f in schema.sparse:
-            feats.append(SparseFeature(f.name, vocab_size=f.vocab_size, embed_dim=f.embedding_dim))
+            feats.append(SparseFeature(f.name, vocab_size=f.vocab_size, embed_dim=f.embedding_dim,
+                                       initializer=RandomNormal(0, c.embedding_init_std)))
         for f in schema.sequence:
             src = schema.field(f.vocab_of)
             feats.append(SequenceFeature(f.name, vocab_size=src.vocab_size, embed_dim=src.embedding_dim,

@@ -129,6 +129,8 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
           split: str = typer.Option("random",
                                      help="random (8:1:1, seeded) | time | column (the spec's exposures.split)"),
           seed: int = typer.Option(42), max_rows: int | None = typer.Option(None, help="Use only the first rows."),
+          split_seed: int | None = typer.Option(
+              None, help="Seed of the random split, separate from the initialisation seed (default: --seed)."),
           model_config: str = typer.Option("{}", help='Architecture overrides as JSON, e.g. \'{"levels": 3}\'.'),
           int8: bool = typer.Option(False, "--int8/--no-int8",
                                     help="Also write model.int8.onnx into the bundle "
@@ -155,7 +157,8 @@ def train(data: Path = typer.Option(..., help="Dataset spec file, or a directory
              if v is not None}  # unset: TrainConfig's defaults
     try:
         cfg = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, split=split,
-                          seed=seed, max_rows=max_rows, model=model, int8=int8, device=device, **extra)
+                          seed=seed, split_seed=split_seed, max_rows=max_rows, model=model, int8=int8, device=device,
+                          **extra)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     with _user_errors("train"):

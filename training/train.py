@@ -54,7 +54,8 @@ class TrainConfig:
     patience: int = 2  # epochs without validation improvement before stopping
     split: str = "random"  # random | time | column (the dataset's own train/valid/test column)
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 42
+    seed: int = 42  # initialisation, batch order and dropout; also the split's unless split_seed is set
+    split_seed: int | None = None  # the random split's permutation (None: seed), separate from initialisation
     max_rows: int | None = None  # use only the first rows of the log (quick runs)
     threads: int = 0  # torch intra-op threads; 0 = all cores
     loss_weights: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
@@ -136,6 +137,20 @@ def evaluate(model, ds: EncodedDataset, rows: np.ndarray,
     return metrics_of(*predictions(model, ds, rows, ctx), ds.tasks)
 
 
+#: an epoch counts as a validation improvement when its loss is below the best so far minus this
+MIN_DELTA = 1e-5
+
+
+def best_epoch(history: list[dict]) -> int:
+    """The epoch (1-based) whose weights :func:`fit` restored: the last one that improved the
+    validation loss by more than :data:`MIN_DELTA` (0 for an empty history)."""
+    best, at = math.inf, 0
+    for rec in history:
+        if rec["val_total"] < best - MIN_DELTA:
+            best, at = rec["val_total"], rec["epoch"]
+    return at
+
+
 def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None):
     """Train with early stopping on the validation loss; returns (model, history, split rows).
 
@@ -148,7 +163,8 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None)
         torch.set_num_threads(cfg.threads)
     ctx = distributed.current(cfg.device)
     progress = progress and ctx.main
-    train_rows, val_rows, test_rows = ds.split(cfg.split, cfg.fractions, cfg.seed)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_rows, val_rows, test_rows = ds.split(cfg.split, cfg.fractions, split_seed)
     if model is None:
         model = build_model(cfg.arch, ds.schema, ds.tasks, **cfg.model)
     model.to(ctx.device)
@@ -206,7 +222,7 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None)
             log.info("epoch %d  %.1fs  val loss %.5f  %s", epoch, rec["seconds"], val_total, shown)
         if progress:
             tqdm.write(f"epoch {epoch}: {rec['seconds']:.0f}s  val_loss={val_total:.5f}  {shown}")
-        if val_total < best - 1e-5:
+        if val_total < best - MIN_DELTA:
             best, bad = val_total, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
@@ -254,7 +270,8 @@ def _train(data, name, store, cfg: TrainConfig, progress: bool, ctx: distributed
               {f"test_{k.replace('/', '_')}": v for k, v in metrics.items() if k.startswith("loss/")}
     n_params = sum(p.numel() for p in model.parameters())
     info = {"rows": {"train": len(train_rows), "validation": len(val_rows), "test": len(test_rows)},
-            "parameters": n_params, "seconds": round(time.perf_counter() - t0, 1)}
+            "parameters": n_params, "seconds": round(time.perf_counter() - t0, 1),
+            "epochs_run": len(history), "best_epoch": best_epoch(history), "epoch_cap": cfg.epochs}
     if ctx.parallel:
         info["ranks"] = ctx.world
     bundle: Path | None = None

@@ -200,3 +200,8 @@ def test_manifest_without_calibration_still_loads_in_the_service(trained, tmp_pa
     (old / MANIFEST_FILE).write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="dwell"):
         load_bundle(tmp_path / "store", "c")
+
+
+def test_report_records_best_epoch_and_epochs_run(trained):
+    info = json.loads((trained[1] / "report.json").read_text())["info"]
+    assert info["epoch_cap"] == CFG["epochs"] and 1 <= info["best_epoch"] <= info["epochs_run"] <= CFG["epochs"]

@@ -206,3 +206,16 @@ def test_dtrn_backbone_is_the_architectures_own_block(arch):
     own = {"mmoe": MMoEBlock, "ple": PLEBlock}[arch](len(TASKS), d, m.config)
     assert type(m.backbone) is type(own)
     assert [(n, p.shape) for n, p in m.backbone.named_parameters()] == [(n, p.shape) for n, p in own.named_parameters()]
+
+
+@pytest.mark.parametrize(("tim", "trm"), [(True, False), (False, True)])
+def test_ablation_switches_leave_a_module_out(tim, trm):
+    """``tim=False``: the user sequences stay mean-pooled; ``trm=False``: no re-weighting."""
+    m = model(tim=tim, trm=trm)
+    assert (m.tim is not None) == tim and (m.trm is not None) == trm
+    inputs = random_inputs(schema(), N)
+    out = m.eval()(inputs)
+    assert all(v.shape == (N,) and torch.isfinite(v).all() for v in out.values())
+    if not tim:  # the mean-pooled user sequences keep their own width (no TIM projection)
+        fields = torch.cat(m.embedding.fields(inputs), dim=1)
+        assert m.bottom(inputs)[0].shape == fields.shape

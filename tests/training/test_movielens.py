@@ -232,3 +232,28 @@ def test_spec_and_generic_prepare(data):
 def test_nothing_written_inside_the_repository(data):
     assert not data["out"].resolve().is_relative_to(REPO)
     assert _repo_outputs_since(data["t0"]) == []
+
+
+def test_negatives_without_replacement_per_user(data):
+    """Each user's negatives are distinct movies the user never rated: no (user, movie) repeats
+    among the negatives, so no test negative duplicates a train row."""
+    df, ratings = data["df"], data["ratings"]
+    neg = df.iloc[1::2]
+    assert not neg.duplicated(["user_id", "movie_id"]).any()
+    assert neg.groupby("user_id").size().equals(ratings.groupby("user_id").size())  # one per rating
+    pairs = set(zip(ratings["user_id"], ratings["movie_id"], strict=True))
+    assert not any(p in pairs for p in zip(neg["user_id"], neg["movie_id"], strict=True))
+    # and so no exposure (user, movie) appears twice in the whole log
+    assert not df.duplicated(["user_id", "movie_id"]).any()
+
+
+def test_negatives_draw_refuses_an_impossible_user():
+    from training.data.movielens import _negatives
+
+    rated = np.zeros((3, 5), bool)  # users 1-2, movies 1-4
+    rated[1, [1, 2]] = True
+    neg = _negatives(np.array([1, 1, 2, 2, 2, 2]), rated, np.random.default_rng(0))
+    assert sorted(neg[:2]) == [3, 4] and sorted(neg[2:]) == [1, 2, 3, 4]
+    rated[1, 3] = True
+    with pytest.raises(ValueError, match="user 1"):
+        _negatives(np.array([1, 1]), rated, np.random.default_rng(0))

@@ -208,3 +208,17 @@ def test_gkd_with_unconditional_tasks():
     out, aux = m.forward_with_aux(random_inputs(tiny_schema(), 16))
     terms = m.aux_losses(out, aux, labels(16))
     assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_ablation_switches_ctfm_only_and_gkd_only():
+    inputs = random_inputs(tiny_schema(), N)
+    ctfm_only = mutual("ple", gkd=False).train()
+    assert ctfm_only.gkd is None and ctfm_only.ctfm is not None
+    out, aux = ctfm_only.forward_with_aux(inputs)
+    assert aux == {} and ctfm_only.aux_losses(out, aux, labels(N)) == {}
+    gkd_only = mutual("ple", ctfm=False).train()
+    assert gkd_only.ctfm is None and gkd_only.gkd is not None
+    out, aux = gkd_only.forward_with_aux(inputs)
+    assert set(gkd_only.aux_losses(out, aux, labels(N))) == {"gkd_global", "gkd_distill"}
+    # each tower reads its own input only: the first layer is as wide as the backbone's output
+    assert gkd_only.towers[0].mlp[0].in_features == ctfm_only.towers[0].mlp[0].in_features - 32

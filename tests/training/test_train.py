@@ -63,3 +63,20 @@ def test_same_seed_same_model(small):
     b, _, _ = fit(small, cfg, progress=False)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
+
+
+def test_split_seed_is_separate_from_the_initialisation_seed(small):
+    from training.train import best_epoch
+
+    def split_of(**kw):
+        _, history, rows = fit(small, TrainConfig(arch="shared_bottom", epochs=1, batch_size=4096, **kw),
+                               progress=False)
+        return history, rows
+
+    h, (tr_a, _, te_a) = split_of(seed=1, split_seed=0)
+    _, (tr_b, _, te_b) = split_of(seed=2, split_seed=0)
+    _, (_, _, te_c) = split_of(seed=0)  # split_seed None: the seed draws the split, as before
+    assert np.array_equal(te_a, te_b) and np.array_equal(te_a, te_c) and np.array_equal(tr_a, tr_b)
+    assert best_epoch(h) == 1
+    hist = [{"epoch": i + 1, "val_total": v} for i, v in enumerate([0.5, 0.4, 0.4 - 1e-6, 0.39, 0.41])]
+    assert best_epoch(hist) == 4  # an improvement below MIN_DELTA does not count

@@ -11,10 +11,13 @@ Exposures (``exposures.parquet``, sorted by ``ts``; each positive row directly f
 negative):
 
 * every observed rating ``(user, movie, rating, ts)`` is an exposure with ``click = 1``;
-* for each one, a movie the user never rated (anywhere in the data set) is drawn uniformly from
-  the 1682 movies, at the same ``ts``, as an exposure with ``click = 0``. Bulk draw with
-  ``np.random.default_rng(seed)``, collisions redrawn until none is left; negatives are drawn
-  with replacement (a user can get the same negative movie twice);
+* for each one, a movie the user never rated (anywhere in the data set), at the same ``ts``, as
+  an exposure with ``click = 0``. A user with ``n`` ratings gets ``n`` *distinct* negative movies,
+  drawn uniformly without replacement from the movies they never rated
+  (``np.random.default_rng(seed)``, users in id order): no two negatives share a (user, movie),
+  and none is a rated one, so no test negative repeats a train row. (Every user of ML-100K rated
+  at most 737 of the 1682 movies, so there are always enough unrated ones.) The i-th negative of
+  a user goes with the user's i-th rating in ``(ts, movie_id)`` order;
 * ``conversion = rating >= 4`` on clicked rows, 0 on the others;
 * ``rating`` = the rating (1..5) on clicked rows, 0 on the others: the regression label that
   stands where watch time stands (tasks ``ctr``, ``cvr | ctr``, ``rating | ctr``).
@@ -130,13 +133,17 @@ def _items_table(items: pd.DataFrame, genre_names: list[str]) -> pa.Table:
     })
 
 
-def _negatives(uid: np.ndarray, n_movies: int, rated: np.ndarray, rng) -> np.ndarray:
-    """One movie per row, uniform over the movies that row's user never rated."""
-    neg = rng.integers(1, n_movies + 1, len(uid))
-    bad = np.flatnonzero(rated[uid, neg])
-    while len(bad):
-        neg[bad] = rng.integers(1, n_movies + 1, len(bad))
-        bad = bad[rated[uid[bad], neg[bad]]]
+def _negatives(uid: np.ndarray, rated: np.ndarray, rng) -> np.ndarray:
+    """One movie per row: for each user, as many distinct movies as the user has rows, drawn
+    uniformly without replacement from the movies (ids ``1..rated.shape[1]-1``) the user never
+    rated. ``uid`` must be grouped by user (sorted); the draws go to a user's rows in order."""
+    neg = np.empty(len(uid), np.int64)
+    users, starts, counts = np.unique(uid, return_index=True, return_counts=True)
+    for u, start, n in zip(users, starts, counts, strict=True):
+        unrated = np.flatnonzero(~rated[u, 1:]) + 1
+        if n > len(unrated):
+            raise ValueError(f"user {u} has {n} ratings but only {len(unrated)} unrated movies to draw negatives from")
+        neg[start:start + n] = rng.choice(unrated, n, replace=False)
     return neg
 
 
@@ -194,7 +201,7 @@ def build(out_dir: str | Path, source: str | Path = DEFAULT_SOURCE, seed: int = 
 
     rated = np.zeros((n_users + 1, n_movies + 1), bool)
     rated[uid, mid] = True
-    neg = _negatives(uid, n_movies, rated, rng)
+    neg = _negatives(uid, rated, rng)
 
     # exposures: ratings in time order, each positive followed by its negative
     order = np.lexsort((mid, uid, ts))

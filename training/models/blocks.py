@@ -115,8 +115,9 @@ class EmbeddingLayer(nn.Module):
     fields, then its dense fields, then its sequence fields, each in schema order - the same
     order as :func:`service.contract.model_inputs`.
 
-    * sparse field -> its own ``nn.Embedding(vocab_size, embedding_dim)``. Index 0 (missing / OOV)
-      is an ordinary learnable row (no ``padding_idx``): "unknown" is information too.
+    * sparse field -> its own ``nn.Embedding(vocab_size, embedding_dim)``, initialised
+      N(0, ``init_std``^2). Index 0 (missing / OOV) is an ordinary learnable row (no
+      ``padding_idx``): "unknown" is information too.
     * dense field -> ``((x - mean) / std) * w_f + b_f`` of size ``dense_dim``; mean/std are buffers
       taken from the schema, so raw values are fed at serving.
     * sequence field -> the embedding table of its ``vocab_of`` sparse field, masked mean over the
@@ -129,7 +130,7 @@ class EmbeddingLayer(nn.Module):
 
     request_once: bool = False  # forward -> Parts instead of [N, D] (set by training.export only)
 
-    def __init__(self, schema: FeatureSchema, dense_dim: int):
+    def __init__(self, schema: FeatureSchema, dense_dim: int, init_std: float = 0.05):
         super().__init__()
         if not (schema.sparse_of("item") or schema.dense_of("item") or schema.sequence_of("item")):
             raise ValueError("the schema needs at least one item field (it defines the batch N)")
@@ -139,7 +140,7 @@ class EmbeddingLayer(nn.Module):
 
         self.sparse = nn.ModuleList(nn.Embedding(f.vocab_size, f.embedding_dim) for f in schema.sparse)
         for emb in self.sparse:
-            nn.init.normal_(emb.weight, std=0.05)
+            nn.init.normal_(emb.weight, std=init_std)
         self.table_of = {f.name: i for i, f in enumerate(schema.sparse)}
         self.dense = nn.ModuleDict({e: DenseFields(schema.dense_of(e), dense_dim)
                                     for e in ENTITIES if schema.dense_of(e)})
@@ -373,6 +374,7 @@ class ModelConfig:
     tower_hidden: list[int] = field(default_factory=lambda: [64])
     dense_dim: int = 8  # size of a dense field's vector
     batch_norm: bool = True  # BatchNorm after each hidden layer of experts, bottoms and towers
+    embedding_init_std: float = 0.05  # sparse embeddings start as N(0, this^2) (torch-rechub's default: 1e-4)
 
 
 class MultiTaskModel(nn.Module):
@@ -394,7 +396,7 @@ class MultiTaskModel(nn.Module):
         self.schema = schema
         self.tasks = list(tasks)
         self.config = config
-        self.embedding = EmbeddingLayer(schema, config.dense_dim)
+        self.embedding = EmbeddingLayer(schema, config.dense_dim, config.embedding_init_std)
 
     def build_towers(self, in_dim: int) -> None:
         self.towers = nn.ModuleList(Tower(in_dim, self.config.tower_hidden, self.config.dropout,

@@ -97,6 +97,10 @@ class DTRNConfig(PLEConfig, MMoEConfig):
     tim_hyper_hidden: int = 32
     # TRM: per-task SENet over the fields, bottleneck F // trm_reduction
     trm_reduction: int = 2
+    # ablations: False leaves a module out (tim: the user sequences stay mean-pooled as in PLE; trm:
+    # no re-weighting, each task's representation is its plain concatenation of fields)
+    tim: bool = True
+    trm: bool = True
 
 
 def masked_softmax(scores: Tensor, key_mask: Tensor) -> Tensor:
@@ -225,11 +229,12 @@ class DTRN(MultiTaskModel):
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown DTRN backbone {cfg.backbone!r}; choose from {list(BACKBONES)}")
         self.seq_slots = [emb.field_names.index(f.name) for f in schema.sequence_of("user")]
-        self.tim = TIM(emb, T, cfg) if self.seq_slots else None
+        self.tim = TIM(emb, T, cfg) if self.seq_slots and cfg.tim else None
         dims = list(emb.field_dims)
-        for slot in self.seq_slots:
-            dims[slot] = self.tim.d
-        self.trm = TRM(T, dims, cfg.trm_reduction)
+        if self.tim is not None:
+            for slot in self.seq_slots:
+                dims[slot] = self.tim.d
+        self.trm = TRM(T, dims, cfg.trm_reduction) if cfg.trm else None
         d = sum(dims)
         block = BACKBONES[cfg.backbone]
         self.backbone = None if block is None else block(T, d, cfg)
@@ -246,7 +251,8 @@ class DTRN(MultiTaskModel):
             for slot, interest in zip(self.seq_slots, self.tim(sequences, fields, n), strict=True):
                 for k in range(len(self.tasks)):
                     per_task[k][slot] = interest[k]
-        return self.trm([torch.cat(f, dim=1) for f in per_task])
+        reps = [torch.cat(f, dim=1) for f in per_task]
+        return reps if self.trm is None else self.trm(reps)
 
     def tower_inputs(self, inputs: dict[str, Tensor]) -> list[Tensor]:
         reps = self.bottom(inputs)

@@ -68,6 +68,10 @@ class MutualConfig:
     ctfm_dim: int = 32  # CTFM query/key/value size: what each tower reads in addition to its own input
     gkd_hidden: list[int] = field(default_factory=lambda: [32])  # each task's global network
     gkd_weight: float = 0.5  # weight of the distillation term of every task
+    # ablations: False leaves a component out (ctfm: each tower reads its own input only; gkd: no
+    # global networks, no auxiliary losses)
+    ctfm: bool = True
+    gkd: bool = True
 
 
 MUTUAL_KEYS = frozenset(f.name for f in dataclasses.fields(MutualConfig))
@@ -144,16 +148,20 @@ class MutualLearning(MultiTaskModel):
         in_dim = _tower_in_dim(base.towers[0])
         del base.towers  # replaced below
         self.base = base
-        self.ctfm = CTFM(len(self.tasks), in_dim, config.ctfm_dim)
-        self.build_towers(in_dim + config.ctfm_dim)
+        self.ctfm = CTFM(len(self.tasks), in_dim, config.ctfm_dim) if config.ctfm else None
+        self.build_towers(in_dim + (config.ctfm_dim if config.ctfm else 0))
         z = self.towers[0].mlp.output_dim
-        self.gkd = nn.ModuleList(Tower(len(self.tasks) * z, config.gkd_hidden, config.dropout) for _ in self.tasks)
+        self.gkd = (nn.ModuleList(Tower(len(self.tasks) * z, config.gkd_hidden, config.dropout) for _ in self.tasks)
+                    if config.gkd else None)
 
     def _towers(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Tower outputs ``{task: [N]}`` and the towers' last hidden layers."""
         reps = tower_inputs(self.base, inputs)
-        hidden = [tower.mlp(torch.cat([h, c], dim=1))
-                  for tower, h, c in zip(self.towers, reps, self.ctfm(reps), strict=True)]
+        if self.ctfm is None:
+            hidden = [tower.mlp(h) for tower, h in zip(self.towers, reps, strict=True)]
+        else:
+            hidden = [tower.mlp(torch.cat([h, c], dim=1))
+                      for tower, h, c in zip(self.towers, reps, self.ctfm(reps), strict=True)]
         out = {t.name: tower.out(z).squeeze(-1) for t, tower, z in zip(self.tasks, self.towers, hidden, strict=True)}
         return out, hidden
 
@@ -163,6 +171,8 @@ class MutualLearning(MultiTaskModel):
     def forward_with_aux(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(tower outputs, global network outputs)``, both ``{task: [N]}`` (for :meth:`aux_losses`)."""
         out, hidden = self._towers(inputs)
+        if self.gkd is None:
+            return out, {}
         z_all = torch.cat([z.detach() for z in hidden], dim=1)
         return out, {t.name: net(z_all) for t, net in zip(self.tasks, self.gkd, strict=True)}
 
@@ -170,6 +180,8 @@ class MutualLearning(MultiTaskModel):
                    labels: dict[str, Tensor]) -> dict[str, Tensor]:
         """The GKD terms: ``gkd_global`` (the global networks' task losses) and ``gkd_distill``
         (``gkd_weight`` times the sum of the towers' distillation losses)."""
+        if self.gkd is None:
+            return {}
         by_name = {t.name: t for t in self.tasks}
         distill = []
         for t in self.tasks:

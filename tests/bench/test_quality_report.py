@@ -1,0 +1,58 @@
+"""bench/quality.py's bookkeeping without training: run files named by their configuration, the
+selection on validation, the seeds of the selected configuration, capped runs left out, pending
+cells, and the report written from whatever exists."""
+
+import argparse
+import json
+
+import pytest
+
+import bench.quality as q
+
+
+@pytest.fixture
+def args(tmp_path, monkeypatch):
+    monkeypatch.setattr(q, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(q, "OUT", tmp_path / "quality")
+    return argparse.Namespace(epochs=50, patience=3, batch_size=2048, split_seed=0,
+                              models=list(q.MODELS), ablations=list(q.ABLATIONS))
+
+
+def write(args, model, knobs, seed, val, auc, capped=False):
+    cfg = q.run_config(args, "movielens-time", model, knobs)
+    path = q.run_path(cfg, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"auc/ctr": auc, "auc/cvr": auc, "auc/ctcvr": auc, "rmse/rating": 1.0, "rmse_log1p/rating": 0.2}
+    path.write_text(json.dumps({**cfg, "seed": seed, "best_val_total": val, "best_epoch": 50 if capped else 7,
+                                "epochs_run": 50 if capped else 10, "capped": capped, "train_seconds": 60.0,
+                                "params": 1, "metrics": metrics}))
+
+
+def test_selection_seeds_pairs_and_pending(args):
+    todo = q.plan(args, "movielens-time")
+    assert len(todo) == len(q.MODELS) * len(q.GRID) and all(s == 0 for _, s in todo)  # the grid comes first
+    for name, knobs in q.GRID.items():  # ple: g2 has the lowest validation loss; rechub-ple: g0
+        write(args, "ple", knobs, 0, val=0.5 if name == "g2" else 0.6, auc=0.80)
+        write(args, "rechub-ple", knobs, 0, val=0.5 if name == "g0" else 0.6, auc=0.78)
+    assert q.selected(args, "movielens-time", "ple")[0] == "g2"
+    assert q.selected(args, "movielens-time", "mmoe")[0] is None  # grid incomplete: no selection yet
+    todo = [(c, s) for c, s in q.plan(args, "movielens-time") if not q.run_path(c, s).exists()]  # as run() does
+    ple_seeds = [s for c, s in todo if c["model"] == "ple" and c["knobs"] == dict(sorted(q.GRID["g2"].items()))]
+    assert ple_seeds == [1, 2, 3, 4]  # the selected configuration at seeds 1-4 (seed 0 is the grid run)
+    no_bn = [c for c, _ in todo if c["knobs"].get("batch_norm") is False and c["model"] == "ple"]
+    assert no_bn and no_bn[0]["knobs"]["lr"] == q.GRID["g2"]["lr"]  # ablations ride on the selection
+    for s, d in zip(range(1, 5), (0.010, 0.012, 0.011, 0.013), strict=True):
+        write(args, "ple", q.GRID["g2"], s, val=0.5, auc=0.80 + d)
+        write(args, "rechub-ple", q.GRID["g0"], s, val=0.5, auc=0.80, capped=(s == 4))
+    rep = q.aggregate(args)
+    d = rep["datasets"]["movielens-time"]
+    assert d["selected"]["ple"] == "g2" and d["selected"]["mmoe"] is None
+    assert d["variants"]["ple"]["summary"]["auc/ctr"]["n"] == 5
+    assert d["variants"]["rechub-ple"]["capped_seeds"] == [4]
+    row = next(r for r in d["comparisons"] if (r["a"], r["b"]) == ("ple", "rechub-ple"))
+    ctr = row["metrics"]["auc/ctr"]
+    assert ctr["seeds"] == [0, 1, 2, 3]  # seed 4's peer run is capped: left out
+    assert ctr["diffs"] == pytest.approx([0.02, 0.01, 0.012, 0.011]) and ctr["verdict"] == "gain"
+    q.report_files(rep)
+    md = (q.OUT.with_suffix(".md")).read_text()
+    assert "pending" in md and "| ple | g2 |" in md and "capped: seeds [4]" in md
