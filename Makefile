@@ -21,9 +21,9 @@ install-dev: $(BIN)/python
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# the edit loop: everything but the slow, Docker and GPU tests
+# the edit loop: everything but the slow, Docker and GPU tests, on every core (pytest-xdist)
 test-fast: install-dev
-	$(BIN)/python -m pytest -m "not slow and not docker and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto -m "not slow and not docker and not gpu" $(PYTEST_ARGS)
 
 # ruff (style, imports, bugbear, pyupgrade) on everything; mypy on the service and the contract
 lint: install-dev
