@@ -10,7 +10,7 @@ import json
 import pytest
 import redis
 
-from tests.readout.conftest import KEY, mtrank
+from tests.support.readout import KEY, mtrank
 from tests.support.server import Server
 from training.data.synth import SynthConfig, generate
 from training.materialize import load_features

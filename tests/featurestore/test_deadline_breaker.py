@@ -17,6 +17,7 @@ import redis
 from service.features import namespace, user_key
 from service.redis_client import StoreUnavailable, make_store
 from service.settings import Settings
+from tests.support.wait import wait_until
 from tests.support.world import (
     RELAXED_DEADLINE_MS,
     assert_latencies,
@@ -44,13 +45,6 @@ def mget_calls(client) -> int:
     return client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
 
 
-def wait_until(pred, timeout, step=0.005):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def test_mget_is_one_command_in_request_order(own_redis):

@@ -11,18 +11,12 @@ import httpx
 import pytest
 
 from tests.support.server import Server
+from tests.support.wait import wait_until as wait_for
 from tests.support.world import load_world, server_env
 
 POLL_S = 0.2
 
 
-def wait_for(pred, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def gauge(base: str, name: str) -> float:

@@ -5,12 +5,11 @@ back to ``degraded: false`` (gauge 0) once Redis answers. In fail mode the same 
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
 from tests.support.server import Server
+from tests.support.wait import wait_until as wait_for
 from tests.support.world import load_world, server_env
 
 
@@ -26,13 +25,6 @@ def degraded_gauge(base: str) -> float:
     raise AssertionError("mtrank_degraded not exposed")
 
 
-def wait_for(pred, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -21,18 +20,11 @@ from service.metrics import GAUGE_REFRESH_S
 from tests.support.bundles import publish_bundle
 from tests.support.http import metric, scrape
 from tests.support.ports import free_port
+from tests.support.wait import wait_for
 
 BODY = {"user_id": "u1", "items": ["i1", "i2", "i3"]}
 
 
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def series(samples: dict) -> set:

@@ -17,15 +17,11 @@ from service.settings import Settings
 from tests.support.http import metric, scrape
 from tests.support.ports import free_port
 from tests.support.server import MTRANK
+from tests.support.wait import wait_for
 
 KEY = "predlog-test-key-0123456789abcdef"
 
 
-def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def export(redis_url: str, stream: str, out, *args: str) -> str:

@@ -12,10 +12,11 @@ import pytest
 import redis
 
 from service.predlog import pseudonym
-from tests.readout.conftest import KEY, wait_for
 from tests.support.http import metric, scrape
+from tests.support.readout import KEY
 from tests.support.redis_server import RedisProc
 from tests.support.server import Server
+from tests.support.wait import wait_for
 
 RAW = ["alice.liddell+7731@example.org", "bob-the-builder-55170", "u1"]  # u1: a user with features in Redis
 CONFIG = ("salt: pseud\nallow_force: true\nvariants:\n  - {name: A, percent: 50, model: {name: demo}}\n"

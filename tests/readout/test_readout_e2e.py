@@ -12,7 +12,8 @@ import httpx
 import pytest
 import redis
 
-from tests.readout.conftest import KEY, event, mtrank, wait_for, write_events
+from tests.support.readout import KEY, event, mtrank, write_events
+from tests.support.wait import wait_for
 
 CONFIG = """salt: readout-e2e
 allow_force: true

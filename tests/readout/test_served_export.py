@@ -14,8 +14,9 @@ import pytest
 import redis
 
 from service.predlog import pseudonym
-from tests.readout.conftest import KEY, event, mtrank, wait_for, write_events
 from tests.support.bundles import default_vocabs, seed_features
+from tests.support.readout import KEY, event, mtrank, write_events
+from tests.support.wait import wait_for
 
 
 @pytest.mark.slow

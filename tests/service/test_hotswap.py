@@ -2,13 +2,13 @@
 warm-up) before they serve; broken ones are refused with a reason while the old version serves;
 version policies, rollback by pinning, reloads of the routing config, the watcher thread."""
 
-import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.support.bundles import corrupt_bundle, publish_bundle, write_meta
+from tests.support.wait import wait_for
 
 TOKEN = "hotswap-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -211,11 +211,6 @@ def test_watcher_picks_up_new_version_and_config(app_client, store_root, tmp_pat
         assert served(c) == ("main", 2) and admin_models(c)["generation"] == gen
 
 
-def wait_for(cond, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_serving_state_is_immutable_and_replaced_whole(app_client, store_root):

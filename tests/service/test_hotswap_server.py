@@ -5,7 +5,6 @@ are refused while the old one serves; users keep their variant across a restart.
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 from service.contract import MODEL_FILE
 from service.routing import bucket_of
 from tests.support.bundles import corrupt_bundle, publish_bundle
+from tests.support.wait import wait_for as wait_until
 
 TOKEN = "server-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -112,12 +112,6 @@ class Load:
         return [x for r in self.results for x in r]
 
 
-def wait_until(cond, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def world_of(body: dict, expected: dict, worlds: list) -> int | None:
