@@ -142,11 +142,7 @@ def needed(settings: Settings, sv: Survey, keep: Collection[ModelVersion] = ()) 
         confirmed = meta is not None and meta.get("schema_fingerprint") == schema.fingerprint()
         return _Candidate(True) if confirmed else None  # unconfirmed: refused by a running service
 
-    for step in plan.steps:
-        if isinstance(step, BundleKey):
-            visit(step)
-        else:
-            planner.take_latest(step, visit)
+    planner.walk(plan, visit)
     for ns, users in out.items():
         if ns in sv.namespaces:
             sv.namespaces[ns].needed_by = users

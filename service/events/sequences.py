@@ -46,11 +46,10 @@ from service.codec import EntityCodec
 from service.contract import VOCAB_FILE, BundleManifest, FeatureSchema, meta_key, namespace, user_key, vocab_lookup
 from service.events.record import FIELD, decode, stream_key
 from service.redis_client import FeatureStore
-from service.routing import RoutingConfig, implicit_config, load_config, parse_policy
-from service.serving import BundleKey, planner
+from service.serving import BundleKey, planner, sources
 from service.serving.feature_check import FeatureCheckError, check_features
 from service.settings import Settings
-from service.store import BundleError, bundle_signature, list_versions, read_manifest
+from service.store import BundleError, bundle_signature, read_manifest
 
 log = logging.getLogger("service.events")
 
@@ -111,14 +110,6 @@ def target_of(prefix: str, schema: FeatureSchema, vocabs: Mapping[str, Sequence[
     return Target(namespace(prefix, schema), default, {k: tuple(v) for k, v in slots.items()}, (source,))
 
 
-def read_config(settings: Settings) -> RoutingConfig:
-    """The routing config the service reads (as :class:`~service.serving.ServingManager` does)."""
-    if settings.routing_config:
-        return load_config(settings.routing_config)
-    return implicit_config(settings.model_name, settings.model_version, settings.fusion,
-                           settings.explicit_fusion_weights, parse_policy(settings.version_policy))
-
-
 @dataclass
 class _Confirmed:
     """What :func:`planner.take_latest` asks of a held bundle."""
@@ -139,10 +130,10 @@ class TargetFinder:
 
     def held(self) -> list[_Confirmed]:
         s = self.settings
-        cfg = read_config(s)
+        policy = sources.default_policy(s)
+        cfg = sources.read_config(s, policy)  # as the service reads it
         root = Path(s.model_store)
-        listing = {n: list_versions(root, n) for n in planner.model_names(cfg, ())}
-        plan = planner.plan(cfg, listing, parse_policy(s.version_policy), (), (), str(root))
+        plan = planner.plan(cfg, sources.listing(root, planner.model_names(cfg, ())), policy, (), (), str(root))
         out: dict[tuple[str, int], _Confirmed] = {}
 
         def get(key: BundleKey) -> _Confirmed | None:
@@ -158,11 +149,7 @@ class TargetFinder:
             found = out[(key.name, key.version)] = _Confirmed(path, manifest)
             return found
 
-        for step in plan.steps:
-            if isinstance(step, BundleKey):
-                get(step)
-            else:
-                planner.take_latest(step, get)  # it reads features_confirmed only
+        planner.walk(plan, get)
         return list(out.values())
 
     def targets(self) -> list[Target]:

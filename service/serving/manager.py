@@ -237,11 +237,7 @@ class ServingManager:
                 held[key] = lb
             return lb
 
-        for step in plan.steps:
-            if isinstance(step, BundleKey):
-                get(step)
-            else:
-                planner.take_latest(step, get)
+        planner.walk(plan, get)
         return held, plan.issues
 
     def _why_missing(self, name: str, version: int | None, precision: str) -> str:

@@ -104,6 +104,17 @@ def take_latest(step: Latest, get: Callable[[BundleKey], C | None]) -> list[C]:
     return out
 
 
+def walk(plan: Plan, get: Callable[[BundleKey], C | None]) -> None:
+    """Run every step of ``plan`` through ``get``: each pinned key once, each ``latest N`` step by
+    :func:`take_latest`. The one walk of the serving manager, ``mtrank features gc`` and the events
+    consumer (``get`` loads, or stands in for loading, and records what it holds)."""
+    for step in plan.steps:
+        if isinstance(step, BundleKey):
+            get(step)
+        else:
+            take_latest(step, get)
+
+
 def resolve(spec: VariantSpec, held: Mapping[BundleKey, LoadedBundle]) -> LoadedBundle | None:
     """The held bundle that serves ``spec`` (None when there is none)."""
     m = spec.model
