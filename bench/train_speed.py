@@ -89,19 +89,34 @@ def dataset(a):
     return prepare(out, max_rows=rows), out
 
 
+PHASES = ("forward", "loss + backward", "optimizer", "batch gather")
+
+
 def time_fit(model, ds, a, seed: int) -> dict:
-    """One run of training.train.fit for exactly warmup + steps + 1 batches; the timed steps' rate."""
+    """One run of training.train.fit for exactly warmup + steps + 1 batches; the timed steps' rate.
+
+    Where the time goes: the model's forward (pre-hook to hook), the losses and backward (model
+    hook to the optimizer's step pre-hook), Adam (its step pre- to post-hook) and the rest until the
+    next step (slicing the next batch out of the encoded data), summed over the timed steps."""
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     from training.train import TrainConfig, fit
 
     stamps: list[tuple[float, float]] = []  # (wall, this process's CPU time) at the start of each step
+    marks: list[list[float]] = []  # per training step: [start, forward done, optimizer start, optimizer done]
 
-    def hook(module, args):
+    def pre(module, args):
         if module.training:
             stamps.append((time.perf_counter(), time.process_time()))
+            marks.append([stamps[-1][0]])
 
-    h = model.register_forward_pre_hook(hook)
+    def mark(*_):
+        if marks and len(marks[-1]) < 4 and (len(marks[-1]) != 1 or model.training):
+            marks[-1].append(time.perf_counter())
+
+    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(mark),
+               register_optimizer_step_pre_hook(mark), register_optimizer_step_post_hook(mark)]
     cfg = TrainConfig(epochs=1, batch_size=a.batch_size, seed=seed, fractions=FRACTIONS, patience=1,
                       threads=a.threads)
     torch.manual_seed(seed)
@@ -109,7 +124,8 @@ def time_fit(model, ds, a, seed: int) -> dict:
     try:
         fit(ds, cfg, progress=False, model=model)
     finally:
-        h.remove()
+        for h in handles:
+            h.remove()
     total = time.perf_counter() - t0
     timed = stamps[a.warmup:a.warmup + a.steps + 1]
     if len(timed) < 2:
@@ -117,8 +133,13 @@ def time_fit(model, ds, a, seed: int) -> dict:
     steps = len(timed) - 1
     secs = timed[-1][0] - timed[0][0]
     cpu = timed[-1][1] - timed[0][1]
+    spans = [0.0] * len(PHASES)
+    for m, nxt in zip(marks[a.warmup:a.warmup + steps], marks[a.warmup + 1:a.warmup + steps + 1], strict=True):
+        for i, (x, y) in enumerate(zip(m, m[1:] + [nxt[0]], strict=True)):
+            spans[i] += y - x
     return {"steps": steps, "seconds": secs, "samples_per_s": steps * a.batch_size / secs,
             "ms_per_step": 1e3 * secs / steps, "cpu_seconds": cpu, "samples_per_cpu_s": steps * a.batch_size / cpu,
+            "ms_per_step_by_phase": {k: 1e3 * v / steps for k, v in zip(PHASES, spans, strict=True)},
             "fit_seconds": total, "steps_run": len(stamps)}
 
 
@@ -204,6 +225,14 @@ def main(argv=None) -> int:
                      "PASS" if ratios[True] >= threshold else "FAIL", f"{ratios_cpu[True]:.2f}x"],
                     ["without BatchNorm (ablation)", f"{ratios[False]:.2f}x",
                      "PASS" if ratios[False] >= threshold else "FAIL", f"{ratios_cpu[False]:.2f}x"]]),
+          "",
+          "Where a step's time goes (ms per step, median over rounds): the model's forward; the ESMM/MSE "
+          "losses and the backward pass; Adam; slicing the next batch out of the encoded data.",
+          "",
+          md_table(["model", *PHASES, "sum"],
+                   [[k, *(statistics.median(x["ms_per_step_by_phase"][ph] for x in runs[k]) for ph in PHASES),
+                     statistics.median(sum(x["ms_per_step_by_phase"].values()) for x in runs[k])]
+                    for k in makers]),
           "",
           "torch-rechub's gates carry BatchNorm too (ours are Linear -> softmax): the parameter difference "
           "of the with-BatchNorm pair. The machine is shared: compare the rows of one run, not across runs. "
