@@ -30,6 +30,7 @@ class Runtime:
     watcher: Watcher | None = None
     predlog: PredictionLog | None = None
     gauges: metrics.GaugeRefresher | None = None
+    access_queue: bool = False  # this runtime holds a use of the access-log queue
 
     @property
     def serving(self) -> ServingState | None:
@@ -94,7 +95,15 @@ class Runtime:
 
     def start(self) -> None:
         """Redis client, first serving state (raises on an invalid routing config or, with
-        MTRANK_PROVIDERS_STRICT, a missing provider), watcher, prediction log."""
+        MTRANK_PROVIDERS_STRICT, a missing provider), watcher, prediction log. A start that raises
+        stops what it had started (the Redis pool's thread above all) before the error goes on."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         s = self.settings
         # CPU: one model run at a time per worker (each uses the worker's whole thread budget), so
         # concurrent requests queue for the cores instead of time-slicing them. Bundles whose session
@@ -131,6 +140,7 @@ class Runtime:
                      redact_url(s.predlog_redis_url) if s.predlog_redis_url else "the feature store's Redis",
                      s.predlog_maxlen, s.predlog_max_bytes)
         access_log.start_queue()  # last: nothing above raised, so stop() will drain it
+        self.access_queue = True
         log.info("limits: %d ranks executing per worker, %d waiting at most %.0f ms (then 429), %d items, ids of "
                  "%d characters, bodies of %d bytes; %d onnxruntime threads, %d workers", s.inflight_limit,
                  s.queue_limit, s.shed_queue_ms, s.max_items, s.max_id_length, s.max_body_bytes, s.ort_threads,
@@ -148,4 +158,6 @@ class Runtime:
         if self.redis_client is not None:
             self.redis_client.close()
         metrics.worker_exit()
-        access_log.stop_queue()  # the last access lines are written before the worker exits
+        if self.access_queue:
+            access_log.stop_queue()  # the last access lines are written before the worker exits
+            self.access_queue = False

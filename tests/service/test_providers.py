@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import onnxruntime as ort
@@ -21,6 +22,7 @@ from service.providers import CPU, CUDA, ProviderMismatch
 from service.serving import WARMUP_SIZES, ServingManager
 from service.settings import Settings
 from service.store import ProviderError, load_bundle
+from tests.support.wait import wait_until
 
 MTRANK = str(Path(sys.executable).with_name("mtrank"))
 needs_no_cuda = pytest.mark.skipif(CUDA in ort.get_available_providers(),
@@ -121,11 +123,20 @@ def test_strict_cuda_request_refuses_to_load(tmp_path, bundle_factory):
 
 
 @needs_no_cuda
+def pool_threads() -> int:
+    return sum(t.name.startswith("mtrank-redis-pool-") for t in threading.enumerate())
+
+
 def test_strict_cuda_request_refuses_to_start(make_settings, features):
     app = create_app(make_settings(providers="cuda", providers_strict=True))
+    before = pool_threads()
     with pytest.raises(ProviderError, match=CUDA):
         with TestClient(app):
             pass
+    # the failed start stopped what it had started: its Redis pool's thread ends (no reconnect
+    # attempts, and their log lines, for the rest of the process's life)
+    assert app.state.mtrank.redis_client is not None
+    assert wait_until(lambda: pool_threads() <= before, timeout=5), (pool_threads(), before)
     # not strict: the same request starts on the CPU, ready, and says so in /models
     with TestClient(create_app(make_settings(providers="cuda,cpu"))) as c:
         assert c.get("/readyz").status_code == 200
