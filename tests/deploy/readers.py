@@ -76,11 +76,12 @@ def env_of(svc: dict, env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def service_replicas(compose: dict) -> dict[str, int]:
-    """Compose services built from the Dockerfile's ``service`` target -> their replica count."""
+    """Compose services that run the image's ``mtrank serve`` (built from the Dockerfile's ``service``
+    target, its command not overridden: the events consumer shares the image) -> their replica count."""
     out = {}
     for name, svc in compose["services"].items():
         build = svc.get("build") or {}
-        if isinstance(build, dict) and build.get("target") == "service":
+        if isinstance(build, dict) and build.get("target") == "service" and "command" not in svc:
             out[name] = int((svc.get("deploy") or {}).get("replicas", 1))
     return out
 

@@ -139,6 +139,12 @@ class Stack:
         assert status == 200, (status, body[:500])
         return json.loads(body)
 
+    def stream_group(self, redis_id: str) -> dict[str, str]:
+        """``XINFO GROUPS`` of the events stream (the default prefix): the consumers' group, field -> value."""
+        out = self.d("exec", redis_id, "sh", "-c",
+                     'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli xinfo groups mtrank:events').stdout.splitlines()
+        return dict(zip(out[0::2], out[1::2], strict=False)) if len(out) >= 2 else {}
+
     def prom_query(self, q: str) -> list[dict]:
         url = f"http://127.0.0.1:{self.prom}/api/v1/query?" + urllib.parse.urlencode({"query": q})
         with urllib.request.urlopen(url, timeout=10) as r:
@@ -248,6 +254,30 @@ def test_compose_stack():
         phase("rank", f"user {USER}, {len(ITEMS)} items: sorted, finite, fused = fusion(scores), "
                       f"top {first['items'][0]['item_id']} {first['items'][0]['score']:.4g}")
 
+        # -- events -----------------------------------------------------------------------------
+        # an outcome through nginx -> a replica -> the stream -> the events service -> the user's
+        # clicked-items sequence in Redis -> the next /rank of that user scores differently
+        (redis_id,) = s.ids("redis")
+        (events_id,) = s.ids("events")
+        before = {i["item_id"]: i["score"] for i in first["items"]}
+        event = {"event_id": secrets.token_hex(8), "user_id": USER, "item_id": ITEMS[-1], "type": "click",
+                 "ts": time.time()}
+        status, _, body = s.request("POST", "/events", {"events": [event]})
+        assert status == 202 and json.loads(body)["accepted"] == 1, (status, body)
+        deadline = time.monotonic() + 60
+        while True:
+            group = s.stream_group(redis_id)
+            if group.get("entries-read") == "1" and group.get("pending") == "0":
+                break
+            assert time.monotonic() < deadline, f"the events service did not apply the event: {group}"
+            time.sleep(0.5)
+        after = {i["item_id"]: i["score"] for i in s.rank()["items"]}
+        moved = sum(abs(after[k] - before[k]) > 1e-7 for k in before)
+        assert moved > len(before) // 2, f"{moved} of {len(before)} scores changed after the click was applied"
+        phase("events", f"POST /events 202; group {group.get('name')}: entries-read {group.get('entries-read')}, "
+                        f"pending {group.get('pending')}, lag {group.get('lag')}; {moved} of {len(before)} "
+                        f"scores of user {USER} moved ({s.logs(events_id).count(chr(10))} consumer log lines)")
+
         # -- surface ----------------------------------------------------------------------------
         seen = {}
         for method, path in INTERNAL:
@@ -303,7 +333,6 @@ def test_compose_stack():
             pending.append(f"useful answers/s at 64 connections {over_rate:.0f} < 0.8 x {base_rate:.0f}")
 
         # -- degraded ---------------------------------------------------------------------------
-        (redis_id,) = s.ids("redis")
         s.d("pause", redis_id)
         try:
             ranks = [s.request("POST", "/rank", {"user_id": USER, "items": ITEMS}) for _ in range(6)]

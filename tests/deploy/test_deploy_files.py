@@ -12,6 +12,7 @@ import sys
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from service.settings import Settings
 from tests.deploy.readers import (
@@ -69,6 +70,24 @@ def test_compose_wires_redis_job_replicas_and_balancer(compose):
         assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
         assert env["MTRANK_MODEL_NAME"] == "demo"
     assert all(c[n]["build"]["target"] == "service" for n in replicas) and c["job"]["build"]["target"] == "trainer"
+
+
+def test_compose_runs_the_events_consumer_next_to_the_replicas(compose):
+    """POST /events through nginx only appends to a stream: without a consumer no sequence gets fresh."""
+    c = compose["services"]
+    ev = c["events"]
+    assert ev["command"] == ["mtrank", "events", "consume"] and ev["build"]["target"] == "service"
+    replica = c[next(iter(service_replicas(compose)))]
+    env, renv = env_of(ev), env_of(replica)
+    for k in ("MTRANK_REDIS_URL", "MTRANK_MODEL_STORE", "MTRANK_MODEL_NAME"):
+        assert env[k] == renv[k], k  # the same Redis and the same held bundles as the replicas
+    assert ev["volumes"] == ["models:/models:ro"] and ev["read_only"] is True
+    assert ev["user"] == replica["user"] and ev["cap_drop"] == ["ALL"]
+    assert ev["depends_on"]["job"]["condition"] == "service_completed_successfully"
+    assert ev["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert ev["restart"] == "unless-stopped"
+    local = yaml.safe_load((ROOT / "docker-compose.local.yml").read_text())["services"]
+    assert local["events"]["image"] == local["service"]["image"], "the stand-in stack runs the same image"
 
 
 def test_bind_mounted_files_exist(compose):
