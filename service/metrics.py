@@ -69,8 +69,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.breaker import BREAKER_STATES
 from service.ranking import STAGES as RANK_STAGES
-from service.redis_client import BREAKER_STATES
 
 log = logging.getLogger("service.metrics")
 STAGES = (*RANK_STAGES, "total")  # the ranking stages, plus the whole request

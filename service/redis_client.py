@@ -19,8 +19,8 @@ Choices, and why:
   connection discarded (a late reply can never be read by the next request); the pool thread
   opens its replacement. No threads are spent per request. (A byte-trickling server could stretch
   one read by one more timeout; Redis does not trickle.)
-* **Circuit breaker per node**, small and local (:class:`Breaker`; the packaged breakers are
-  not thread-safe or want asyncio). ``MTRANK_BREAKER_FAILURES`` consecutive failures open it;
+* **Circuit breaker per node**, small and local (:class:`~service.breaker.Breaker`; the packaged
+  breakers are not thread-safe or want asyncio). ``MTRANK_BREAKER_FAILURES`` consecutive failures open it;
   while open, reads of that node fail at once with ``circuit_open`` (no network) and the node's
   pool stops connecting. Probing is off the request path: opening starts a tiny daemon thread
   that PINGs the node on a fresh connection every ``MTRANK_BREAKER_PROBE_S``. A PONG makes it
@@ -55,7 +55,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import hiredis
 import redis
@@ -65,14 +65,12 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError
 from redis.retry import Retry
 
+from service.breaker import BREAKER_STATES, Breaker
 from service.redis_conn import PoolBusy, WarmPool, connection_kwargs, set_timeout
 from service.settings import Settings, url_secret
 
 log = logging.getLogger(__name__)
 
-#: the breaker's states, from best to worst: the index is the gauge value (service.metrics) and the
-#: order :attr:`FeatureStore.state` uses when several breakers (cluster nodes) disagree
-BREAKER_STATES = ("closed", "half_open", "open")
 #: seconds between two topology refreshes of a cluster at most
 _REFRESH_EVERY_S = 1.0
 
@@ -89,89 +87,6 @@ class StoreUnavailable(redis.RedisError):
         self.partial = partial
 
 
-class Breaker:
-    """Consecutive-failure circuit breaker of one Redis node, with a background probe.
-
-    ``failures`` consecutive failures open it: reads fail at once, and a thread calls ``probe``
-    (raises when the node does not answer) every ``probe_s``. A probe that answers makes it
-    ``half_open``: reads are let through again, on the warm connections of the node's pool (a
-    read never connects, so re-admission cannot storm the node). The first success, a read's or
-    the next probe's, closes it; a failure while half-open opens it again at once. ``allow()``
-    and ``success()`` (the healthy request path) read attributes and take no lock."""
-
-    def __init__(self, name: str, failures: int, probe_s: float, probe: Callable[[], object],
-                 stop: threading.Event, on_open: Callable[[], None] | None = None):
-        self.name = name
-        self.threshold = failures
-        self.probe_s = probe_s
-        self._probe = probe
-        self._stop = stop
-        self._on_open = on_open
-        self._lock = threading.Lock()
-        self._probing = False  # a probe thread runs (one at most)
-        self.state = "closed"
-        self.failures = 0  # consecutive
-        self.last_error: str | None = None
-        self.opened_at: float | None = None
-        self.retired = False  # the node left the cluster: stop probing it
-
-    def allow(self) -> bool:
-        return self.state != "open"
-
-    def success(self) -> None:
-        if self.failures or self.state != "closed":
-            self._close("a read succeeded")
-
-    def failure(self, error: str) -> None:
-        with self._lock:
-            self.failures += 1
-            self.last_error = error
-            if self.state == "half_open":
-                self.state = "open"
-            elif self.state != "closed" or self.failures < self.threshold:
-                return
-            else:
-                self.state = "open"
-                self.opened_at = time.monotonic()
-            start, self._probing = not self._probing, True
-        log.warning("feature store %s: circuit open after %d consecutive failures (%s)", self.name,
-                    self.failures, error)
-        if self._on_open is not None:
-            self._on_open()
-        if start:
-            threading.Thread(target=self._probe_loop, name=f"mtrank-breaker-{self.name}", daemon=True).start()
-
-    def _close(self, why: str) -> None:
-        with self._lock:
-            was, self.state, self.failures = self.state, "closed", 0
-        if was != "closed":
-            log.warning("feature store %s: circuit closed (%s; %.2fs after it opened)", self.name, why,
-                        time.monotonic() - (self.opened_at or 0.0))
-
-    def _probe_loop(self) -> None:
-        while not self._stop.wait(self.probe_s):
-            with self._lock:
-                if self.state == "closed" or self.retired:
-                    self._probing = False
-                    return
-                state = self.state
-            try:
-                self._probe()
-            except Exception as e:  # any failure keeps it open (or opens it again)
-                with self._lock:
-                    self.state = "open"
-                    self.last_error = f"probe: {type(e).__name__}: {e}"
-                if state == "half_open" and self._on_open is not None:
-                    self._on_open()
-                continue
-            if state == "half_open":  # no read came to decide: a second probe answer does
-                self._close("PING answered twice")
-                continue
-            with self._lock:
-                if self.state == "open":
-                    self.state = "half_open"
-            log.info("feature store %s: circuit half-open (PING answered after %.2fs): reads re-admitted on "
-                     "warm connections", self.name, time.monotonic() - (self.opened_at or 0.0))
 
 
 class _Node:
