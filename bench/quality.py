@@ -43,10 +43,12 @@ cells "pending".
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -112,6 +114,11 @@ BASELINES = ("constant", "popularity", "logreg")
 
 # ----------------------------------------------------------------------------- data
 
+#: dataset-spec keys only serving reads (the outcome event that feeds a user sequence online):
+#: they change no training row, so they are not part of the data's identity
+SERVING_ONLY_KEYS = ("event",)
+
+
 def _source_hash(*paths: str) -> str:
     h = hashlib.sha1()
     for p in paths:
@@ -119,26 +126,77 @@ def _source_hash(*paths: str) -> str:
     return h.hexdigest()[:8]
 
 
-def data_version(name: str) -> str:
-    """Names the generated data by the code that generates it (a protocol change = new cache, new runs)."""
-    return _source_hash("training/data/movielens.py" if name.startswith("movielens") else "training/data/synth.py")
-
-
-def load_dataset(name: str):
-    """The encoded dataset; generated files go to a temp cache, never the repository."""
-    from training.data.dataset import prepare
-
-    out = CACHE / f"{name.split('-')[0]}-{data_version(name)}"
+@functools.cache
+def built(name: str) -> Path:
+    """The generated files (a temp cache, never the repository), rebuilt when the generating code changes."""
+    source = "training/data/movielens.py" if name.startswith("movielens") else "training/data/synth.py"
+    out = CACHE / f"{name.split('-')[0]}-{_source_hash(source)}"
     if not (out / "dataset.yaml").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         if name.startswith("movielens"):
             from training.data.movielens import build
 
-            build(out, seed=0)
+            build(tmp, seed=0)
         else:
             from training.data.synth import SynthConfig, generate
 
-            generate(out, SynthConfig(n_users=5_000, n_items=10_000, n_exposures=200_000, seed=11), progress=False)
-    return prepare(out)
+            generate(tmp, SynthConfig(n_users=5_000, n_items=10_000, n_exposures=200_000, seed=11), progress=False)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _canonical(t):
+    """One Arrow type per kind of column (string or large string, list or large list, any child name)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.large_string()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.large_list(_canonical(t.value_type))
+    return t
+
+
+def content_version(root: Path) -> str:
+    """A hash of what training reads from a generated dataset: every table's rows (its Arrow IPC
+    stream in canonical types without schema metadata, not the parquet bytes, which name the writer
+    and its version) and the dataset spec without :data:`SERVING_ONLY_KEYS`. A protocol change = a
+    new version = new runs; an edit that changes no row (a comment, a serving-only annotation, a
+    new pandas writing large strings) keeps every run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    h = hashlib.sha1()
+    for p in sorted(root.glob("*.parquet")):
+        table = pq.read_table(p)
+        table = table.cast(pa.schema([pa.field(f.name, _canonical(f.type)) for f in table.schema])).combine_chunks()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        h.update(p.name.encode())
+        h.update(sink.getvalue().to_pybytes())
+    spec = yaml.safe_load((root / "dataset.yaml").read_text())
+    for f in spec.get("features", []):
+        for k in SERVING_ONLY_KEYS:
+            f.pop(k, None)
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:8]
+
+
+@functools.cache
+def data_version(name: str) -> str:
+    """Names a dataset's data by its content (:func:`content_version`)."""
+    return content_version(built(name))
+
+
+def load_dataset(name: str):
+    """The encoded dataset."""
+    from training.data.dataset import prepare
+
+    return prepare(built(name))
 
 
 # ----------------------------------------------------------------------------- run identity

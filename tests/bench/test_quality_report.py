@@ -12,6 +12,8 @@ import bench.quality as q
 
 @pytest.fixture
 def args(tmp_path, monkeypatch):
+    # the data's identity (content_version, tested below) needs the generated data; bookkeeping does not
+    monkeypatch.setattr(q, "data_version", lambda name: "d" * 8)
     monkeypatch.setattr(q, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(q, "OUT", tmp_path / "quality")
     return argparse.Namespace(epochs=50, patience=3, batch_size=2048, split_seed=0,
@@ -56,3 +58,28 @@ def test_selection_seeds_pairs_and_pending(args):
     q.report_files(rep)
     md = (q.OUT.with_suffix(".md")).read_text()
     assert "pending" in md and "| ple | g2 |" in md and "capped: seeds [4]" in md
+
+
+def test_data_version_is_the_rows_and_spec_training_reads(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from training.data.synth import SynthConfig, generate
+
+    root = tmp_path / "synth"
+    generate(root, SynthConfig(n_users=40, n_items=60, n_exposures=400, seed=3), progress=False)
+    v = q.content_version(root)
+    # the same rows written again (a new file, a new writer) and a serving-only annotation: the same data
+    table = next(root.glob("*.parquet"))
+    pd.read_parquet(table).to_parquet(table, index=False)
+    spec = yaml.safe_load((root / "dataset.yaml").read_text())
+    seq = next(f for f in spec["features"] if f["kind"] == "sequence" and f["entity"] == "user")
+    seq["event"] = "conversion" if seq.get("event") == "click" else "click"
+    (root / "dataset.yaml").write_text(yaml.safe_dump(spec))
+    assert q.content_version(root) == v
+    # one value changed: other data
+    df = pd.read_parquet(table)
+    col = next(c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]))
+    df.loc[0, col] = df.loc[0, col] + 1
+    df.to_parquet(table, index=False)
+    assert q.content_version(root) != v
