@@ -13,7 +13,7 @@ import pytest
 from service.contract import FeatureSchema
 from service.settings import Settings
 from tests.support.bundles import FeatureData, default_vocabs, make_schema, seed_features, write_bundle
-from tests.support.server import MTRANK, ROOT
+from tests.support.server import MTRANK, ROOT, base_env
 
 
 def events_schema() -> FeatureSchema:
@@ -44,12 +44,7 @@ def ev_features(redis_url, key_prefix, ev_schema) -> FeatureData:
 def ev_env(redis_url, key_prefix, ev_store, ev_features):
     """``ev_env(**MTRANK_overrides) -> env`` of a server or consumer on the events bundle."""
     def make(**extra) -> dict[str, str]:
-        env = {"MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": key_prefix, "MTRANK_MODEL_STORE": str(ev_store),
-               "MTRANK_MODEL_NAME": "demo", "MTRANK_PROVIDERS": "cpu", "MTRANK_ORT_INTRA_OP_THREADS": "1",
-               "MTRANK_STORE_POLL_S": "0", "MTRANK_REDIS_TIMEOUT_MS": "2000", "MTRANK_REDIS_DEADLINE_MS": "2000",
-               "MTRANK_LOG_FORMAT": "text"}
-        env.update({k: str(v) for k, v in extra.items()})
-        return env
+        return base_env(redis_url, key_prefix, ev_store, **{"MTRANK_LOG_FORMAT": "text", **extra})
     return make
 
 

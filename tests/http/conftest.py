@@ -5,13 +5,12 @@ processes (``tests.support.server``)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.support.server import Server
+from tests.support.server import Server, base_env
 
 
 @pytest.fixture
@@ -25,14 +24,6 @@ def app_client(make_settings, features):
             yield c
 
     return make
-
-
-def base_env(redis_url: str, key_prefix: str, store_root: Path, **extra: str) -> dict[str, str]:
-    env = {"MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": key_prefix, "MTRANK_MODEL_STORE": str(store_root),
-           "MTRANK_MODEL_NAME": "demo", "MTRANK_PROVIDERS": "cpu", "MTRANK_ORT_INTRA_OP_THREADS": "1",
-           "MTRANK_STORE_POLL_S": "0", "MTRANK_REDIS_TIMEOUT_MS": "2000", "MTRANK_REDIS_DEADLINE_MS": "2000"}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 @pytest.fixture

@@ -6,20 +6,16 @@ from __future__ import annotations
 import pytest
 
 from tests.support.readout import KEY
-from tests.support.server import Server
+from tests.support.server import Server, base_env
 
 
 @pytest.fixture
 def readout_env(redis_url, key_prefix, store_root, features):
     """``readout_env(**MTRANK_overrides) -> env`` of a server logging every request."""
     def make(**extra) -> dict[str, str]:
-        env = {"MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": key_prefix, "MTRANK_MODEL_STORE": str(store_root),
-               "MTRANK_MODEL_NAME": "demo", "MTRANK_PROVIDERS": "cpu", "MTRANK_ORT_INTRA_OP_THREADS": "1",
-               "MTRANK_STORE_POLL_S": "0", "MTRANK_REDIS_TIMEOUT_MS": "2000", "MTRANK_REDIS_DEADLINE_MS": "2000",
-               "MTRANK_PREDLOG_RATE": "1", "MTRANK_PREDLOG_STREAM": f"{key_prefix}:predictions",
-               "MTRANK_PSEUDONYM_KEY": KEY}
-        env.update({k: str(v) for k, v in extra.items()})
-        return env
+        return base_env(redis_url, key_prefix, store_root, **{
+            "MTRANK_PREDLOG_RATE": "1", "MTRANK_PREDLOG_STREAM": f"{key_prefix}:predictions",
+            "MTRANK_PSEUDONYM_KEY": KEY, **extra})
     return make
 
 

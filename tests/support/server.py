@@ -96,3 +96,13 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def base_env(redis_url: str, key_prefix: str, store_root: Path, **extra: str) -> dict[str, str]:
+    """The environment of a server (or consumer) on a test bundle: one onnxruntime thread, no
+    store polling, relaxed Redis timeouts; ``extra`` MTRANK_* overrides on top."""
+    env = {"MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": key_prefix, "MTRANK_MODEL_STORE": str(store_root),
+           "MTRANK_MODEL_NAME": "demo", "MTRANK_PROVIDERS": "cpu", "MTRANK_ORT_INTRA_OP_THREADS": "1",
+           "MTRANK_STORE_POLL_S": "0", "MTRANK_REDIS_TIMEOUT_MS": "2000", "MTRANK_REDIS_DEADLINE_MS": "2000"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
