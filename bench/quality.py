@@ -114,11 +114,6 @@ BASELINES = ("constant", "popularity", "logreg")
 
 # ----------------------------------------------------------------------------- data
 
-#: dataset-spec keys only serving reads (the outcome event that feeds a user sequence online):
-#: they change no training row, so they are not part of the data's identity
-SERVING_ONLY_KEYS = ("event",)
-
-
 def _source_hash(*paths: str) -> str:
     h = hashlib.sha1()
     for p in paths:
@@ -162,12 +157,14 @@ def _canonical(t):
 def content_version(root: Path) -> str:
     """A hash of what training reads from a generated dataset: every table's rows (its Arrow IPC
     stream in canonical types without schema metadata, not the parquet bytes, which name the writer
-    and its version) and the dataset spec without :data:`SERVING_ONLY_KEYS`. A protocol change = a
+    and its version) and the dataset spec without ``training.data.spec.SERVING_ONLY_KEYS``. A protocol change = a
     new version = new runs; an edit that changes no row (a comment, a serving-only annotation, a
     new pandas writing large strings) keeps every run."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
+
+    from training.data.spec import SERVING_ONLY_KEYS
 
     h = hashlib.sha1()
     for p in sorted(root.glob("*.parquet")):

@@ -91,6 +91,11 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: feature keys only serving reads (which outcome event feeds a user sequence online): they change
+#: no training row, so a dataset's identity (bench/quality.py's data version) leaves them out
+SERVING_ONLY_KEYS = ("event",)
+
+
 class FeatureSpec(_Spec):
     name: str = Field(min_length=1)
     entity: Entity
