@@ -15,9 +15,10 @@ What was chosen, and why:
   every AUC metric drops by at most ``tolerance``, 0.001 by default, is kept):
 
   1. ``dynamic/per-channel`` - int8 weights with one scale per output channel (per expert and
-     channel for the experts' first layer, which the export makes one 2-D GEMM; the stacked
-     ``[E, in, out]`` weights of later expert layers get one scale per tensor, the most
-     onnxruntime's integer MatMul takes for a 3-D weight), activations quantised on the fly per
+     channel: the int8 model is quantised from the graph exported with one 2-D GEMM per expert
+     layer (:attr:`training.models.blocks.Experts.per_expert`): onnxruntime's integer MatMul
+     takes one scale per tensor for a 3-D weight, and the per-expert graph's int8 model is also
+     the faster one; see ``docs/performance.md``), activations quantised on the fly per
      run (no calibration data, robust to each request's input range). First because it was both
      the more accurate and the faster of the dynamic variants on the demo and bench-size PLEs;
   2. ``dynamic`` - one weight scale per tensor;
@@ -37,6 +38,7 @@ What was chosen, and why:
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.onnx_model import ONNXModel
 
 from service.contract import PRECISION_FILES, PrecisionFile, TaskSpec, sha256_file
 from training.metrics import metrics_of
@@ -108,28 +111,39 @@ def quantize_model(src: str | Path, dst: str | Path, method: str,
     """Write the int8 version of the ONNX model ``src`` to ``dst`` with ``method`` (one of :data:`METHODS`)."""
     if method not in METHODS:
         raise ValueError(f"unknown quantisation method {method!r}; choose from {list(METHODS)}")
-    per_channel = "per-channel" in method
-    layers = {k: r for k, r in weight_layers(src).items() if not ("fp32-heads" in method and _is_head(k))}
-    if method.startswith("dynamic"):
-        if not per_channel:
-            quantize_dynamic(str(src), str(dst), op_types_to_quantize=OPS, weight_type=QuantType.QInt8,
-                             nodes_to_quantize=list(layers), extra_options=extra or {})
-            return
-        # onnxruntime's integer MatMul takes per-channel scales for a 2-D weight only: the stacked
-        # [E, in, out] weights of the later expert layers get one scale per tensor (a second pass)
-        with tempfile.TemporaryDirectory() as tmp:
-            first = Path(tmp) / "per-channel.onnx"
-            quantize_dynamic(str(src), str(first), op_types_to_quantize=OPS, per_channel=True,
-                             weight_type=QuantType.QInt8, nodes_to_quantize=[k for k, r in layers.items() if r == 2],
-                             extra_options=extra or {})
-            quantize_dynamic(str(first), str(dst), op_types_to_quantize=OPS, weight_type=QuantType.QInt8,
-                             nodes_to_quantize=[k for k, r in layers.items() if r != 2], extra_options=extra or {})
-        return
-    if calibration is None:
+    if method.startswith("static") and calibration is None:
         raise ValueError(f"{method} needs calibration rows")
-    quantize_static(str(src), str(dst), _Rows(calibration), quant_format=QuantFormat.QDQ, op_types_to_quantize=OPS,
-                    per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=list(layers), extra_options={"ActivationSymmetric": False, **(extra or {})})
+    per_channel = "per-channel" in method
+    with tempfile.TemporaryDirectory() as tmp:
+        if method.startswith("dynamic"):
+            # onnxruntime's dynamic quantiser first rewrites every Gemm into MatMul (+ Add) under a
+            # new node name, so a Gemm named in the node list would silently stay float32: rewrite
+            # it here and name the nodes of the rewritten graph
+            model = ONNXModel(onnx.load(str(src)))
+            model.replace_gemm_with_matmul()
+            src = Path(tmp) / "matmul.onnx"
+            onnx.save(model.model, str(src))
+        layers = {k: r for k, r in weight_layers(src).items() if not ("fp32-heads" in method and _is_head(k))}
+        if not layers:  # onnxruntime reads an empty node list as "every node"
+            shutil.copyfile(src, dst)
+        elif method.startswith("static"):
+            quantize_static(str(src), str(dst), _Rows(calibration), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=OPS, per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_quantize=list(layers),
+                            extra_options={"ActivationSymmetric": False, **(extra or {})})
+        else:
+            # onnxruntime's integer MatMul takes per-channel scales for a 2-D weight only: a stacked
+            # [E, in, out] weight (the batched expert layers of a graph not exported per expert)
+            # gets one scale per tensor, in a second pass
+            passes = [(per_channel, [k for k, r in layers.items() if r == 2 or not per_channel]),
+                      (False, [k for k, r in layers.items() if r != 2 and per_channel])]
+            current = Path(src)
+            for i, (channel, nodes) in enumerate(p for p in passes if p[1]):
+                out = Path(tmp) / f"pass{i}.onnx"
+                quantize_dynamic(str(current), str(out), op_types_to_quantize=OPS, per_channel=channel,
+                                 weight_type=QuantType.QInt8, nodes_to_quantize=nodes, extra_options=extra or {})
+                current = out
+            shutil.copyfile(current, dst)
 
 
 def run_onnx(path: str | Path, inputs: dict[str, np.ndarray], tasks: list[TaskSpec],
@@ -172,19 +186,23 @@ def _diffs(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tasks: list[TaskS
 
 def make_int8(bundle_dir: str | Path, tasks: list[TaskSpec], eval_inputs: dict[str, np.ndarray],
               eval_labels: dict[str, np.ndarray], calibration: dict[str, np.ndarray] | None = None,
-              cfg: QuantizeConfig | None = None) -> PrecisionFile:
+              cfg: QuantizeConfig | None = None, source: str | Path | None = None) -> PrecisionFile:
     """Quantise ``<bundle_dir>/model.onnx`` into ``<bundle_dir>/model.int8.onnx`` (see the module doc)
     and return its manifest entry. ``eval_inputs``/``eval_labels``: the test split's rows (model
-    inputs by name, labels by label name); ``calibration``: held-out rows for the static method."""
+    inputs by name, labels by label name); ``calibration``: held-out rows for the static method;
+    ``source``: the float32 graph to quantise when it is not ``model.onnx`` itself (the export
+    passes the same model traced with one GEMM per expert); the deltas are always against
+    ``model.onnx``."""
     cfg = cfg or QuantizeConfig()
     bundle_dir = Path(bundle_dir)
-    src, dst = bundle_dir / PRECISION_FILES["fp32"], bundle_dir / PRECISION_FILES["int8"]
+    fp32_file, dst = bundle_dir / PRECISION_FILES["fp32"], bundle_dir / PRECISION_FILES["int8"]
+    src = Path(source) if source is not None else fp32_file
     n = min(len(next(iter(eval_inputs.values()))), cfg.max_eval_rows)
     inputs = {k: v[:n] for k, v in eval_inputs.items()}
     labels = {k: v[:n] for k, v in eval_labels.items()}
     if calibration is not None:
         calibration = {k: v[:cfg.calibration_rows] for k, v in calibration.items()}
-    fp32_out = run_onnx(src, inputs, tasks, cfg.batch_rows)
+    fp32_out = run_onnx(fp32_file, inputs, tasks, cfg.batch_rows)
     fp32 = metrics_of(raw_scale(fp32_out, tasks), labels, tasks)
 
     tried: list[tuple[float, str, dict, dict, dict]] = []

@@ -39,8 +39,12 @@ def test_block_shapes():
     assert mix(Gate(12, 3)(x), ex(x)).shape == (N, 8)
 
 
-def test_experts_batched_equals_per_expert_loop():
-    ex = Experts(4, 6, [5, 3]).eval()
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_experts_batched_equals_per_expert_loop(per_expert):
+    """Both layouts of the later layers (one batched matmul; one GEMM per expert, the int8 export's
+    graph) compute each expert's own MLP."""
+    ex = Experts(4, 6, [5, 3, 2]).eval()
+    ex.per_expert = per_expert
     for x in (torch.randn(N, 6), torch.randn(N, 4, 6)):
         got = ex(x)
         for e in range(4):

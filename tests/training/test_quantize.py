@@ -103,14 +103,43 @@ def test_method_ladder_keeps_the_best_when_none_holds_the_bound(trained, tmp_pat
     assert sha256_file(work / INT8) == q.sha256
 
 
+def float_weight_layers(path) -> list[str]:
+    """MatMul/Gemm nodes of an ONNX graph that still multiply by a float32 initializer."""
+    graph = onnx.load(str(path)).graph
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2}
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in floats]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_makes_a_runnable_model(trained, tmp_path, method):
+    """Each method runs, stays close to fp32, and quantises every weight layer it claims: the
+    dynamic quantiser renames a Gemm as it rewrites it into MatMul, which once left every Gemm
+    (towers, gates, the experts' first layers) in float32."""
     _, _, bundle, ds = trained
     out = tmp_path / "m.onnx"
     rows = ds.inputs(np.arange(256))
+    assert float_weight_layers(bundle / MODEL_FILE)  # the check below has something to find
     quantize_model(bundle / MODEL_FILE, out, method, calibration=rows)
     got, want = run_onnx(out, rows, ds.tasks), run_onnx(bundle / MODEL_FILE, rows, ds.tasks)
     assert np.abs(got["ctr"] - want["ctr"]).mean() < 0.02
+    left = float_weight_layers(out)
+    if "fp32-heads" in method:
+        assert left and all("gate" in n or "/out/" in n for n in left), left
+    else:
+        assert left == [], left
+
+
+def test_bundle_int8_is_quantised_from_the_per_expert_graph(trained):
+    """The bundle's int8 model has one integer GEMM per expert in the experts' later layers, and
+    no weight layer left in float32 (unless the chosen method keeps the heads)."""
+    _, _, bundle, _ = trained
+    m = BundleManifest.from_json((bundle / MANIFEST_FILE).read_text())
+    fp32, int8 = (onnx.load(str(bundle / f)).graph for f in (MODEL_FILE, INT8))
+    rank3 = [i.name for i in fp32.initializer if len(i.dims) == 3 and "experts.weights" in i.name]
+    assert rank3  # the float32 graph keeps the batched matmul over stacked [E, in, out] weights
+    assert not [i.name for i in int8.initializer if len(i.dims) == 3 and i.data_type == onnx.TensorProto.FLOAT]
+    left = float_weight_layers(bundle / INT8)
+    assert left == [] or "fp32-heads" in m.precisions["int8"].method, left
 
 
 def test_store_loads_the_int8_model_checked_against_its_own_sha256(trained):

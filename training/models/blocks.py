@@ -9,7 +9,7 @@ Every architecture is ``EmbeddingLayer -> <its own sharing structure> -> one Tow
   batch may be a single row).
 * :class:`Experts` - a group of same-shaped expert MLPs as ONE module with stacked weights
   ``[E, in, out]`` (the first layer one GEMM per distinct input, every later layer one batched
-  matmul; no Python loop over experts).
+  matmul; no Python loop over experts in training).
 * :class:`Dropout` - ``nn.Dropout`` with a cheaper training-time mask on the CPU.
 * :class:`Gate` + :func:`mix` - softmax weights over experts, and the weighted sum of their outputs.
 * :class:`MultiTaskModel` - the interface the trainer and the exporter rely on.
@@ -287,8 +287,14 @@ class Experts(nn.Module):
       list -> one GEMM per run of consecutive experts given the same tensor object (PLE's
       task/shared groups), no ``[E, N, in]`` copy of the input. The same maths as a loop over
       experts; onnxruntime runs it as a plain GEMM and can quantise it per output channel.
-    * Every further layer is one batched matmul over the experts, ``[E, N, h] @ [E, h, out]``.
+    * Every further layer is one batched matmul over the experts, ``[E, N, h] @ [E, h, out]``;
+      or, with ``per_expert`` set (the int8 export sets it, training never does), one 2-D GEMM
+      per expert on its column block of ``[N, E*h]``: the same maths, E graph nodes instead of
+      one, but each a plain GEMM that onnxruntime quantises per output channel and runs with its
+      integer kernels (it keeps a 3-D weight's batched matmul in float32).
     """
+
+    per_expert: bool = False  # later layers as one GEMM per expert (set by training.export only)
 
     def __init__(self, n_experts: int, in_dim: int, hidden: list[int], dropout: float = 0.0,
                  batch_norm: bool = False):
@@ -333,7 +339,11 @@ class Experts(nn.Module):
         h = self._first(x)  # [N, E*h]
         n = h.shape[0]
         for i in range(len(self.weights)):
-            if i:  # [E, N, h_prev] (a strided view) @ [E, h_prev, h] -> back to [N, E*h]
+            if i and self.per_expert:  # expert e: [N, h_prev] column block @ [h_prev, h]
+                w, b = self.weights[i], self.biases[i]
+                h = torch.cat([torch.addmm(b[e, 0], block, w[e])
+                               for e, block in enumerate(h.split(w.shape[1], dim=1))], dim=1)
+            elif i:  # [E, N, h_prev] (a strided view) @ [E, h_prev, h] -> back to [N, E*h]
                 h = torch.baddbmm(self.biases[i], h.view(n, self.n_experts, -1).transpose(0, 1), self.weights[i])
                 h = h.transpose(0, 1).reshape(n, -1)
             if self.norms is not None:
