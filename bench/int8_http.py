@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, OwnedRedis, git_info, machine_info, md_table, write_json  # noqa: E402
 from bench.serving import log  # noqa: E402
@@ -29,6 +31,7 @@ from bench.serving.assets import build_data, build_model, make_bodies, read_bodi
 from bench.serving.load import floor_cell, http_cell  # noqa: E402
 from bench.serving.systems import start_floor, start_server  # noqa: E402
 
+STAGES = ["fetch", "assemble", "inference", "fusion", "serialise"]
 SYSTEMS = ("floor-unsplit", "ours-int8", "ours-int8-col")
 
 
@@ -42,8 +45,11 @@ def main(argv=None) -> int:
     p.add_argument("--slice", type=float, default=8.0)
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mtrank-bench-serve"))
+    p.add_argument("--train-rows", type=int, help="rows the bench model trains on (bench/serve.py's default "
+                   "when omitted; fewer build faster: the model's shape, hence its cost, is the same)")
     a = p.parse_args(argv)
-    sa = serve.parse_args(["--workdir", a.workdir, "--systems", ",".join(SYSTEMS)])
+    sa = serve.parse_args(["--workdir", a.workdir, "--systems", ",".join(SYSTEMS),
+                           *(["--train-rows", str(a.train_rows)] if a.train_rows else [])])
     data_dir, _ = build_data(Path(a.workdir), sa)
     model_dir, model_info = build_model(Path(a.workdir), data_dir, sa)
     bundle, store = model_dir / model_info["bundle"], model_dir / "store"
@@ -78,12 +84,17 @@ def main(argv=None) -> int:
         good = sum(c["rps"] * c["duration_s"] for c in mine)
         cpu = {k: sum(c["cpu_ms_per_req"][k] * c["rps"] * c["duration_s"] for c in mine) / max(1e-9, good)
                for k in ("server", "redis", "client")}
+        stages = [c["stages_ms"] for c in mine if c.get("stages_ms")]
         agg[s] = {"rps": good / secs, "cpu_ms_per_req": cpu, "cpu_total_ms": sum(cpu.values()),
-                  "other_cores": sum(c.get("other_cores", 0) * c["duration_s"] for c in mine) / secs}
+                  "other_cores": sum(c.get("other_cores", 0) * c["duration_s"] for c in mine) / secs,
+                  "stages_ms": {k: float(np.mean([st[k] for st in stages])) for k in stages[0]} if stages else {}}
     base = agg["floor-unsplit"]
     ratios = {s: {"throughput": agg[s]["rps"] / (2 * base["rps"]),
                   "cpu": base["cpu_total_ms"] / agg[s]["cpu_total_ms"]} for s in SYSTEMS[1:]}
-    report = {"benchmark": "int8_http", "args": vars(a), "machine": machine_info(), "git": git_info(),
+    model = {"train_rows": model_info["train_rows"], "parameters": model_info["parameters"],
+             "config": model_info["config"], "int8": model_info["precisions"].get("int8", {}).get("method"),
+             "files": model_info["files"]}
+    report = {"benchmark": "int8_http", "args": vars(a), "machine": machine_info(), "git": git_info(), "model": model,
               "systems": agg, "ratios": ratios, "cells": cells, "target": 2.5,
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = Path(a.out_dir)
@@ -96,12 +107,17 @@ def main(argv=None) -> int:
         "# int8 through HTTP vs the unsplit fp32 floor (interleaved)", "",
         f"- machine: {m['cpu']}, {m['cores']} cores; load average {', '.join(f'{x:.2f}' for x in m['loadavg'])}",
         f"- commit {report['git']['commit'][:12]}{' (dirty)' if report['git']['dirty'] else ''}; N = {a.n}, "
-        f"c = {a.c} for the servers, {a.rounds} rounds of {a.slice:.0f} s slices, order rotated each round", "",
+        f"c = {a.c} for the servers, {a.rounds} rounds of {a.slice:.0f} s slices, order rotated each round",
+        f"- model: {model['parameters']:,} parameters, trained on {model['train_rows']:,} rows; int8 method "
+        f"{model['int8']}", "",
         "CPU ms per request (floor: its process + Redis; servers: per useful answer, server tree + Redis + wrk). "
         "Ratios against the floor: throughput = req/s / (2 x floor req/s); CPU = floor CPU / system CPU per "
         "request (the throughput ratio on 2 otherwise idle cores). Target >= 2.5.", "",
         md_table(["system", "req/s", "CPU server", "CPU redis", "CPU wrk", "CPU total", "other cores",
-                  "throughput ratio", "CPU ratio"], rows, digits=[0, 1, 2, 2, 2, 2, 2, 3, 3]), ""])
+                  "throughput ratio", "CPU ratio"], rows, digits=[0, 1, 2, 2, 2, 2, 2, 3, 3]), "",
+        "Per-stage means (ms, the service's own timers; the floor's are in-process):", "",
+        md_table(["system", *STAGES], [[s, *(v["stages_ms"].get(k) for k in STAGES)] for s, v in agg.items()],
+                 digits=[0, *[3] * len(STAGES)]), ""])
     (out / "int8_http.md").write_text(md)
     print(md)
     return 0
