@@ -45,13 +45,22 @@ def test_experts_batched_equals_per_expert_loop(per_expert):
     graph) compute each expert's own MLP."""
     ex = Experts(4, 6, [5, 3, 2]).eval()
     ex.per_expert = per_expert
-    for x in (torch.randn(N, 6), torch.randn(N, 4, 6)):
+    a, b = torch.randn(N, 6), torch.randn(N, 6)
+    for x in (torch.randn(N, 6), torch.randn(N, 4, 6), [a, a, b, a]):
         got = ex(x)
+        assert got.shape == (N, 4, 2)
         for e in range(4):
-            h = x if x.dim() == 2 else x[:, e]
+            h = x[e] if isinstance(x, list) else x if x.dim() == 2 else x[:, e]
             for w, b in zip(ex.weights, ex.biases, strict=True):
                 h = torch.relu(h @ w[e] + b[e])
             torch.testing.assert_close(got[:, e], h)
+
+
+def test_per_expert_refuses_unfolded_batch_norm():
+    ex = Experts(3, 6, [5, 3], batch_norm=True).eval()
+    ex.per_expert = True
+    with pytest.raises(ValueError, match="folded"):
+        ex(torch.randn(N, 6))
 
 
 def test_experts_list_input_equals_the_stacked_input():
