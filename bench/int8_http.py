@@ -5,9 +5,10 @@
 
 On a machine shared with other work the full serving benchmark measures the floors first and the
 servers minutes later, so background load skews the "int8 through HTTP / floor-unsplit x2" ratio.
-Here the three systems of that ratio take turns in ``--slice``-second slices, ``--rounds`` rounds,
+Here the systems of that ratio take turns in ``--slice``-second slices, ``--rounds`` rounds,
 order rotated each round: ``floor-unsplit`` (in-process, 1 onnxruntime thread, the baseline),
-``ours-int8`` (default response) and ``ours-int8-col`` (columnar response) under wrk at ``--c``
+``floor-int8`` (the same in-process ranker on the int8 variant: what a server adds to it is the
+HTTP layer's cost), ``ours-int8`` (default response) and ``ours-int8-col`` (columnar response) under wrk at ``--c``
 connections, N = ``--n`` candidates, the same bodies. Two ratios: throughput (req/s over 2 x the
 floor's, as in serve.py) and CPU (the floor's CPU per request, its process plus Redis, over the
 server's, Redis's and wrk's per useful answer): the CPU ratio is what the throughput ratio would be
@@ -32,7 +33,8 @@ from bench.serving.load import floor_cell, http_cell  # noqa: E402
 from bench.serving.systems import start_floor, start_server  # noqa: E402
 
 STAGES = ["fetch", "assemble", "inference", "fusion", "serialise"]
-SYSTEMS = ("floor-unsplit", "ours-int8", "ours-int8-col")
+SYSTEMS = ("floor-unsplit", "floor-int8", "ours-int8", "ours-int8-col")
+FLOORS = SYSTEMS[:2]  # in-process; floor-int8 (the int8 ranker without HTTP) splits a server's cost
 
 
 def main(argv=None) -> int:
@@ -55,25 +57,26 @@ def main(argv=None) -> int:
     bundle, store = model_dir / model_info["bundle"], model_dir / "store"
     run_dir = Path(tempfile.mkdtemp(prefix="int8-", dir=a.workdir))
     rds = OwnedRedis(run_dir / "redis")
-    floor, servers, cells = None, {}, []
+    floors, servers, cells = {}, {}, []
     try:
         serve.load_redis(sa, rds, data_dir, store, bundle)
         path = make_bodies(data_dir, [a.n], 500, 1.0, 7, run_dir)[a.n]
         bodies = read_bodies(path)
-        floor = start_floor("floor-unsplit", store, rds.url, run_dir, bundle, model_dir / model_info["unsplit"]["file"])
-        for s in SYSTEMS[1:]:
+        for s in FLOORS:
+            floors[s] = start_floor(s, store, rds.url, run_dir, bundle, model_dir / model_info["unsplit"]["file"])
+        for s in SYSTEMS[len(FLOORS):]:
             servers[s] = start_server(s, sa, store, rds.url, run_dir, model_dir)[0]
         for r in range(a.rounds):
-            order = SYSTEMS[r % 3:] + SYSTEMS[:r % 3]
+            order = SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[:r % len(SYSTEMS)]
             for s in order:
-                cell = (floor_cell(s, floor.ranker, bodies, a.n, a.slice, 1.0, rds.pid) if s == "floor-unsplit"
+                cell = (floor_cell(s, floors[s].ranker, bodies, a.n, a.slice, 1.0, rds.pid) if s in floors
                         else http_cell(s, servers[s], path, a.n, a.c, a.slice, rds.pid, offset=97 * r))
                 cells.append({**cell, "round": r})
                 log(f"round {r + 1}/{a.rounds} {s}: {cell['rps']:.1f}/s, CPU server "
                     f"{cell['cpu_ms_per_req']['server']:.2f} ms/req, other cores {cell.get('other_cores', 0):.2f}")
     finally:
-        if floor is not None:
-            floor.close()
+        for f in floors.values():
+            f.close()
         for srv in servers.values():
             srv.stop()
         rds.stop()
