@@ -49,10 +49,13 @@ The code is in ``bench/serving/`` (assets, systems, load, report); this file is 
    hit rate (``mtrank_item_cache_hits/misses``).
 6. **Overload** (``bench/serving/overload.py``): goodput of ``ours`` at c = 8, 32, 64 with a client
    that retries a 429 at once and one that honours Retry-After, interleaved slices.
-7. **Memory**: resident set per worker after warm-up and after the cells, against the model file
+7. **Cluster read** (``--cluster-read``, on in a full run): ``bench/cluster_read.py`` in the same
+   run (its own 3-master cluster and single Redis; its files beside ``serve.md``), the headline
+   rows repeated in ``serve.md``.
+8. **Memory**: resident set per worker after warm-up and after the cells, against the model file
    plus the cache budget (also above the RSS of a bare interpreter that imported the service);
    ``--soak S`` runs our service at concurrency 8, N = ``--target-n``, for S seconds, sampling RSS.
-8. **Output**: a Markdown table (printed, and ``serve.md``) and ``serve.json`` in ``--out-dir``
+9. **Output**: a Markdown table (printed, and ``serve.md``) and ``serve.json`` in ``--out-dir``
    (default ``bench/results/``; a ``--quick`` run writes to a temp dir unless told), with the
    machine, the commit and the issue's target ratios with pass/fail.
 """
@@ -60,6 +63,7 @@ The code is in ``bench/serving/`` (assets, systems, load, report); this file is 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -88,10 +92,11 @@ from bench.serving.systems import ALL_SYSTEMS, clean_env, run_wrk, start_floor, 
 
 FULL = dict(users=100_000, items=200_000, exposures=1_000_000, train_rows=600_000, train_threads=0,
             sizes="100,500,1000", concurrency="1,8,32", duration=15.0, warmup=3.0, bodies=500,
-            systems=",".join(ALL_SYSTEMS), overload="8,32,64", overload_rounds=3, overload_slice=5.0)
+            systems=",".join(ALL_SYSTEMS), overload="8,32,64", overload_rounds=3, overload_slice=5.0,
+            cluster_read=True)
 QUICK = dict(users=1_000, items=2_000, exposures=20_000, train_rows=20_000, train_threads=1, sizes="100",
              concurrency="1,4", duration=2.0, warmup=1.0, bodies=40, systems="floor,naive,ours", overload="2,4",
-             overload_rounds=1, overload_slice=1.0)
+             overload_rounds=1, overload_slice=1.0, cluster_read=False)
 
 
 def parse_args(argv=None):
@@ -124,6 +129,8 @@ def parse_args(argv=None):
                                        "(default 8,32,64; --quick: 2,4; '' = skip)")
     p.add_argument("--overload-rounds", type=int, help="interleaved rounds of the overload run (default 3)")
     p.add_argument("--overload-slice", type=float, help="seconds per (c, client) slice and round (default 5)")
+    p.add_argument("--cluster-read", action=argparse.BooleanOptionalAction, default=None,
+                   help="run bench/cluster_read.py in this run too (default: on in a full run, off with --quick)")
     p.add_argument("--soak", type=float, default=0.0, help="seconds of memory soak (0 = none; the issue asks 600)")
     p.add_argument("--soak-interval", type=float, default=5.0, help="seconds between RSS samples of the soak")
     p.add_argument("--seed", type=int, default=7)
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0,
                     "args": dict(vars(a)), "machine": machine_info(), "git": git_info(),
                     "export": path_commit("training/export.py"), "systems": {}, "cells": [], "memory": {},
-                    "overload": None, "soak": None, "targets": [], "errors": []}
+                    "overload": None, "cluster_read": None, "soak": None, "targets": [], "errors": []}
     report["loadavg_start"] = report["machine"]["loadavg"]
 
     def save():
@@ -228,6 +235,12 @@ def main(argv=None) -> int:
             report["soak"] = soak(a, model_dir / "store", rds, run_dir, bodies)
     finally:
         rds.stop()
+    if a.cluster_read:  # after our own Redis and servers stopped: it starts four redis-servers of its own
+        log("cluster read (bench/cluster_read.py)")
+        subprocess.run([sys.executable, str(ROOT / "bench" / "cluster_read.py"), "--out", str(out_dir),
+                        *(["--quick"] if a.quick else [])], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        cr = json.loads((out_dir / "cluster_read.json").read_text())
+        report["cluster_read"] = {k: cr[k] for k in ("key_layout_version", "item_groups", "results", "finished")}
     save()
     print(render(report))
     log(f"wrote {out_dir / 'serve.md'} and {out_dir / 'serve.json'} ({time.time() - t_start:.0f} s)")

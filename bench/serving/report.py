@@ -116,6 +116,27 @@ def targets(report: dict, n: int, p99_bound: float | None) -> list[dict]:
     return out
 
 
+def render_cluster_read(cr: dict | None) -> list[str]:
+    """The headline rows of ``bench/cluster_read.py``'s run (its whole report: ``cluster_read.md``)."""
+    if not cr:
+        return []
+    rows = []
+    for n, size in cr["results"]["sizes"].items():
+        reads = size["reads"]
+        single = reads["single"]
+        for store in ("single", "cluster"):
+            r = reads[store]
+            rows.append([f"1 + {int(n):,}", store, r["p50_ms"], r["p99_ms"], r["p50_ms"] / single["p50_ms"],
+                         r["p99_ms"] / single["p99_ms"], r["client_cpu_ms"]])
+    return ["", "## Cluster read (bench/cluster_read.py, same run)", "",
+            f"Key layout version {cr['key_layout_version']}, {cr['item_groups']} item groups; wall ms around "
+            "`FeatureStore.mget` on a 3-master Redis Cluster and a single Redis on this machine (the breakdown and "
+            "the comparisons: [cluster_read.md](cluster_read.md)). Target: cluster p50 within 1.5x of the single "
+            "Redis.", "",
+            md_table(["read", "store", "p50", "p99", "p50 / single", "p99 / single", "client CPU"], rows,
+                     digits=[0, 0, 3, 3, 2, 2, 3])]
+
+
 def render(report: dict) -> str:
     m, g = report["machine"], report["git"]
     lines = [f"# Serving benchmark ({report['mode']})", "",
@@ -168,6 +189,7 @@ def render(report: dict) -> str:
                            "degraded", "CPU server", "CPU redis", "CPU wrk", "other cores"], rows,
                           digits=[0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 0, 0, 2, 3, 3, 2]))
     lines += overload.render(report.get("overload"))
+    lines += render_cluster_read(report.get("cluster_read"))
     lines += ["", "## Per-stage means (ms, the service's own timers)", ""]
     rows = []
     for c in sorted(report["cells"], key=lambda x: (x["n"], x["system"], x["c"])):

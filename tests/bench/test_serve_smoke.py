@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 def test_serve_benchmark_quick(tmp_path):
     out = tmp_path / "results"
     r = subprocess.run([sys.executable, "bench/serve.py", "--quick", "--duration", "1", "--out-dir", str(out),
-                        "--systems", ",".join(ALL_SYSTEMS)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+                        "--systems", ",".join(ALL_SYSTEMS), "--cluster-read"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
     assert (out / "serve.md").read_text().startswith("# Serving benchmark (quick)")
     rep = json.loads((out / "serve.json").read_text())
@@ -67,6 +68,11 @@ def test_serve_benchmark_quick(tmp_path):
     assert {(c["c"], c["kind"]) for c in ov["cells"]} == {(2, "retry"), (2, "honour"), (4, "retry"), (4, "honour")}
     for c in ov["cells"]:
         assert c["useful_rps"] > 0 and c["accepted"] > 0 and c["p50_ms"] <= c["p99_ms"], c
+
+    cr = rep["cluster_read"]  # bench/cluster_read.py --quick in the same run, its headline in serve.md
+    assert cr["key_layout_version"] >= 2 and set(cr["results"]["sizes"]) == {"500", "2000"}
+    assert (out / "cluster_read.md").is_file()
+    assert "## Cluster read" in (out / "serve.md").read_text()
 
     names = [t["target"] for t in rep["targets"]]
     assert any(n.startswith("fp32 throughput") for n in names) and any("naive" in n for n in names)
