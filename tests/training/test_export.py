@@ -86,6 +86,22 @@ def test_export_bundle(arch, tmp_path):
     assert not list((tmp_path / "store" / "ranker").glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_per_expert_graph_passes_the_parity_gate(arch, tmp_path):
+    """The graph the int8 model is quantised from (one GEMM per expert) is the model as trained,
+    through the same gate, and holds no stacked 3-D expert weight (every layer is 2-D)."""
+    model = make_model(arch).eval()
+    rows = parity_rows(model.schema)
+    path = tmp_path / "per_expert.onnx"
+    serving = ServingModel(model, per_expert=True)
+    export_mod._export_onnx(serving, {k: v[:8] for k, v in rows.items()}, path)
+    diffs = check_parity(serving, path, rows)
+    assert all(d <= 1e-4 for d in diffs.values()), diffs
+    ranks = {len(i.dims) for i in onnx.load(str(path)).graph.initializer if "experts.weights" in i.name}
+    assert 3 not in ranks
+    assert not any(getattr(m, "per_expert", False) for m in model.modules())  # the flag was restored
+
+
 def test_parity_failure_publishes_nothing(tmp_path, monkeypatch):
     model = make_model("mmoe")
     original = export_mod._export_onnx
