@@ -143,6 +143,55 @@ def time_fit(model, ds, a, seed: int) -> dict:
             "fit_seconds": total, "steps_run": len(stamps)}
 
 
+#: operator families of a training step (aten op name -> family); the rest is "other"
+OP_FAMILIES = {
+    "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
+    "BatchNorm": ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::_batch_norm_impl_index",
+                  "aten::batch_norm"),
+    "dropout masks (draw, compare, scale)": ("aten::bernoulli_", "aten::ge_", "aten::uniform_", "aten::random_",
+                                             "aten::native_dropout", "aten::native_dropout_backward", "aten::div_"),
+    "multiply (applying masks, mixing, losses)": ("aten::mul", "aten::mul_"),
+    "ReLU": ("aten::clamp_min", "aten::relu", "aten::threshold_backward", "aten::clamp_min_"),
+    "embeddings (lookup, backward)": ("aten::embedding", "aten::embedding_dense_backward", "aten::index",
+                                      "aten::index_select", "aten::_index_put_impl_", "aten::embedding_backward"),
+    "copies and layout (copy, cat)": ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous"),
+    "reductions (sum, softmax)": ("aten::sum", "aten::_softmax", "aten::_softmax_backward_data", "aten::mean"),
+    "Adam": ("aten::_fused_adam_",),
+}
+
+
+def profile_ops(model, ds, a, seed: int, steps: int = 8) -> dict:
+    """torch.profiler over ``steps`` training steps of training.train.fit (after the warm-up steps):
+    self CPU time per operator family (:data:`OP_FAMILIES`), ms per step, and the top operators."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from training.train import TrainConfig, fit
+
+    cfg = TrainConfig(epochs=1, batch_size=a.batch_size, seed=seed, fractions=FRACTIONS, patience=1,
+                      threads=a.threads)
+    torch.manual_seed(seed)
+    with profile(activities=[ProfilerActivity.CPU],
+                 schedule=schedule(wait=max(a.warmup - 1, 0), warmup=1, active=steps, repeat=1)) as prof:
+        handle = register_optimizer_step_post_hook(lambda *_: prof.step())  # a step ends after Adam
+        try:
+            fit(ds, cfg, progress=False, model=model)
+        finally:
+            handle.remove()
+    family = {op: fam for fam, ops in OP_FAMILIES.items() for op in ops}
+    per: dict[str, float] = {}
+    ops = []
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        ms = e.self_cpu_time_total / 1e3 / steps
+        per[family.get(e.key, "other")] = per.get(family.get(e.key, "other"), 0.0) + ms
+        ops.append((e.key, ms))
+    ops.sort(key=lambda x: -x[1])
+    return {"steps": steps, "ms_per_step_by_family": per, "top_ops_ms_per_step": dict(ops[:12])}
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
@@ -181,6 +230,10 @@ def main(argv=None) -> int:
             runs[name].append(res)
             print(f"round {r + 1}/{a.rounds} {name}: {res['samples_per_s']:,.0f} samples/s "
                   f"({res['ms_per_step']:.1f} ms/step)", flush=True)
+    profiles = {}
+    for name, make in makers.items():  # one profiled run per model: where the operators' time goes
+        torch.manual_seed(a.seed)
+        profiles[name] = profile_ops(make(), ds, a, a.seed, steps=min(8, a.steps))
     med = {k: statistics.median(x["samples_per_s"] for x in v) for k, v in runs.items()}
     med_cpu = {k: statistics.median(x["samples_per_cpu_s"] for x in v) for k, v in runs.items()}
     ratios = {bn: med[o] / med[p] for bn, (o, p) in pairs.items()}
@@ -194,7 +247,7 @@ def main(argv=None) -> int:
         "data": {"path": str(data_dir), "users": a.users, "items": a.items, "rows": len(ds),
                  "fields": {k: len(getattr(ds.schema, k)) for k in ("sparse", "dense", "sequence")}},
         "models": {k: {"parameters": params[k], "runs": runs[k], "median_samples_per_s": med[k],
-                       "median_samples_per_cpu_s": med_cpu[k]} for k in makers},
+                       "median_samples_per_cpu_s": med_cpu[k], "profile": profiles[k]} for k in makers},
         "per_cpu_second": {"with_batch_norm": ratios_cpu[True], "without_batch_norm": ratios_cpu[False]},
         "target": {"target": "ours / torch-rechub samples/s, both with BatchNorm (their default architecture)",
                    "value": ratios[True], "op": ">=", "threshold": threshold, "pass": ratios[True] >= threshold},
@@ -233,6 +286,15 @@ def main(argv=None) -> int:
                    [[k, *(statistics.median(x["ms_per_step_by_phase"][ph] for x in runs[k]) for ph in PHASES),
                      statistics.median(sum(x["ms_per_step_by_phase"].values()) for x in runs[k])]
                     for k in makers]),
+          "",
+          "Where the operators' time goes (torch.profiler, self CPU time of the aten operators over "
+          f"{min(8, a.steps)} training steps of one more run per model, ms per step; the profiler adds its own "
+          "overhead, so compare the rows with each other, not with the table above):",
+          "",
+          md_table(["operators", *makers],
+                   [[fam, *(profiles[k]["ms_per_step_by_family"].get(fam, 0.0) for k in makers)]
+                    for fam in [*OP_FAMILIES, "other"]]
+                   + [["sum", *(sum(profiles[k]["ms_per_step_by_family"].values()) for k in makers)]]),
           "",
           "torch-rechub's gates carry BatchNorm too (ours are Linear -> softmax): the parameter difference "
           "of the with-BatchNorm pair. The machine is shared: compare the rows of one run, not across runs. "
