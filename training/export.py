@@ -305,7 +305,7 @@ def export_bundle(model: MultiTaskModel, *, name: str, store: str | Path, train_
         precisions = {}
         if int8 is not None:  # quantised from the same model traced with one GEMM per expert (gated too)
             source = tmp / ".int8-source.onnx"
-            per_expert = ServingModel(serving.model, calibration=calibration, per_expert=True)
+            per_expert = ServingModel(serving.model, calibration=serving.calibration, per_expert=True)
             _export_onnx(per_expert, {k: v[:EXAMPLE_ROWS] for k, v in inputs.items()}, source)
             check_parity(per_expert, source, inputs, atol)
             precisions["int8"] = make_int8(tmp, model.tasks, int8.eval_inputs, int8.eval_labels, int8.calibration,
