@@ -680,6 +680,16 @@ def markdown(rep: dict) -> str:
                 continue
             cells = [f"{b['metrics'].get(c, math.nan):.4f}" for c, _ in cols]
             lines.append(f"| baseline: {kind} | {b.get('chosen') or ''} | " + " | ".join(cells) + " | | |")
+        if reg:
+            bias = [f"mean_label/{reg}", f"mean_pred/{reg}", f"mean_bias/{reg}",
+                    f"mean_pred_uncalibrated/{reg}", f"mean_bias_uncalibrated/{reg}"]
+            lines += ["", f"The regression output as an expected value: mean predicted vs mean observed {reg} on the "
+                      "clicked test rows, as served (the ratio correction fitted on validation) and uncorrected "
+                      "(expm1 of the model's log1p output); bias = mean predicted / mean observed - 1.", "",
+                      "| model | " + " | ".join(bias) + " |", "|---" * (len(bias) + 1) + "|"]
+            for name, v in d["variants"].items():
+                lines.append(f"| {name} | " + " | ".join("pending" if v is None else _fmt(v["summary"].get(c, {"n": 0}))
+                                                      for c in bias) + " |")
         shown = [c for c, _ in cols if c in HEADLINE or c.startswith("rmse/")]
         lines += ["", "Paired differences a - b (mean ± paired std, n seeds, verdict):", "",
                   "| a - b | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]

@@ -24,7 +24,9 @@ def write(args, model, knobs, seed, val, auc, capped=False):
     cfg = q.run_config(args, "movielens-time", model, knobs)
     path = q.run_path(cfg, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {"auc/ctr": auc, "auc/cvr": auc, "auc/ctcvr": auc, "rmse/rating": 1.0, "rmse_log1p/rating": 0.2}
+    metrics = {"auc/ctr": auc, "auc/cvr": auc, "auc/ctcvr": auc, "rmse/rating": 1.0, "rmse_log1p/rating": 0.2,
+               "mean_label/rating": 3.0, "mean_pred/rating": 3.03, "mean_bias/rating": 0.01,
+               "mean_pred_uncalibrated/rating": 2.85, "mean_bias_uncalibrated/rating": -0.05}
     path.write_text(json.dumps({**cfg, "seed": seed, "best_val_total": val, "best_epoch": 50 if capped else 7,
                                 "epochs_run": 50 if capped else 10, "capped": capped, "train_seconds": 60.0,
                                 "params": 1, "metrics": metrics}))
@@ -58,6 +60,9 @@ def test_selection_seeds_pairs_and_pending(args):
     q.report_files(rep)
     md = (q.OUT.with_suffix(".md")).read_text()
     assert "pending" in md and "| ple | g2 |" in md and "capped: seeds [4]" in md
+    # the regression output as an expected value: served and uncorrected bias per model
+    assert "| ple | 3.0000 ± 0.0000 | 3.0300 ± 0.0000 | 0.0100 ± 0.0000 | 2.8500 ± 0.0000 | -0.0500 ± 0.0000 |" in md
+    assert "| mmoe | pending | pending | pending | pending | pending |" in md
 
 
 def test_data_version_is_the_rows_and_spec_training_reads(tmp_path):
