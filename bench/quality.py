@@ -289,6 +289,29 @@ def label_unit_metrics(raw, labels, tasks, calib) -> dict[str, float]:
     return out
 
 
+def label_means(args, dataset: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Per regression task, per split (train/validation/test): the observed label on the rows it is
+    judged on (its condition's positives) - count, mean and the mean's standard error (ddof=1). The
+    test mean's own noise is what a mean-bias figure on that split can resolve."""
+    from training.metrics import regression_rows
+    from training.train import TrainConfig
+
+    ds = load_dataset(dataset)
+    split = DATASETS[dataset]
+    rows = ds.split(split, TrainConfig().fractions, args.split_seed if split == "random" else 0)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for t in ds.tasks:
+        if t.kind != "regression":
+            continue
+        out[t.name] = {}
+        for name, r in zip(("train", "validation", "test"), rows, strict=True):
+            labels = {x.label: ds.label(x.label, r) for x in ds.tasks}
+            y = labels[t.label][regression_rows(t, labels, ds.tasks)].astype(np.float64)
+            se = float(y.std(ddof=1) / math.sqrt(len(y))) if len(y) > 1 else math.nan
+            out[t.name][name] = {"n": len(y), "mean": float(y.mean()) if len(y) else math.nan, "se": se}
+    return out
+
+
 def served_test_metrics(ds, val_raw, val_labels, test_raw, test_labels, calibrate: bool = True):
     from training import calibration
 
@@ -628,6 +651,7 @@ def aggregate(args) -> dict:
                 row["metrics"][k] = paired(pa_, pb_, higher_is_better=hib)
             d["comparisons"].append(row)
         d["regression_task"] = reg
+        d["label_means"] = label_means(args, dataset) if found else {}
         out["datasets"][dataset] = d
     med = {m: float(np.median(v)) for m, v in all_seconds.items()}
     overall = float(np.median([x for v in all_seconds.values() for x in v])) if all_seconds else math.nan
@@ -690,6 +714,13 @@ def markdown(rep: dict) -> str:
             for name, v in d["variants"].items():
                 lines.append(f"| {name} | " + " | ".join("pending" if v is None else _fmt(v["summary"].get(c, {"n": 0}))
                                                       for c in bias) + " |")
+            lm = d["label_means"].get(reg)
+            if lm:
+                rel = lm["test"]["se"] / lm["test"]["mean"]
+                lines += ["", f"Observed mean {reg} (± standard error, clicked rows) per split: " + ", ".join(
+                    f"{k} {x['mean']:.4g} ± {x['se']:.3g} (n={x['n']:,})" for k, x in lm.items())
+                    + f". The test mean's own standard error is {rel:.1%} of it: a mean bias within about "
+                    f"±{2 * rel:.1%} is within the test sample's noise."]
         shown = [c for c, _ in cols if c in HEADLINE or c.startswith("rmse/")]
         lines += ["", "Paired differences a - b (mean ± paired std, n seeds, verdict):", "",
                   "| a - b | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]

@@ -14,6 +14,8 @@ import bench.quality as q
 def args(tmp_path, monkeypatch):
     # the data's identity (content_version, tested below) needs the generated data; bookkeeping does not
     monkeypatch.setattr(q, "data_version", lambda name: "d" * 8)
+    monkeypatch.setattr(q, "label_means", lambda args, name: {"rating": {
+        k: {"n": 400, "mean": 3.0, "se": 0.05} for k in ("train", "validation", "test")}})
     monkeypatch.setattr(q, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(q, "OUT", tmp_path / "quality")
     return argparse.Namespace(epochs=50, patience=3, batch_size=2048, split_seed=0,
@@ -63,6 +65,7 @@ def test_selection_seeds_pairs_and_pending(args):
     # the regression output as an expected value: served and uncorrected bias per model
     assert "| ple | 3.0000 ± 0.0000 | 3.0300 ± 0.0000 | 0.0100 ± 0.0000 | 2.8500 ± 0.0000 | -0.0500 ± 0.0000 |" in md
     assert "| mmoe | pending | pending | pending | pending | pending |" in md
+    assert "test 3 ± 0.05 (n=400). The test mean's own standard error is 1.7% of it" in md
 
 
 def test_data_version_is_the_rows_and_spec_training_reads(tmp_path):
@@ -88,3 +91,22 @@ def test_data_version_is_the_rows_and_spec_training_reads(tmp_path):
     df.loc[0, col] = df.loc[0, col] + 1
     df.to_parquet(table, index=False)
     assert q.content_version(root) != v
+
+
+def test_label_means_are_the_clicked_rows_of_each_split(tmp_path, monkeypatch):
+    import numpy as np
+
+    from training.data.synth import SynthConfig, generate
+
+    root = tmp_path / "synth"
+    generate(root, SynthConfig(n_users=40, n_items=60, n_exposures=2_000, seed=3), progress=False)
+    monkeypatch.setattr(q, "built", lambda name: root)
+    args = argparse.Namespace(split_seed=0)
+    wt = q.label_means(args, "synth")["watch_time"]
+    ds = q.load_dataset("synth")
+    clicked = ds.label("click", np.arange(len(ds))) > 0
+    assert sum(s["n"] for s in wt.values()) == clicked.sum()  # every clicked row in exactly one split
+    test_rows = ds.split("random", (0.8, 0.1, 0.1), 0)[2]
+    y = ds.label("watch_time", test_rows)[ds.label("click", test_rows) > 0].astype(float)
+    assert wt["test"]["n"] == len(y) and wt["test"]["mean"] == pytest.approx(y.mean())
+    assert wt["test"]["se"] == pytest.approx(y.std(ddof=1) / np.sqrt(len(y)))
