@@ -665,6 +665,14 @@ def aggregate(args) -> dict:
     return out
 
 
+def _pending(t: dict) -> str:
+    if not t["runs_pending"]:
+        return "none pending: the grid is complete."
+    est = t["estimated_seconds_pending"]
+    return f"{t['runs_pending']} pending" + (f", estimated {est / 3600:.0f} h more at the median run time per model "
+                                             "measured so far." if est else ".")
+
+
 def markdown(rep: dict) -> str:
     p, t = rep["protocol"], rep["timing"]
     lines = ["# Model quality", "",
@@ -677,10 +685,8 @@ def markdown(rep: dict) -> str:
              f"Grid (same for every model): {', '.join(f'{g} = {k}' for g, k in p['grid'].items())}. "
              f"Epoch cap {p['epoch_cap']}, patience {p['patience']}, batch {p['batch_size']}, random-split seed "
              f"{p['split_seed']}.", "",
-             f"Progress: {t['runs_done']} runs done ({t['train_seconds_done'] / 3600:.1f} h of training), "
-             f"{t['runs_pending']} pending, estimated "
-             + (f"{t['estimated_seconds_pending'] / 3600:.0f} h more" if t["estimated_seconds_pending"] else "n/a")
-             + " at the median run time per model measured so far (on a shared 2-core machine).", ""]
+             f"Progress: {t['runs_done']} runs done ({t['train_seconds_done'] / 3600:.1f} h of training on a shared "
+             f"2-core machine), {_pending(t)}", ""]
     for dataset, d in rep["datasets"].items():
         reg = d["regression_task"]
         cols = _columns(reg)

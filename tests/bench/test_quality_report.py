@@ -62,6 +62,7 @@ def test_selection_seeds_pairs_and_pending(args):
     q.report_files(rep)
     md = (q.OUT.with_suffix(".md")).read_text()
     assert "pending" in md and "| ple | g2 |" in md and "capped: seeds [4]" in md
+    assert " pending, estimated " in md and "the grid is complete" not in md
     # the regression output as an expected value: served and uncorrected bias per model
     assert "| ple | 3.0000 ± 0.0000 | 3.0300 ± 0.0000 | 0.0100 ± 0.0000 | 2.8500 ± 0.0000 | -0.0500 ± 0.0000 |" in md
     assert "| mmoe | pending | pending | pending | pending | pending |" in md
