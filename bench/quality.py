@@ -290,26 +290,15 @@ def label_unit_metrics(raw, labels, tasks, calib) -> dict[str, float]:
 
 
 def label_means(args, dataset: str) -> dict[str, dict[str, dict[str, float]]]:
-    """Per regression task, per split (train/validation/test): the observed label on the rows it is
-    judged on (its condition's positives) - count, mean and the mean's standard error (ddof=1). The
-    test mean's own noise is what a mean-bias figure on that split can resolve."""
-    from training.metrics import regression_rows
+    """Per regression task, per split: the observed label's count, mean and standard error
+    (:func:`training.metrics.label_means`), on the splits every run of ``dataset`` uses."""
+    from training.metrics import label_means as split_means
     from training.train import TrainConfig
 
     ds = load_dataset(dataset)
     split = DATASETS[dataset]
     rows = ds.split(split, TrainConfig().fractions, args.split_seed if split == "random" else 0)
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for t in ds.tasks:
-        if t.kind != "regression":
-            continue
-        out[t.name] = {}
-        for name, r in zip(("train", "validation", "test"), rows, strict=True):
-            labels = {x.label: ds.label(x.label, r) for x in ds.tasks}
-            y = labels[t.label][regression_rows(t, labels, ds.tasks)].astype(np.float64)
-            se = float(y.std(ddof=1) / math.sqrt(len(y))) if len(y) > 1 else math.nan
-            out[t.name][name] = {"n": len(y), "mean": float(y.mean()) if len(y) else math.nan, "se": se}
-    return out
+    return split_means(ds, dict(zip(("train", "validation", "test"), rows, strict=True)))
 
 
 def served_test_metrics(ds, val_raw, val_labels, test_raw, test_labels, calibrate: bool = True):

@@ -101,6 +101,24 @@ def regression_rows(t: TaskSpec, labels: dict[str, np.ndarray], tasks: list[Task
     return labels[by_name[t.condition].label] > 0 if t.condition else np.ones(len(y), bool)
 
 
+def label_means(ds, splits: dict[str, np.ndarray]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per regression task of the encoded dataset ``ds``, per named split of exposure rows: the
+    observed label on the rows the task is judged on (:func:`regression_rows`) - count, mean and the
+    mean's standard error (ddof=1). A mean-bias figure on a split cannot resolve less than about two
+    of those standard errors."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for t in ds.tasks:
+        if t.kind != "regression":
+            continue
+        out[t.name] = {}
+        for name, rows in splits.items():
+            labels = {x.label: ds.label(x.label, rows) for x in ds.tasks}
+            y = labels[t.label][regression_rows(t, labels, ds.tasks)].astype(np.float64)
+            se = float(y.std(ddof=1) / np.sqrt(len(y))) if len(y) > 1 else float("nan")
+            out[t.name][name] = {"n": len(y), "mean": float(y.mean()) if len(y) else float("nan"), "se": se}
+    return out
+
+
 def metrics_of(raw: dict[str, np.ndarray], labels: dict[str, np.ndarray], tasks: list[TaskSpec]) -> dict[str, float]:
     """The metrics (module doc) from raw outputs (logits / log1p predictions) and labels by label name."""
     m: dict[str, float] = {}
