@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,3 +294,16 @@ def write_json(path: Path, obj) -> None:
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
+
+
+def build_once(out: Path, build: Callable[[Path], object]) -> Path:
+    """``out``, built by ``build(tmp)`` into a temp sibling and renamed into place unless it already
+    holds a ``dataset.yaml``; a concurrent process that renamed its own first wins (ours is dropped)."""
+    if not (out / "dataset.yaml").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        build(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -48,7 +48,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_info, machine_info, write_json  # noqa: E402
+from common import build_once, git_info, machine_info, write_json  # noqa: E402
 from quality_stats import paired, summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,21 +125,18 @@ def built(name: str) -> Path:
     """The generated files (a temp cache, never the repository), rebuilt when the generating code changes."""
     source = "training/data/movielens.py" if name.startswith("movielens") else "training/data/synth.py"
     out = CACHE / f"{name.split('-')[0]}-{_source_hash(source)}"
-    if not (out / "dataset.yaml").exists():
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        if name.startswith("movielens"):
-            from training.data.movielens import build
+    return build_once(out, functools.partial(_generate, name))
 
-            build(tmp, seed=0)
-        else:
-            from training.data.synth import SynthConfig, generate
 
-            generate(tmp, SynthConfig(n_users=5_000, n_items=10_000, n_exposures=200_000, seed=11), progress=False)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process built it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+def _generate(name: str, root: Path) -> None:
+    if name.startswith("movielens"):
+        from training.data.movielens import build
+
+        build(root, seed=0)
+    else:
+        from training.data.synth import SynthConfig, generate
+
+        generate(root, SynthConfig(n_users=5_000, n_items=10_000, n_exposures=200_000, seed=11), progress=False)
 
 
 def _canonical(t):
@@ -296,8 +292,7 @@ def label_means(args, dataset: str) -> dict[str, dict[str, dict[str, float]]]:
     from training.train import TrainConfig
 
     ds = load_dataset(dataset)
-    split = DATASETS[dataset]
-    rows = ds.split(split, TrainConfig().fractions, args.split_seed if split == "random" else 0)
+    rows = TrainConfig(split=DATASETS[dataset], split_seed=args.split_seed).split_rows(ds)
     return split_means(ds, dict(zip(("train", "validation", "test"), rows, strict=True)))
 
 
@@ -442,8 +437,10 @@ def baseline_outputs(kind: str, ds, train_rows, rows_list) -> tuple[list[dict], 
 
 
 def run_baseline(args, ds, dataset: str, kind: str) -> dict:
+    from training.train import TrainConfig
+
     split = DATASETS[dataset]
-    train_rows, val_rows, test_rows = ds.split(split, (0.8, 0.1, 0.1), args.split_seed)
+    train_rows, val_rows, test_rows = TrainConfig(split=split, split_seed=args.split_seed).split_rows(ds)  # as fit's
     t0 = time.perf_counter()
     (val_raw, test_raw), chosen = baseline_outputs(kind, ds, train_rows, [val_rows, test_rows])
     labels = [{t.label: ds.label(t.label, r) for t in ds.tasks} for r in (val_rows, test_rows)]

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench.common import ROOT, git_info, machine_info, md_table, write_json  # noqa: E402
+from bench.common import ROOT, build_once, git_info, machine_info, md_table, write_json  # noqa: E402
 
 FRACTIONS = (0.9, 0.05, 0.05)
 
@@ -82,10 +82,8 @@ def dataset(a):
     rows = math.ceil((a.warmup + a.steps + 1) * a.batch_size / FRACTIONS[0]) + 16
     exposures = max(rows, 20_000)
     out = Path(a.workdir) / f"synth-{a.users}-{a.items}-{exposures}"
-    if not (out / "dataset.yaml").exists():
-        tmp = out.with_name(out.name + ".tmp")
-        generate(tmp, SynthConfig(n_users=a.users, n_items=a.items, n_exposures=exposures, seed=11), progress=False)
-        tmp.rename(out)
+    build_once(out, lambda tmp: generate(tmp, SynthConfig(n_users=a.users, n_items=a.items, n_exposures=exposures,
+                                                          seed=11), progress=False))
     return prepare(out, max_rows=rows), out
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, git_info, machine_info, md_table, write_json  # noqa: E402
+from bench.common import ROOT, build_once, git_info, machine_info, md_table, write_json  # noqa: E402
 
 TARGET = 0.05  # |served mean / observed mean - 1| on the clicked test rows (issue 13)
 
@@ -58,11 +58,8 @@ def main(argv=None) -> int:
     from training.train import TrainConfig, train
 
     t_start = time.time()
-    data = Path(a.workdir) / f"synth-{a.users}-{a.items}-{a.exposures}"
-    if not (data / "dataset.yaml").exists():
-        tmp = data.with_name(data.name + ".tmp")
-        generate(tmp, SynthConfig(n_users=a.users, n_items=a.items, n_exposures=a.exposures), progress=False)
-        tmp.rename(data)
+    data = build_once(Path(a.workdir) / f"synth-{a.users}-{a.items}-{a.exposures}", lambda tmp: generate(
+        tmp, SynthConfig(n_users=a.users, n_items=a.items, n_exposures=a.exposures), progress=False))
     ds = prepare(data)
     runs = []
     for seed in [int(s) for s in a.seeds.split(",")]:
@@ -71,8 +68,8 @@ def main(argv=None) -> int:
             bundle, _ = train(data, name="wt", store=store, cfg=cfg, progress=False)
             report = json.loads((bundle / "report.json").read_text())
         m = report["test_metrics"]
-        means = label_means(ds, dict(zip(("train", "validation", "test"),
-                                         ds.split(cfg.split, cfg.fractions, seed), strict=True)))["watch_time"]
+        splits = dict(zip(("train", "validation", "test"), cfg.split_rows(ds), strict=True))
+        means = label_means(ds, splits)["watch_time"]
         run = {"seed": seed, "epochs_run": report["info"]["epochs_run"], "best_epoch": report["info"]["best_epoch"],
                "label_means": means,
                **{k: m[f"{k}/watch_time"] for k in ("mean_label", "mean_pred", "mean_bias", "mean_pred_uncalibrated",

@@ -69,6 +69,10 @@ class TrainConfig:
     def __post_init__(self):
         calibration_mod.check_options(self.calibration, self.watch_time_correction)
 
+    def split_rows(self, ds: EncodedDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (train, validation, test) exposure rows of ``ds`` that :func:`fit` trains, stops and tests on."""
+        return ds.split(self.split, self.fractions, self.seed if self.split_seed is None else self.split_seed)
+
 
 def _tensors(batch: dict[str, np.ndarray], device: torch.device | None = None) -> dict[str, torch.Tensor]:
     out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
@@ -163,8 +167,7 @@ def fit(ds: EncodedDataset, cfg: TrainConfig, progress: bool = True, model=None)
         torch.set_num_threads(cfg.threads)
     ctx = distributed.current(cfg.device)
     progress = progress and ctx.main
-    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    train_rows, val_rows, test_rows = ds.split(cfg.split, cfg.fractions, split_seed)
+    train_rows, val_rows, test_rows = cfg.split_rows(ds)
     if model is None:
         model = build_model(cfg.arch, ds.schema, ds.tasks, **cfg.model)
     model.to(ctx.device)
